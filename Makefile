@@ -1,0 +1,40 @@
+# moesim: two commands on a fresh machine: `make demo`, then `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test bench lint install dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(DEVSTAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+dev: $(DEVSTAMP)
+
+demo: $(STAMP)
+	$(BIN)/moesim run scenarios/quickstart.yaml
+
+test: $(DEVSTAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(DEVSTAMP)
+	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
+
+lint: $(DEVSTAMP)
+	$(BIN)/ruff check moesim tests benchmarks
+	$(BIN)/ruff format --check moesim tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

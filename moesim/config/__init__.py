@@ -1,0 +1,1 @@
+"""Scenario files: typed models, YAML loading, command-line overrides and clear errors."""

@@ -1,0 +1,128 @@
+"""Hardware profiles: the device and link facts the simulator predicts from.
+
+A profile is a YAML file in ``hardware_profiles/``. Every numeric figure must be covered by an
+entry of its ``sources:`` map, keyed by the figure's dotted path or a prefix of it
+(``gpu.peak_dense_tflops`` covers ``gpu.peak_dense_tflops.bf16``); a profile with an uncited
+figure does not load. Bandwidths are in GB/s (1e9 bytes per second) per direction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUSpec(_Frozen):
+    """One accelerator."""
+
+    model: str = Field(description="Marketing name of the accelerator.")
+    peak_dense_tflops: dict[str, float] = Field(
+        description="Peak dense matrix TFLOP/s per dtype (bf16, fp16, fp8, fp32)."
+    )
+    hbm_bytes: float = Field(gt=0, description="Device memory in bytes.")
+    hbm_bandwidth_gb_per_s: float = Field(gt=0, description="Peak device memory bandwidth, GB/s.")
+    sm_count: int = Field(gt=0, description="Streaming multiprocessors (compute units).")
+    kernel_launch_s: float = Field(ge=0, description="Fixed cost per kernel launch, seconds.")
+    matmul_efficiency: float = Field(
+        gt=0, le=1, description="Fraction of peak matrix FLOP/s that large GEMMs reach."
+    )
+    memory_efficiency: float = Field(
+        gt=0, le=1, description="Fraction of peak HBM bandwidth that streaming kernels reach."
+    )
+    workspace_bytes: float = Field(
+        ge=0, description="HBM reserved for the runtime, communication buffers and allocator."
+    )
+
+
+class NodeSpec(_Frozen):
+    """One server: its GPUs, their interconnect, NICs and host link."""
+
+    gpus_per_node: int = Field(gt=0, description="GPUs in one node.")
+    interconnect: Literal["nvswitch", "mesh", "pcie"] = Field(
+        description="Intra-node GPU fabric: a switch (nvswitch), direct all-to-all links (mesh), "
+        "or PCIe only."
+    )
+    nvlink_gb_per_s: float = Field(0, ge=0, description="NVLink/NVSwitch GB/s per GPU, per direction.")
+    nvlink_efficiency: float = Field(1, gt=0, le=1, description="Reachable fraction of NVLink rate.")
+    nvlink_latency_s: float = Field(0, ge=0, description="GPU-to-GPU latency over NVLink, seconds.")
+    pcie_gb_per_s: float = Field(gt=0, description="PCIe GB/s per GPU link, per direction.")
+    pcie_efficiency: float = Field(gt=0, le=1, description="Reachable fraction of PCIe rate.")
+    pcie_latency_s: float = Field(ge=0, description="Latency of one PCIe hop, seconds.")
+    gpus_per_pcie_switch: int = Field(1, gt=0, description="GPUs behind one PCIe switch.")
+    nic_gb_per_s: float = Field(0, ge=0, description="Network GB/s per GPU (its NIC), per direction.")
+    nic_efficiency: float = Field(1, gt=0, le=1, description="Reachable fraction of NIC rate.")
+    host_memory_bytes: float = Field(gt=0, description="Host DRAM per node, bytes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeSpec:
+        if self.interconnect != "pcie" and self.nvlink_gb_per_s <= 0:
+            raise ValueError(f"interconnect {self.interconnect} needs nvlink_gb_per_s > 0")
+        if self.gpus_per_node % self.gpus_per_pcie_switch:
+            raise ValueError("gpus_per_pcie_switch must divide gpus_per_node")
+        return self
+
+
+class FabricSpec(_Frozen):
+    """The network between nodes."""
+
+    topology: Literal["rail_optimized", "fat_tree"] = Field(description="Inter-node topology.")
+    oversubscription: float = Field(1, ge=1, description="Leaf-to-spine oversubscription ratio.")
+    latency_s: float = Field(ge=0, description="NIC-to-NIC latency through one switch, seconds.")
+    spine_latency_s: float = Field(0, ge=0, description="Extra latency through the spine.")
+
+
+class HardwareProfile(_Frozen):
+    """A cluster building block: GPU, node and fabric facts, each figure with its source.
+
+    Example:
+        >>> from moesim.hardware.catalog import load_profile
+        >>> p = load_profile("h100-sxm")
+        >>> p.node.gpus_per_node, p.gpu.hbm_bandwidth_gb_per_s
+        (8, 3350.0)
+    """
+
+    name: str = Field(description="Profile name (the file stem).")
+    description: str = Field(description="What hardware this is.")
+    gpu: GPUSpec
+    node: NodeSpec
+    fabric: FabricSpec
+    calibration: dict[str, Any] | None = Field(
+        None, description="Measured tables written by `moesim calibrate` (absent: roofline)."
+    )
+    sources: dict[str, str] = Field(description="Field path (or prefix) -> source of the figure.")
+
+    @model_validator(mode="after")
+    def _every_figure_cited(self) -> HardwareProfile:
+        missing = [p for p in numeric_paths(
+            self.model_dump(exclude={"sources", "calibration"}, exclude_unset=True))
+                   if not _cited(p, self.sources)]
+        if missing:
+            raise ValueError(f"figures without a source in 'sources': {', '.join(missing)}")
+        return self
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for ``dtype`` (falls back to bf16 where the dtype is not listed)."""
+        table = self.gpu.peak_dense_tflops
+        return 1e12 * table.get(dtype, table.get("bf16", next(iter(table.values()))))
+
+
+def numeric_paths(data: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every int/float leaf in nested dicts (bools excluded)."""
+    if isinstance(data, dict):
+        out: list[str] = []
+        for key, value in data.items():
+            out += numeric_paths(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
+        return [prefix]
+    return []
+
+
+def _cited(path: str, sources: dict[str, str]) -> bool:
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in sources for i in range(1, len(parts) + 1))
