@@ -1,0 +1,1 @@
+"""Communication: all-to-all algorithms that turn token counts into network flows."""

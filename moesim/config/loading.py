@@ -1,0 +1,128 @@
+"""Loading a scenario file: YAML, overrides, validation, and resolving model and hardware.
+
+Loading writes nothing. Every error names the file, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moesim.config.overrides import apply_overrides
+from moesim.config.scenario import Scenario
+from moesim.config.validation import read_yaml, validate
+from moesim.errors import ConfigError, ConfigErrors
+from moesim.hardware.catalog import load_profile
+from moesim.hardware.profile import HardwareProfile
+from moesim.models.presets import resolve_model
+from moesim.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ResolvedScenario:
+    """A validated scenario with its model and hardware resolved.
+
+    Attributes:
+        scenario: The validated scenario.
+        model: The model description.
+        hardware: The hardware profile.
+        path: The scenario file (None when built in code).
+    """
+
+    scenario: Scenario
+    model: ModelSpec
+    hardware: HardwareProfile
+    path: Path | None = None
+
+    @property
+    def world(self) -> int:
+        """GPUs in the scenario."""
+        return self.scenario.parallelism.world
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs per node, from the hardware profile."""
+        return self.hardware.node.gpus_per_node
+
+
+def _with_file(exc: ConfigError | ConfigErrors, path: Path | None) -> ConfigError | ConfigErrors:
+    """Attach ``path`` to errors that were raised without a file."""
+    if isinstance(exc, ConfigErrors):
+        return ConfigErrors([_with_file(e, path) for e in exc.errors])  # type: ignore[misc]
+    if exc.file is None and path is not None:
+        return ConfigError(path, exc.field, exc.message)
+    return exc
+
+
+def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
+    """Cross-field checks that no single field can make; returns the problems found."""
+    s, m, hw, f = r.scenario, r.model, r.hardware, r.path
+    par, w = s.parallelism, s.workload
+    problems = []
+    gpus = s.cluster.nodes * hw.node.gpus_per_node
+    if par.world != gpus:
+        problems.append(ConfigError(f, "parallelism", (
+            f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster has "
+            f"{s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) = {gpus}")))
+    if m.moe.num_experts % par.ep:
+        problems.append(ConfigError(f, "parallelism.ep", (
+            f"ep = {par.ep} must divide the {m.moe.num_experts} experts of {m.name}")))
+    if w.batch_size % par.ep:
+        problems.append(ConfigError(f, "workload.batch_size", (
+            f"batch_size = {w.batch_size} must be a multiple of ep = {par.ep} "
+            "(each EP rank runs attention for batch_size/ep sequences)")))
+    if par.tp > 1 and hw.node.gpus_per_node % par.tp:
+        problems.append(ConfigError(f, "parallelism.tp", (
+            f"tp = {par.tp} must divide the {hw.node.gpus_per_node} GPUs of a node")))
+    for name in ("dtype", "dispatch_dtype"):
+        dtype = getattr(w, name)
+        if dtype == "fp8" and "fp8" not in hw.gpu.peak_dense_tflops and name == "dtype":
+            problems.append(ConfigError(f, f"workload.{name}", (
+                f"{hw.gpu.model} has no fp8 matrix units (profile lists "
+                f"{', '.join(hw.gpu.peak_dense_tflops)})")))
+    return problems
+
+
+def resolve(scenario: Scenario, path: Path | None = None) -> ResolvedScenario:
+    """Resolve model and hardware of a validated scenario and run the cross-field checks."""
+    base = path.parent if path is not None else None
+    errors: list[ConfigError] = []
+    model = hardware = None
+    try:
+        model = resolve_model(scenario.model, base)
+    except (ConfigError, ConfigErrors) as exc:
+        errors += _flatten(_with_file(exc, path))
+    try:
+        hardware = load_profile(scenario.hardware, base)
+    except (ConfigError, ConfigErrors) as exc:
+        errors += _flatten(_with_file(exc, path))
+    if model is None or hardware is None:
+        raise ConfigErrors(errors)
+    resolved = ResolvedScenario(scenario, model, hardware, path)
+    errors += check_consistency(resolved)
+    if errors:
+        raise ConfigErrors(errors)
+    return resolved
+
+
+def _flatten(exc: ConfigError | ConfigErrors) -> list[ConfigError]:
+    return exc.errors if isinstance(exc, ConfigErrors) else [exc]
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> ResolvedScenario:
+    """Load, override, validate and resolve a scenario file.
+
+    Args:
+        path: The scenario YAML.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Raises:
+        ConfigError / ConfigErrors: with the file, field path and what was expected.
+    """
+    p = Path(path)
+    data = read_yaml(p)
+    try:
+        data = apply_overrides(data, overrides or [])
+    except ConfigError as exc:
+        raise _with_file(exc, p) from None
+    return resolve(validate(Scenario, data, p), p)

@@ -1,0 +1,184 @@
+"""The scenario file, as typed immutable pydantic models.
+
+Every numeric field carries its unit in its name where it has one, and a description. Policy
+sections choose their variant with ``type:``; the valid names come from the policy registries,
+so a new policy needs no change here.
+
+Layout of the GPUs of a scenario: ``world = dp * ep * tp``. GPU ``g`` belongs to data-parallel
+replica ``g // (ep * tp)``, expert-parallel rank ``(g // tp) % ep`` and tensor-parallel rank
+``g % tp``; consecutive GPUs fill a node first. Each EP rank (a TP group of ``tp`` GPUs) runs
+attention for ``batch_size / ep`` sequences; experts are spread over the ``ep`` ranks and each
+expert is sliced ``tp`` ways (expert tensor parallelism equal to tp).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moesim.dtypes import DType
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _registered(family: str, name: str) -> str:
+    """Check ``name`` against the registry of ``family`` (imported lazily)."""
+    from moesim.policies import registry_for
+
+    registry = registry_for(family)
+    if name not in registry:
+        from moesim.registry import closest
+
+        valid = registry.names()
+        raise ValueError(
+            f"unknown {family} '{name}'{closest(name, valid)}; valid: {', '.join(valid)}"
+        )
+    return name
+
+
+class Cluster(_Section):
+    """How many nodes of the hardware profile."""
+
+    nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
+
+
+class Parallelism(_Section):
+    """Parallel layout; world size = dp * ep * tp."""
+
+    ep: int = Field(1, ge=1, description="Expert-parallel ranks per replica.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel GPUs per EP rank (attention and experts).")
+    dp: int = Field(1, ge=1, description="Independent data-parallel replicas.")
+
+    @property
+    def world(self) -> int:
+        """GPUs in the scenario."""
+        return self.dp * self.ep * self.tp
+
+
+class Workload(_Section):
+    """What the cluster runs."""
+
+    mode: Literal["decode", "prefill", "train"] = Field(description="Inference decode, prefill, or a training step.")
+    batch_size: int = Field(ge=1, description="Sequences per replica per step (split over the ep ranks).")
+    seq_len: int = Field(0, ge=0, description="Tokens per sequence (prefill and train).")
+    context_len: int = Field(0, ge=0, description="KV-cache length at the first decode step.")
+    steps: int = Field(1, ge=1, description="Decode steps, prefill batches or training steps to simulate.")
+    dtype: DType = Field("bf16", description="Weight and compute dtype.")
+    dispatch_dtype: DType = Field("bf16", description="Dtype of tokens sent to experts (fp8 adds 1 scale per 128).")
+    combine_dtype: DType = Field("bf16", description="Dtype of expert outputs sent back.")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Workload:
+        if self.mode in ("prefill", "train") and self.seq_len <= 0:
+            raise ValueError(f"mode {self.mode} needs seq_len > 0")
+        if self.mode == "decode" and self.context_len <= 0:
+            raise ValueError("mode decode needs context_len > 0")
+        return self
+
+
+class Routing(_Section):
+    """Where token-to-expert assignments come from."""
+
+    source: str = Field("synthetic", description="Routing source (registry name).")
+    generator: Literal["uniform", "zipf"] = Field("uniform", description="Synthetic generator.")
+    skew: float = Field(1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only).")
+
+    @field_validator("source")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered("routing source", v)
+
+
+class Capacity(_Section):
+    """Expert capacity and what happens to tokens over it."""
+
+    type: Literal["dropless", "capacity"] = Field("dropless", description="dropless, or a capacity factor.")
+    factor: float | None = Field(None, gt=0, description="Capacity factor (type capacity).")
+    drop: str = Field("position", description="Which tokens are dropped when an expert is full.")
+
+    @field_validator("drop")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered("drop policy", v)
+
+    @model_validator(mode="after")
+    def _factor(self) -> Capacity:
+        if self.type == "capacity" and self.factor is None:
+            raise ValueError("type capacity needs a factor (e.g. factor: 1.25)")
+        return self
+
+
+class Placement(_Section):
+    """How experts map onto EP ranks."""
+
+    type: str = Field("contiguous", description="Placement policy (registry name).")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered("placement", v)
+
+
+class AllToAll(_Section):
+    """The dispatch/combine communication algorithm."""
+
+    type: str = Field("direct", description="All-to-all algorithm (registry name).")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered("all-to-all", v)
+
+
+class Offload(_Section):
+    """Expert offload to host memory."""
+
+    type: Literal["none"] = Field("none", description="Offload policy.")
+
+
+class Policies(_Section):
+    """Swappable strategies."""
+
+    capacity: Capacity = Field(default_factory=Capacity)
+    placement: Placement = Field(default_factory=Placement)
+    all_to_all: AllToAll = Field(default_factory=AllToAll)
+    offload: Offload = Field(default_factory=Offload)
+
+
+class Engine(_Section):
+    """Accuracy/speed settings of the timing stage."""
+
+    flow_tolerance: float = Field(
+        0.1, ge=0, le=0.5,
+        description="Flows finishing within this fraction of a transfer's lower-bound time of "
+        "the earliest one retire in the same rate update (0: exact max-min fluid model; 0.1 "
+        "was measured within 4.7% of exact on phase time, see moesim.timing.network).",
+    )
+
+
+class Output(_Section):
+    """What a run writes."""
+
+    dir: str = Field("results", description="Results root; runs go to <dir>/<scenario>/<run-id>/.")
+    timeline_steps: int = Field(2, ge=0, description="Steps recorded in timeline.json.")
+    report: bool = Field(True, description="Write report.html.")
+
+
+class Scenario(_Section):
+    """One simulation scenario. See the README's scenario reference."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Scenario name (used in result paths).")
+    description: str = Field("", description="Free text.")
+    model: str = Field(description="Preset name, or a path to an HF config.json or model YAML.")
+    hardware: str = Field(description="Hardware profile name or path.")
+    cluster: Cluster = Field(default_factory=Cluster)
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    workload: Workload
+    routing: Routing = Field(default_factory=Routing)
+    policies: Policies = Field(default_factory=Policies)
+    engine: Engine = Field(default_factory=Engine)
+    seed: int = Field(0, ge=0, description="Seed of every random choice.")
+    output: Output = Field(default_factory=Output)

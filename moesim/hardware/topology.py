@@ -1,0 +1,198 @@
+"""The cluster network built from a hardware profile: links, capacities, latencies, paths.
+
+Links are directed (one per direction) and carry ``capacity`` in bytes per second (line rate
+times the profile's efficiency) and ``latency`` in seconds. The graph is a
+``networkx.DiGraph`` (for inspection and drawing); paths follow fixed rules, computed on arrays:
+
+- intra-node, ``nvswitch``: GPU -> NVSwitch -> GPU;
+- intra-node, ``mesh``: the direct GPU -> GPU link (per-peer share of the GPU's links);
+- intra-node, ``pcie``: GPU -> PCIe switch -> GPU, through the host bridge between switches;
+- inter-node: GPU's NIC -> leaf -> GPU's NIC when both NICs hang off one leaf (same rail in a
+  rail-optimised fabric, same node in a plain fat-tree), else NIC -> leaf -> spine -> leaf -> NIC.
+  A leaf's uplink carries ``ports * NIC rate / oversubscription``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from moesim.hardware.profile import HardwareProfile
+
+GB = 1e9
+
+
+@dataclass
+class _Links:
+    names: list[str] = field(default_factory=list)
+    capacity: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    ends: list[tuple[str, str]] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+
+    def add(self, a: str, b: str, capacity: float, latency: float, kind: str,
+            owner: int = -1) -> int:
+        self.owner.append(owner)
+        self.names.append(f"{a}->{b}")
+        self.capacity.append(capacity)
+        self.latency.append(latency)
+        self.kind.append(kind)
+        self.ends.append((a, b))
+        return len(self.names) - 1
+
+    def add_array(self, n: int, a: str, b: str, cap: float, lat: float, kind: str,
+                  private: bool) -> np.ndarray:
+        """Add ``n`` links named with ``{i}`` formatted into ``a`` and ``b``; a private link
+        belongs to GPU ``i`` (only flows from or to that GPU use it)."""
+        return np.array([self.add(a.format(i=i), b.format(i=i), cap, lat, kind,
+                                  i if private else -1) for i in range(n)], dtype=np.int64)
+
+
+class Topology:
+    """Links and path rules of ``nodes`` nodes of the profile's kind.
+
+    Args:
+        profile: The hardware profile.
+        nodes: Nodes in the cluster.
+    """
+
+    MAX_HOPS = 4
+
+    def __init__(self, profile: HardwareProfile, nodes: int) -> None:
+        self.profile, self.nodes = profile, nodes
+        node, fabric = profile.node, profile.fabric
+        self.gpn = node.gpus_per_node
+        self.gpus = nodes * self.gpn
+        links = _Links()
+        g = self.gpus
+        if node.interconnect == "nvswitch":
+            cap, lat = node.nvlink_gb_per_s * GB * node.nvlink_efficiency, node.nvlink_latency_s / 2
+            self._up = links.add_array(g, "gpu{i}", "nvswitch", cap, lat, "nvlink", True)
+            self._down = links.add_array(g, "nvswitch", "gpu{i}", cap, lat, "nvlink", True)
+            self._fix_switch_names(links, self._up, self._down)
+        elif node.interconnect == "mesh":
+            per_peer = node.nvlink_gb_per_s * GB * node.nvlink_efficiency / max(self.gpn - 1, 1)
+            self._mesh = np.full((g, self.gpn), -1, dtype=np.int64)
+            for src in range(g):
+                base = (src // self.gpn) * self.gpn
+                for j in range(self.gpn):
+                    if base + j != src:
+                        self._mesh[src, j] = links.add(f"gpu{src}", f"gpu{base + j}", per_peer,
+                                                       node.nvlink_latency_s, "nvlink", src)
+        else:
+            cap = node.pcie_gb_per_s * GB * node.pcie_efficiency
+            lat = node.pcie_latency_s / 2
+            self._n_sw = g // node.gpus_per_pcie_switch
+            self._up = links.add_array(g, "gpu{i}", "pcisw", cap, lat, "pcie", True)
+            self._down = links.add_array(g, "pcisw", "gpu{i}", cap, lat, "pcie", True)
+            self._fix_pcie_names(links, node.gpus_per_pcie_switch)
+            self._sw_up = links.add_array(self._n_sw, "pcisw{i}", "host", cap, lat, "pcie", False)
+            self._sw_down = links.add_array(self._n_sw, "host", "pcisw{i}", cap, lat, "pcie",
+                                            False)
+            self._fix_host_names(links, self.gpn // node.gpus_per_pcie_switch)
+        self._build_fabric(links, fabric.topology, fabric.oversubscription)
+        self.link_names = links.names
+        self.link_kind = np.array(links.kind)
+        self.capacity = np.array(links.capacity, dtype=np.float64)
+        self.latency = np.array(links.latency, dtype=np.float64)
+        self.link_owner = np.array(links.owner, dtype=np.int64)
+        self._ends = links.ends
+
+    # --- construction helpers -------------------------------------------------------------
+    def _fix_switch_names(self, links: _Links, up: np.ndarray, down: np.ndarray) -> None:
+        for i, (u, d) in enumerate(zip(up, down, strict=True)):
+            sw = f"nvswitch{i // self.gpn}"
+            links.ends[u] = (f"gpu{i}", sw)
+            links.ends[d] = (sw, f"gpu{i}")
+            links.names[u], links.names[d] = f"gpu{i}->{sw}", f"{sw}->gpu{i}"
+
+    def _fix_pcie_names(self, links: _Links, per_switch: int) -> None:
+        for i in range(self.gpus):
+            sw = f"pcisw{i // per_switch}"
+            u, d = self._up[i], self._down[i]
+            links.ends[u], links.ends[d] = (f"gpu{i}", sw), (sw, f"gpu{i}")
+            links.names[u], links.names[d] = f"gpu{i}->{sw}", f"{sw}->gpu{i}"
+
+    def _fix_host_names(self, links: _Links, switches_per_node: int) -> None:
+        for s in range(self._n_sw):
+            host = f"host{s // switches_per_node}"
+            u, d = self._sw_up[s], self._sw_down[s]
+            links.ends[u], links.ends[d] = (f"pcisw{s}", host), (host, f"pcisw{s}")
+            links.names[u], links.names[d] = f"pcisw{s}->{host}", f"{host}->pcisw{s}"
+
+    def _build_fabric(self, links: _Links, kind: str, oversub: float) -> None:
+        node, fabric = self.profile.node, self.profile.fabric
+        nic = node.nic_gb_per_s * GB * node.nic_efficiency
+        self.inter_capable = nic > 0 and self.nodes > 1
+        gpu = np.arange(self.gpus)
+        self._leaf_of = gpu % self.gpn if kind == "rail_optimized" else gpu // self.gpn
+        n_leaf = int(self._leaf_of.max()) + 1
+        ports = self.gpus // n_leaf
+        self._tx = np.array([links.add(f"gpu{i}", f"leaf{self._leaf_of[i]}", nic,
+                                       fabric.latency_s / 2, "nic", int(i)) for i in gpu],
+                            dtype=np.int64)
+        self._rx = np.array([links.add(f"leaf{self._leaf_of[i]}", f"gpu{i}", nic,
+                                       fabric.latency_s / 2, "nic", int(i)) for i in gpu],
+                            dtype=np.int64)
+        up_cap = ports * nic / oversub
+        lat = fabric.spine_latency_s / 2
+        self._leaf_up = links.add_array(n_leaf, "leaf{i}", "spine", up_cap, lat, "spine", False)
+        self._leaf_down = links.add_array(n_leaf, "spine", "leaf{i}", up_cap, lat, "spine", False)
+
+    # --- queries --------------------------------------------------------------------------
+    def node_of(self, gpu: np.ndarray) -> np.ndarray:
+        """Node index of each GPU."""
+        return np.asarray(gpu) // self.gpn
+
+    def paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """``[n, MAX_HOPS]`` int64 link ids of each src -> dst path, -1 padded (src != dst)."""
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        out = np.full((src.size, self.MAX_HOPS), -1, dtype=np.int64)
+        intra = self.node_of(src) == self.node_of(dst)
+        self._intra_paths(src[intra], dst[intra], out, np.nonzero(intra)[0])
+        inter = np.nonzero(~intra)[0]
+        if inter.size:
+            if not self.inter_capable:
+                raise ValueError("inter-node traffic but the profile has no NIC bandwidth")
+            s, d = src[inter], dst[inter]
+            same_leaf = self._leaf_of[s] == self._leaf_of[d]
+            out[inter, 0] = self._tx[s]
+            out[inter, 1] = np.where(same_leaf, self._rx[d], self._leaf_up[self._leaf_of[s]])
+            out[inter, 2] = np.where(same_leaf, -1, self._leaf_down[self._leaf_of[d]])
+            out[inter, 3] = np.where(same_leaf, -1, self._rx[d])
+        return out
+
+    def _intra_paths(self, s: np.ndarray, d: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+        kind = self.profile.node.interconnect
+        if kind == "nvswitch":
+            out[rows, 0], out[rows, 1] = self._up[s], self._down[d]
+        elif kind == "mesh":
+            out[rows, 0] = self._mesh[s, d % self.gpn]
+        else:
+            per = self.profile.node.gpus_per_pcie_switch
+            same = s // per == d // per
+            out[rows, 0] = self._up[s]
+            out[rows, 1] = np.where(same, self._down[d], self._sw_up[s // per])
+            out[rows, 2] = np.where(same, -1, self._sw_down[d // per])
+            out[rows, 3] = np.where(same, -1, self._down[d])
+
+    def private(self, paths: np.ndarray) -> bool:
+        """Whether every link of ``paths`` belongs to one GPU (the flow's source or
+        destination), so that the flows can meet no other collective's traffic."""
+        return bool((self.link_owner[paths[paths >= 0]] >= 0).all())
+
+    def path_latency(self, paths: np.ndarray) -> np.ndarray:
+        """``[n]`` seconds, the sum of link latencies along each path."""
+        lat = np.where(paths >= 0, self.latency[np.maximum(paths, 0)], 0.0)
+        return lat.sum(axis=1)
+
+    def graph(self) -> nx.DiGraph:
+        """The network as a directed graph; edges carry capacity (B/s), latency (s), kind."""
+        g = nx.DiGraph()
+        for i, (a, b) in enumerate(self._ends):
+            g.add_edge(a, b, id=i, capacity=self.capacity[i], latency=self.latency[i],
+                       kind=self.link_kind[i])
+        return g

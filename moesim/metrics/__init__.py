@@ -1,0 +1,1 @@
+"""Metrics gathered through hooks while the engine runs; the library never prints them."""

@@ -1,0 +1,80 @@
+"""The collector: the engine's hooks write here; summaries and tables are read from it.
+
+Per (step, layer, GPU) it keeps the seconds spent in each phase, and per step the routing
+counts and communication bytes. Chrome-trace events are kept for the first
+``timeline_steps`` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+PHASES = ("attention", "gate", "dispatch", "expert_compute", "shared_expert", "dense_ffn",
+          "combine", "tp_comm")
+COMM_PHASES = ("dispatch", "combine", "tp_comm")
+PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+
+
+class Collector:
+    """Arrays of what happened, filled by ``on_*`` hooks.
+
+    Args:
+        steps: Steps simulated.
+        layers: Model layers.
+        gpus: GPUs.
+        moe_layers: Indices of the MoE layers.
+        gpus_per_node: For the timeline's process ids.
+        timeline_steps: Steps recorded as Chrome-trace events.
+    """
+
+    def __init__(self, steps: int, layers: int, gpus: int, moe_layers: tuple[int, ...],
+                 gpus_per_node: int, timeline_steps: int) -> None:
+        self.phase_s = np.zeros((steps, layers, gpus, len(PHASES)))
+        self.wait_s = np.zeros((steps, gpus))
+        self.step_time_s = np.zeros(steps)
+        self.compute_busy_s = np.zeros((steps, gpus))
+        n_moe = len(moe_layers)
+        self.moe_layers = moe_layers
+        self.gpu_tokens = np.zeros((steps, n_moe, gpus), dtype=np.int64)
+        self.routed = np.zeros((steps, n_moe), dtype=np.int64)
+        self.dropped = np.zeros((steps, n_moe), dtype=np.int64)
+        self.dropped_by_gpu = np.zeros((steps, n_moe, gpus), dtype=np.int64)
+        self.imbalance = np.zeros((steps, n_moe))
+        self.bytes_out = np.zeros((steps, layers, gpus))
+        self.bytes_intra = np.zeros(steps)
+        self.bytes_inter = np.zeros(steps)
+        self.events: list[dict[str, Any]] = []
+        self.gpn = gpus_per_node
+        self.timeline_steps = timeline_steps
+        self.tokens_per_step = np.zeros(steps, dtype=np.int64)
+
+    def on_phase(self, step: int, layer: int, gpu: int, phase: str, start: float,
+                 end: float) -> None:
+        """A GPU spent [start, end) seconds in ``phase`` of ``layer``."""
+        self.phase_s[step, layer, gpu, PHASE_INDEX[phase]] += end - start
+        if step < self.timeline_steps and end > start:
+            self.events.append({
+                "name": phase, "cat": "comm" if phase in COMM_PHASES else "compute", "ph": "X",
+                "ts": start * 1e6, "dur": (end - start) * 1e6, "pid": gpu // self.gpn,
+                "tid": gpu, "args": {"step": step, "layer": layer},
+            })
+
+    def on_wait(self, step: int, gpu: int, seconds: float) -> None:
+        """A GPU waited ``seconds`` at a collective for its slowest peer."""
+        self.wait_s[step, gpu] += seconds
+
+    def on_flows(self, step: int, layer: int, src: np.ndarray, dst: np.ndarray,
+                 nbytes: np.ndarray, gpn: int) -> None:
+        """Bytes put on the network by one phase."""
+        inter = src // gpn != dst // gpn
+        self.bytes_inter[step] += float(nbytes[inter].sum())
+        self.bytes_intra[step] += float(nbytes[~inter].sum())
+        np.add.at(self.bytes_out[step, layer], src, nbytes)
+
+    def on_step(self, step: int, seconds: float, compute_busy: np.ndarray, tokens: int) -> None:
+        """Step ``step`` took ``seconds``; ``compute_busy`` is ``[gpus]`` seconds of compute."""
+        self.step_time_s[step] = seconds
+        self.compute_busy_s[step] = compute_busy
+        self.tokens_per_step[step] = tokens

@@ -1,0 +1,91 @@
+"""The run summary (``summary.json``) and the per-layer table (``layers.parquet``).
+
+``summary.json`` fields (times are seconds per step, averaged over steps and GPUs):
+
+- ``step_time_s``: mean wall time of a step; ``tokens_per_s``: tokens processed per second
+  (all replicas; decode counts one token per sequence per step);
+- ``breakdown_s``: seconds per step in attention, gate, dispatch, expert_compute,
+  shared_expert, dense_ffn, combine, tp_comm; ``exposed_comm`` is the step time the compute
+  stream is idle (communication not hidden, including waiting for peers); ``straggler_wait``
+  is the part spent waiting at collectives for the slowest GPU;
+- ``imbalance_max_over_mean``: tokens computed by the busiest EP rank over the mean, averaged
+  over steps and MoE layers (``imbalance_worst`` is the largest);
+- ``drop_rate``: dropped / routed token-expert assignments;
+- ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
+- ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``.
+
+``layers.parquet`` has one row per (step, layer, gpu) with the seconds of every phase and, for
+MoE layers, ``tokens_computed``, ``tokens_dropped`` (at this GPU as a source rank) and
+``bytes_sent``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moesim.config.loading import ResolvedScenario
+from moesim.metrics.collector import COMM_PHASES, PHASES, Collector
+from moesim.timing.memory import HBMUsage
+
+
+def summarize(r: ResolvedScenario, col: Collector, hbm: HBMUsage, cost_source: str) -> dict[str, Any]:
+    """Build the summary dict (JSON-ready, deterministic for a given scenario and seed)."""
+    s = r.scenario
+    per_phase = col.phase_s.sum(axis=1).mean(axis=(0, 1))  # [phases]
+    breakdown = {p: float(v) for p, v in zip(PHASES, per_phase, strict=True)}
+    exposed = (col.step_time_s[:, None] - col.compute_busy_s).mean()
+    breakdown["exposed_comm"] = float(max(exposed, 0.0))
+    breakdown["straggler_wait"] = float(col.wait_s.mean())
+    total_time = float(col.step_time_s.sum())
+    routed = int(col.routed.sum())
+    return {
+        "scenario": s.name,
+        "model": r.model.name,
+        "hardware": r.hardware.name,
+        "gpus": r.world,
+        "nodes": s.cluster.nodes,
+        "mode": s.workload.mode,
+        "steps": s.workload.steps,
+        "seed": s.seed,
+        "step_time_s": float(col.step_time_s.mean()),
+        "step_time_max_s": float(col.step_time_s.max()),
+        "tokens_per_step": int(col.tokens_per_step[0]),
+        "tokens_per_s": float(col.tokens_per_step.sum() / total_time) if total_time else 0.0,
+        "breakdown_s": breakdown,
+        "comm_phases": list(COMM_PHASES),
+        "imbalance_max_over_mean": float(col.imbalance.mean()),
+        "imbalance_worst": float(col.imbalance.max()),
+        "drop_rate": float(col.dropped.sum() / routed) if routed else 0.0,
+        "tokens_routed": routed,
+        "tokens_dropped": int(col.dropped.sum()),
+        "bytes_intra_node": float(col.bytes_intra.mean()),
+        "bytes_inter_node": float(col.bytes_inter.mean()),
+        "hbm_peak_bytes": float(hbm.total),
+        "hbm_capacity_bytes": float(r.hardware.gpu.hbm_bytes),
+        "hbm_breakdown_bytes": hbm.as_dict(),
+        "cost_model": cost_source,
+    }
+
+
+def layers_table(col: Collector) -> pd.DataFrame:
+    """One row per (step, layer, gpu); see the module docstring for the columns."""
+    steps, layers, gpus, _ = col.phase_s.shape
+    idx = np.indices((steps, layers, gpus)).reshape(3, -1)
+    data: dict[str, Any] = {"step": idx[0].astype(np.int32), "layer": idx[1].astype(np.int32),
+                            "gpu": idx[2].astype(np.int32)}
+    flat = col.phase_s.reshape(-1, len(PHASES))
+    for i, p in enumerate(PHASES):
+        data[f"{p}_s"] = flat[:, i]
+    computed = np.zeros((steps, layers, gpus), dtype=np.int64)
+    dropped = np.zeros((steps, layers, gpus), dtype=np.int64)
+    moe = list(col.moe_layers)
+    computed[:, moe, :] = col.gpu_tokens
+    dropped[:, moe, :] = col.dropped_by_gpu
+    data["moe"] = np.isin(idx[1], moe)
+    data["tokens_computed"] = computed.ravel()
+    data["tokens_dropped"] = dropped.ravel()
+    data["bytes_sent"] = col.bytes_out.ravel()
+    return pd.DataFrame(data)

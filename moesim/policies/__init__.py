@@ -1,0 +1,36 @@
+"""Swappable strategies: pure functions over arrays, one registry per family.
+
+Families and where their registries live:
+
+- ``placement``: :data:`moesim.policies.placement.PLACEMENTS`
+- ``drop policy``: :data:`moesim.policies.capacity.DROP_POLICIES`
+- ``routing source``: :data:`moesim.routing.sources.SOURCES`
+- ``all-to-all``: :data:`moesim.comm.alltoall.ALL_TO_ALL`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moesim.registry import Registry
+
+
+def registry_for(family: str) -> Registry[Any]:
+    """The registry of a policy family, by the name used in error messages."""
+    if family == "placement":
+        from moesim.policies.placement import PLACEMENTS
+
+        return PLACEMENTS
+    if family == "drop policy":
+        from moesim.policies.capacity import DROP_POLICIES
+
+        return DROP_POLICIES
+    if family == "routing source":
+        from moesim.routing.sources import SOURCES
+
+        return SOURCES
+    if family == "all-to-all":
+        from moesim.comm.alltoall import ALL_TO_ALL
+
+        return ALL_TO_ALL
+    raise KeyError(family)

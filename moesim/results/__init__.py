@@ -1,0 +1,1 @@
+"""Writing results: the run folder, the Chrome trace and the plotly report."""

@@ -1,0 +1,99 @@
+"""The run folder, written once and atomically.
+
+Layout of ``results/<scenario>/<run-id>/``:
+
+- ``scenario.yaml``: the resolved scenario (after ``--set`` overrides), plus model and hardware;
+- ``summary.json``: see :mod:`moesim.metrics.summary`;
+- ``layers.parquet``: one row per (step, layer, gpu);
+- ``timeline.json``: Chrome trace events (open in https://ui.perfetto.dev or chrome://tracing);
+- ``report.html``: plotly report (timeline, per-layer breakdown, tokens per GPU).
+
+Everything is written to a hidden temporary folder beside the target and renamed into place,
+so a failed run leaves nothing half-written; an existing run folder is never overwritten
+(``run-id`` is the UTC time plus the seed, with a counter when two runs share a second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from moesim.runner import RunResult
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """The exact text of ``summary.json`` (sorted keys, so equal runs give equal bytes)."""
+    return json.dumps(summary, indent=2, sort_keys=True) + "\n"
+
+
+def _run_dir(root: Path, scenario: str, seed: int) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = root / scenario
+    name = f"{stamp}-seed{seed}"
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}-{n}"
+    return candidate
+
+
+def resolved_yaml(result: RunResult) -> str:
+    """The resolved scenario as YAML, with model and hardware descriptions appended."""
+    r = result.resolved
+    doc = {"scenario": r.scenario.model_dump(mode="json"),
+           "model": r.model.model_dump(mode="json"),
+           "hardware": r.hardware.model_dump(mode="json")}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path:
+    """Write every file of the run folder; returns the final folder."""
+    r = result.resolved
+    root = Path(out_root if out_root is not None else r.scenario.output.dir)
+    final = _run_dir(root, r.scenario.name, r.scenario.seed)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")
+        (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
+        result.layers.to_parquet(tmp / "layers.parquet", index=False)
+        trace = {"traceEvents": _trace_metadata(result) + result.timeline,
+                 "displayTimeUnit": "ms"}
+        (tmp / "timeline.json").write_text(json.dumps(trace), encoding="utf-8")
+        if r.scenario.output.report:
+            from moesim.results.report import write_report
+
+            write_report(result, tmp / "report.html")
+        while True:
+            try:
+                os.rename(tmp, final)
+                break
+            except OSError:
+                if not final.exists():
+                    raise
+                final = _run_dir(root, r.scenario.name, r.scenario.seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _trace_metadata(result: RunResult) -> list[dict[str, Any]]:
+    """Process/thread names so Perfetto shows 'node N' / 'gpu G'."""
+    gpn = result.resolved.gpus_per_node
+    meta: list[dict[str, Any]] = []
+    for g in range(result.resolved.world):
+        if g % gpn == 0:
+            meta.append({"name": "process_name", "ph": "M", "pid": g // gpn,
+                         "args": {"name": f"node {g // gpn}"}})
+        meta.append({"name": "thread_name", "ph": "M", "pid": g // gpn, "tid": g,
+                     "args": {"name": f"gpu {g}"}})
+    return meta

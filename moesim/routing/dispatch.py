@@ -1,0 +1,122 @@
+"""From assignments to what the hardware sees: tokens per GPU slot and token copies per link.
+
+For one chunk of MoE layers of one replica:
+
+- ``slot_tokens``: ``[layers, ranks, slots_per_rank]`` int64, assignments each physical expert
+  slot computes (after drops);
+- ``routed`` / ``dropped``: ``[layers, ranks]`` int64, assignments made / dropped at each source
+  rank (routed = computed + dropped);
+- ``rank_copies``: ``[layers, ranks, ranks]`` int64, token copies sent from rank ``s`` to rank
+  ``d``: a token is sent once to each distinct destination rank holding one of its kept
+  experts (diagonal: tokens that stay on their rank);
+- ``node_copies``: ``[layers, ranks, nodes]`` int64, the same deduplicated per destination node
+  (what a hierarchical all-to-all sends over RDMA).
+
+Bytes are these counts times the bytes of one token in the dispatch or combine dtype
+(:func:`moesim.dtypes.token_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.policies.capacity import get_capacity, keep_mask
+from moesim.policies.placement import Placement
+from moesim.routing.sources import RoutingDraw
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """Counts of one chunk of MoE layers (shapes in the module docstring)."""
+
+    slot_tokens: np.ndarray
+    routed: np.ndarray
+    dropped: np.ndarray
+    rank_copies: np.ndarray
+    node_copies: np.ndarray
+
+
+@dataclass(frozen=True)
+class CapacityRule:
+    """Capacity settings: ``factor`` None means dropless."""
+
+    factor: float | None
+    drop: str
+    num_experts: int
+    top_k: int
+
+    def capacity(self, tokens_per_rank: int) -> int | None:
+        """Assignments one expert accepts from one rank, or None (dropless)."""
+        if self.factor is None:
+            return None
+        return get_capacity(tokens_per_rank, self.top_k, self.factor, self.num_experts)
+
+
+def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
+    """Count distinct non-negative destinations per token.
+
+    Args:
+        dest: ``[layers, ranks, tokens, k]`` int, destination per assignment, -1 for none.
+        n_dest: Number of destinations.
+
+    Returns:
+        ``[layers, ranks, n_dest]`` int64, tokens sent to each destination (once per token).
+    """
+    layers, ranks = dest.shape[:2]
+    s = np.sort(dest, axis=-1)
+    first = np.ones(s.shape, dtype=bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    first &= s >= 0
+    group = (np.arange(layers * ranks).reshape(layers, ranks, 1, 1) * n_dest + s)[first]
+    return np.bincount(group, minlength=layers * ranks * n_dest).reshape(layers, ranks, n_dest)
+
+
+def count_layers(
+    draw: RoutingDraw,
+    layers: np.ndarray,
+    placement: Placement,
+    log2phy: np.ndarray,
+    logcnt: np.ndarray,
+    rule: CapacityRule,
+    rank_node: np.ndarray,
+) -> LayerCounts:
+    """Apply capacity, choose replicas (round-robin by token) and count.
+
+    Args:
+        draw: Assignments ``[layers, ranks, tokens, k]`` of the chunk.
+        layers: ``[layers]`` indices of the chunk's MoE layers.
+        placement: The placement of all MoE layers.
+        log2phy: ``[moe_layers, experts, max_replicas]`` from the placement.
+        logcnt: ``[moe_layers, experts]`` from the placement.
+        rule: Capacity settings.
+        rank_node: ``[ranks]`` node of each EP rank.
+    """
+    experts = draw.experts
+    n_layers, ranks, tokens, _ = experts.shape
+    cap = rule.capacity(tokens)
+    keep = None if cap is None else keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights)
+    lidx = layers.reshape(-1, 1, 1, 1)
+    replica = np.arange(tokens).reshape(1, 1, -1, 1) % logcnt[lidx, experts]
+    slot = log2phy[lidx, experts, replica]
+    if keep is not None:
+        slot = np.where(keep, slot, -1)
+    slots = placement.phy2log.shape[1]
+    kept = slot >= 0
+    flat = (np.arange(n_layers).reshape(-1, 1, 1, 1) * slots + slot)[kept]
+    slot_tokens = np.bincount(flat, minlength=n_layers * slots).reshape(
+        n_layers, ranks, placement.slots_per_rank
+    )
+    routed = np.full((n_layers, ranks), tokens * experts.shape[3], dtype=np.int64)
+    dropped = routed - kept.sum(axis=(2, 3))
+    dest_rank = np.where(kept, placement.slot_rank[np.maximum(slot, 0)], -1)
+    dest_node = np.where(kept, rank_node[np.maximum(dest_rank, 0)], -1)
+    n_nodes = int(rank_node.max()) + 1
+    return LayerCounts(
+        slot_tokens=slot_tokens,
+        routed=routed,
+        dropped=dropped,
+        rank_copies=_distinct_counts(dest_rank, ranks),
+        node_copies=_distinct_counts(dest_node, n_nodes),
+    )

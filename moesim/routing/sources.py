@@ -1,0 +1,132 @@
+"""Routing sources: where each step's token-to-expert assignments come from.
+
+A source is built by a factory registered under the name a scenario's ``routing.source`` uses,
+and draws, for every MoE layer, ``top_k`` distinct experts per token::
+
+    experts: [moe_layers, ranks, tokens, top_k] int64
+    weights: [moe_layers, ranks, tokens, top_k] float64 (gate weights, rows sum to 1)
+
+``synthetic`` draws from a per-layer expert popularity: ``uniform`` (all equal) or ``zipf``
+(popularity of the expert of rank ``i`` proportional to ``1 / i**skew``, ranks shuffled per layer
+so that each layer has different hot experts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from moesim.config.scenario import Routing
+from moesim.models.spec import ModelSpec
+from moesim.registry import Registry
+from moesim.routing.batch import TokenBatch
+
+
+@dataclass(frozen=True)
+class RoutingDraw:
+    """One step's assignments for every MoE layer (shapes in the module docstring)."""
+
+    experts: np.ndarray
+    weights: np.ndarray
+
+
+class RoutingSource(Protocol):
+    """What the routing stage needs from a source of routing."""
+
+    def expected_loads(self) -> np.ndarray:
+        """``[moe_layers, experts]`` expected share of assignments per expert (for placement)."""
+        ...
+
+    def draw(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> RoutingDraw:
+        """Assignments of the tokens of ``batch`` at ``step`` for MoE layers ``layers``.
+
+        Args:
+            step: Step index.
+            layers: ``[n]`` int, indices into the model's MoE layers.
+            batch: The step's tokens.
+            rng: The only source of randomness.
+        """
+        ...
+
+
+SourceFactory = Callable[[Routing, ModelSpec, np.random.Generator], RoutingSource]
+SOURCES: Registry[SourceFactory] = Registry("routing source")
+
+
+def zipf_popularity(layers: int, experts: int, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """``[layers, experts]`` popularity, each row a shuffled Zipf(skew) distribution."""
+    base = 1.0 / np.arange(1, experts + 1) ** skew
+    base /= base.sum()
+    return np.stack([base[rng.permutation(experts)] for _ in range(layers)])
+
+
+def distinct_topk(p: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``k`` distinct experts for each of ``n`` tokens in every layer.
+
+    Each slot is drawn from the layer's popularity ``p``; slots that repeat an earlier slot of
+    the same token are drawn again until all are distinct (i.i.d. draws conditioned on
+    distinctness).
+
+    Args:
+        p: ``[layers, experts]`` popularity, rows sum to 1.
+        n: Tokens.
+        k: Experts per token (< experts).
+
+    Returns:
+        ``[layers, n, k]`` int64 expert ids.
+    """
+    layers, experts = p.shape
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = 1.0
+    offset = np.arange(layers, dtype=np.float64)[:, None]
+    flat_cdf = (cdf + offset).ravel()
+
+    def sample(layer_idx: np.ndarray) -> np.ndarray:
+        u = rng.random(layer_idx.shape) + layer_idx
+        flat = np.searchsorted(flat_cdf, u, side="right")
+        return np.minimum(flat - layer_idx * experts, experts - 1)
+
+    layer_of = np.broadcast_to(np.arange(layers)[:, None, None], (layers, n, k))
+    out = sample(layer_of)
+    for _ in range(10_000):
+        dup = np.zeros(out.shape, dtype=bool)
+        for j in range(1, k):
+            dup[..., j] = (out[..., j : j + 1] == out[..., :j]).any(axis=-1)
+        if not dup.any():
+            return out
+        out[dup] = sample(layer_of[dup])
+    raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
+
+
+class SyntheticSource:
+    """Uniform or Zipf-skewed top-k routing with fixed per-layer popularity."""
+
+    def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
+        layers, experts = len(model.moe_layers), model.moe.num_experts
+        skew = cfg.skew if cfg.generator == "zipf" else 0.0
+        self.popularity = zipf_popularity(layers, experts, skew, rng)
+        self.top_k = model.moe.top_k
+
+    def expected_loads(self) -> np.ndarray:
+        """``[moe_layers, experts]`` popularity."""
+        return self.popularity
+
+    def draw(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> RoutingDraw:
+        """Draw assignments for ``batch``; gate weights are the renormalised popularities."""
+        pop = self.popularity[layers]
+        n = batch.ranks * batch.tokens_per_rank
+        experts = distinct_topk(pop, n, self.top_k, rng)
+        w = np.take_along_axis(pop[:, None, :], experts, axis=2)
+        w = w / w.sum(axis=-1, keepdims=True)
+        shape = (len(layers), batch.ranks, batch.tokens_per_rank, self.top_k)
+        return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))
+
+
+SOURCES.register("synthetic")(SyntheticSource)

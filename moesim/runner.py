@@ -1,0 +1,84 @@
+"""Running a scenario: the routing stage, the timing engine, and the results.
+
+``simulate`` returns data (no files); ``write_run`` writes one run folder atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moesim.config.loading import ResolvedScenario
+from moesim.metrics.collector import Collector
+from moesim.metrics.summary import layers_table, summarize
+from moesim.routing.stage import RoutingStage
+from moesim.timing.costs import RooflineCostModel
+from moesim.timing.engine import Engine, ProgressFn
+from moesim.timing.memory import check_fits, hbm_usage
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced.
+
+    Attributes:
+        resolved: The scenario that ran.
+        summary: The ``summary.json`` content.
+        layers: The ``layers.parquet`` table.
+        timeline: Chrome-trace events of the first steps.
+        collector: The raw arrays.
+        events_processed: SimPy events processed (for benchmarks).
+    """
+
+    resolved: ResolvedScenario
+    summary: dict[str, Any]
+    layers: pd.DataFrame
+    timeline: list[dict[str, Any]]
+    collector: Collector
+    events_processed: int
+
+
+def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResult:
+    """Run the scenario and return its results.
+
+    Raises:
+        CapacityError: the scenario does not fit in HBM.
+    """
+    s = r.scenario
+    seeds = np.random.SeedSequence(s.seed).spawn(2)
+    routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
+    usage = hbm_usage(r, routing.placement.slots_per_rank)
+    check_fits(r, usage)
+    costs = RooflineCostModel(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
+    col = Collector(s.workload.steps, r.model.num_layers, r.world, r.model.moe_layers,
+                    r.gpus_per_node, s.output.timeline_steps)
+    engine = Engine(r, routing, costs, col)
+    counter = _count_events(engine)
+    engine.run(progress)
+    summary = summarize(r, col, usage, costs.source)
+    return RunResult(r, summary, layers_table(col), col.events, col, counter())
+
+
+def _count_events(engine: Engine) -> Any:
+    """Wrap the environment's step() to count processed events."""
+    env = engine.env
+    count = [0]
+    original = env.step
+
+    def step() -> None:
+        count[0] += 1
+        original()
+
+    env.step = step  # type: ignore[method-assign]
+    return lambda: count[0]
+
+
+def write_run(result: RunResult, out_root: str | Path | None = None) -> Path:
+    """Write the run folder ``<out_root>/<scenario>/<run-id>/`` atomically; returns its path."""
+    from moesim.results.writer import write_run_dir
+
+    return write_run_dir(result, out_root)

@@ -1,0 +1,98 @@
+"""Compute-cost models: how long a kernel takes on one GPU.
+
+:class:`CostModel` is the interface the engine uses; :class:`RooflineCostModel` is the default
+(each kernel takes ``max(FLOPs / (peak * matmul_efficiency), bytes / (HBM * memory_efficiency))``
+plus a launch overhead). A calibrated, table-driven model plugs in behind the same interface.
+
+Expert compute depends on the whole vector of tokens per expert, not only its sum: every expert
+with tokens reads its weights once (decode is weight-bandwidth bound), and experts without
+tokens cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from moesim.dtypes import ELEMENT_BYTES
+from moesim.hardware.profile import HardwareProfile
+from moesim.models.spec import ModelSpec
+
+ACT_BYTES = 2.0  # activations are kept in bf16
+
+
+class CostModel(Protocol):
+    """Seconds of compute for the pieces of a layer; arrays broadcast over leading axes."""
+
+    source: str
+
+    def experts(self, slot_tokens: np.ndarray) -> np.ndarray:
+        """``[..., slots]`` tokens per local expert slot -> ``[...]`` seconds (forward)."""
+        ...
+
+    def gemm(self, tokens: np.ndarray, params: float) -> np.ndarray:
+        """A dense matmul block of ``params`` weight elements applied to ``tokens`` tokens."""
+        ...
+
+    def attention(self, tokens: int, sequences: int, context: float, kv_tokens: float) -> float:
+        """One attention block: ``tokens`` queries over ``context`` keys each on average;
+        ``kv_tokens`` cached keys read from HBM."""
+        ...
+
+
+class RooflineCostModel:
+    """Roofline costs from the profile's peak rates and efficiencies.
+
+    Args:
+        hw: Hardware profile.
+        model: Model description.
+        dtype: Weight and compute dtype.
+        tp: Tensor-parallel degree (weights and FLOPs of a GPU are 1/tp of the layer's).
+    """
+
+    source = "roofline"
+
+    def __init__(self, hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> None:
+        self.model, self.tp = model, tp
+        self.flops = hw.peak_flops(dtype) * hw.gpu.matmul_efficiency
+        self.bw = hw.gpu.hbm_bandwidth_gb_per_s * 1e9 * hw.gpu.memory_efficiency
+        self.launch = hw.gpu.kernel_launch_s
+        self.wbytes = ELEMENT_BYTES[dtype]
+
+    def _roof(self, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        return np.maximum(flops / self.flops, nbytes / self.bw)
+
+    def experts(self, slot_tokens: np.ndarray) -> np.ndarray:
+        """Grouped GEMM over the local experts (gate/up, activation, down)."""
+        m = self.model
+        n = slot_tokens.astype(np.float64)
+        params = m.expert_params / self.tp
+        width = m.moe.expert_intermediate_size / self.tp
+        flops = 2.0 * n * params
+        act = n * (2 * m.hidden_size + (m.moe.matrices + 1) * width) * ACT_BYTES
+        nbytes = np.where(n > 0, params * self.wbytes, 0.0) + act
+        busy = (n > 0).any(axis=-1)
+        kernels = m.moe.matrices + 1
+        return self._roof(flops, nbytes).sum(axis=-1) + np.where(busy, kernels * self.launch, 0.0)
+
+    def gemm(self, tokens: np.ndarray, params: float) -> np.ndarray:
+        """Dense FFN / gate / shared-expert block of ``params`` elements (before the tp split)."""
+        t = np.asarray(tokens, dtype=np.float64)
+        p = params / self.tp
+        flops = 2.0 * t * p
+        nbytes = p * self.wbytes + t * 2 * self.model.hidden_size * ACT_BYTES
+        return self._roof(flops, nbytes) + 2 * self.launch
+
+    def attention(self, tokens: int, sequences: int, context: float, kv_tokens: float) -> float:
+        """Projections plus score/value products; decode reads the KV cache from HBM."""
+        m, att = self.model, self.model.attention
+        h = m.hidden_size
+        p = att.params(h) / self.tp
+        proj = self._roof(np.float64(2.0 * tokens * p), np.float64(p * self.wbytes
+                                                                  + 4 * tokens * h * ACT_BYTES))
+        kv_split = self.tp if att.type == "gqa" and att.num_kv_heads >= self.tp else 1
+        kv_bytes = kv_tokens * att.kv_elements_per_token() * ACT_BYTES / kv_split
+        score = self._roof(np.float64(tokens * att.score_flops_per_token(context) / self.tp),
+                           np.float64(kv_bytes + 2 * tokens * h * ACT_BYTES))
+        return float(proj + score + 4 * self.launch)

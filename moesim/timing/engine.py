@@ -1,0 +1,195 @@
+"""The timing engine: one SimPy process per GPU and step, walking the layers in order.
+
+Per layer, forward: attention -> (tp all-reduce) -> gate -> dispatch -> routed experts ->
+shared experts -> combine -> (tp all-reduce); a dense layer runs its FFN instead of the MoE
+block. Training then walks the layers backwards with every compute piece doubled and the two
+all-to-alls reversed. Steps are separated by a barrier (the next decode token, or the optimizer
+step, needs every GPU). Consecutive compute pieces go to the compute stream as one event; their
+individual spans are recorded arithmetically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import simpy
+
+from moesim.comm.alltoall import Flows
+from moesim.config.loading import ResolvedScenario
+from moesim.hardware.topology import Topology
+from moesim.metrics.collector import Collector
+from moesim.routing.stage import RoutingStage
+from moesim.timing.costs import CostModel
+from moesim.timing.gpu import GPU
+from moesim.timing.network import FlowNetwork
+from moesim.timing.plan import BACKWARD, FlowBuilder, Layout, StepPlan, make_plan
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class _Rendezvous:
+    """GPUs gathering for one collective."""
+
+    size: int
+    arrived: dict[int, float] = field(default_factory=dict)
+    events: dict[int, simpy.Event] = field(default_factory=dict)
+
+
+class Engine:
+    """Runs a scenario's steps through the SimPy model.
+
+    Args:
+        r: The resolved scenario.
+        routing: The routing stage.
+        costs: The compute-cost model.
+        collector: Where hooks record.
+    """
+
+    def __init__(self, r: ResolvedScenario, routing: RoutingStage, costs: CostModel,
+                 collector: Collector) -> None:
+        self.r, self.routing, self.costs, self.col = r, routing, costs, collector
+        self.env = simpy.Environment()
+        self.topology = Topology(r.hardware, r.scenario.cluster.nodes)
+        self.net = FlowNetwork(self.env, self.topology, r.scenario.engine.flow_tolerance)
+        self.layout = Layout.of(r)
+        self.flows = FlowBuilder(r, self.layout)
+        gpn = r.gpus_per_node
+        self.gpus = [GPU(self.env, g, g // gpn) for g in range(r.world)]
+        self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
+        self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
+
+    def run(self, progress: ProgressFn | None = None) -> None:
+        """Simulate every step; ``progress(done, total)`` is called after each."""
+        self.env.process(self._driver(progress))
+        self.env.run()
+
+    def _driver(self, progress: ProgressFn | None) -> Generator[simpy.Event, Any, None]:
+        steps = self.r.scenario.workload.steps
+        for step in range(steps):
+            routing = self.routing.step(step)
+            plan = make_plan(self.r, self.layout, self.costs, routing, step)
+            self._record_routing(step, plan)
+            start = self.env.now
+            busy0 = np.array([g.compute.busy_s for g in self.gpus])
+            yield self.env.all_of([self.env.process(self._gpu_step(g, step, plan))
+                                   for g in range(self.r.world)])
+            busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
+            tokens = plan.tokens_per_rank * self.layout.ep * self.r.scenario.parallelism.dp
+            self.col.on_step(step, self.env.now - start, busy, tokens)
+            if progress:
+                progress(step + 1, steps)
+
+    def _record_routing(self, step: int, plan: StepPlan) -> None:
+        col, lay = self.col, self.layout
+        col.gpu_tokens[step] = plan.gpu_tokens
+        for c in plan.routing.replicas:
+            col.routed[step] += c.routed.sum(axis=1)
+            col.dropped[step] += c.dropped.sum(axis=1)
+        dropped = np.stack([c.dropped for c in plan.routing.replicas])  # [dp, L, ep]
+        col.dropped_by_gpu[step] = np.where(lay.tp_rank[:, None] == 0,
+                                            dropped[lay.replica, :, lay.rank], 0).T
+        loads = np.stack([c.slot_tokens.sum(axis=-1) for c in plan.routing.replicas])
+        mean = loads.mean(axis=-1)
+        col.imbalance[step] = np.where(mean > 0, loads.max(axis=-1) / np.maximum(mean, 1e-30),
+                                       1.0).mean(axis=0)
+
+    # --- one GPU, one step ------------------------------------------------------------
+    def _gpu_step(self, g: int, step: int, plan: StepPlan) -> Generator[simpy.Event, Any, None]:
+        layers = range(self.r.model.num_layers)
+        train = self.r.scenario.workload.mode == "train"
+        for layer in layers:
+            yield from self._layer(g, step, layer, plan, backward=False)
+        if train:
+            for layer in reversed(layers):
+                yield from self._layer(g, step, layer, plan, backward=True)
+
+    def _layer(self, g: int, step: int, layer: int, plan: StepPlan,
+               backward: bool) -> Generator[simpy.Event, Any, None]:
+        k = BACKWARD if backward else 1.0
+        tp = self.layout.tp > 1
+        moe = self.moe_index.get(layer)
+        attn = [("attention", plan.attention * k)]
+        if moe is None:
+            mlp_compute = [("dense_ffn", plan.dense * k)]
+        else:
+            pre = [("gate", plan.gate * k)]
+            experts = [("expert_compute", float(plan.experts[moe, g]) * k),
+                       ("shared_expert", plan.shared * k)]
+        if backward:  # mirror of the forward order
+            if tp:
+                yield from self._comm(g, step, layer, "tp_comm", plan)
+            if moe is None:
+                yield from self._compute(g, step, layer, mlp_compute)
+            else:
+                yield from self._comm(g, step, layer, "combine_bwd", plan, moe)
+                yield from self._compute(g, step, layer, experts)
+                yield from self._comm(g, step, layer, "dispatch_bwd", plan, moe)
+                yield from self._compute(g, step, layer, pre)
+            if tp:
+                yield from self._comm(g, step, layer, "tp_comm", plan)
+            yield from self._compute(g, step, layer, attn)
+            return
+        if moe is None:
+            yield from self._compute(g, step, layer, attn if tp else attn + mlp_compute)
+            if tp:
+                yield from self._comm(g, step, layer, "tp_comm", plan)
+                yield from self._compute(g, step, layer, mlp_compute)
+        else:
+            if tp:
+                yield from self._compute(g, step, layer, attn)
+                yield from self._comm(g, step, layer, "tp_comm", plan)
+            yield from self._compute(g, step, layer, pre if tp else attn + pre)
+            yield from self._comm(g, step, layer, "dispatch", plan, moe)
+            yield from self._compute(g, step, layer, experts)
+            yield from self._comm(g, step, layer, "combine", plan, moe)
+        if tp:
+            yield from self._comm(g, step, layer, "tp_comm", plan)
+
+    def _compute(self, g: int, step: int, layer: int,
+                 pieces: list[tuple[str, float]]) -> Generator[simpy.Event, Any, None]:
+        start, done = self.gpus[g].compute.submit(sum(d for _, d in pieces))
+        t = start
+        for phase, d in pieces:
+            self.col.on_phase(step, layer, g, phase, t, t + d)
+            t += d
+        yield done
+
+    def _comm(self, g: int, step: int, layer: int, phase: str, plan: StepPlan,
+              moe: int | None = None) -> Generator[simpy.Event, Any, None]:
+        arrive = self.env.now
+        if phase == "tp_comm":
+            members = self.layout.tp_group(g)
+        else:
+            members = self.layout.ep_group(g)
+        key = (step, layer, phase, int(members[0]))
+        ev = self._join(key, g, members, lambda: self._flows(plan, phase, g, moe), step, layer)
+        started = yield ev
+        self.col.on_wait(step, g, started - arrive)
+        name = "tp_comm" if phase == "tp_comm" else phase.removesuffix("_bwd")
+        self.col.on_phase(step, layer, g, name, arrive, self.env.now)
+
+    def _flows(self, plan: StepPlan, phase: str, g: int, moe: int | None) -> Flows:
+        if phase == "tp_comm":
+            return self.flows.tp_allreduce(plan, g)
+        assert moe is not None
+        return self.flows.alltoall(plan, moe, g, phase)
+
+    def _join(self, key: tuple[Any, ...], g: int, members: np.ndarray,
+              make: Callable[[], Flows], step: int, layer: int) -> simpy.Event:
+        rv = self._rv.get(key)
+        if rv is None:
+            rv = self._rv[key] = _Rendezvous(size=members.size)
+        ev = self.env.event()
+        rv.arrived[g], rv.events[g] = self.env.now, ev
+        if len(rv.arrived) == rv.size:
+            del self._rv[key]
+            flows = make()
+            self.col.on_flows(step, layer, flows.src, flows.dst, flows.nbytes,
+                              self.r.gpus_per_node)
+            start = self.env.now
+            self.net.transfer(flows, members, lambda gpu, _t: rv.events[gpu].succeed(start))
+        return ev

@@ -1,0 +1,77 @@
+"""HBM accounting per GPU: weights, KV cache or activations, optimizer state, workspace.
+
+Training keeps bf16 weights and gradients plus fp32 master weights and two Adam moments
+(2 + 2 + 12 bytes per parameter, Rajbhandari et al., ZeRO, arXiv 1910.02054, section 3.1), with
+no ZeRO sharding. Activations per token per layer follow Korthikanti et al. (arXiv 2205.05198,
+section 4.1) with flash attention (no ``s^2`` term): ``15 h`` bytes for attention and norms plus
+``2h + 6f`` bytes for every routed or shared expert a token visits (bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moesim.config.loading import ResolvedScenario
+from moesim.dtypes import ELEMENT_BYTES
+from moesim.errors import CapacityError
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class HBMUsage:
+    """Bytes one GPU needs, by purpose."""
+
+    weights: float
+    kv_cache: float
+    activations: float
+    optimizer: float
+    workspace: float
+
+    @property
+    def total(self) -> float:
+        """All bytes."""
+        return self.weights + self.kv_cache + self.activations + self.optimizer + self.workspace
+
+    def as_dict(self) -> dict[str, float]:
+        """Breakdown plus total, in bytes."""
+        return {"weights": self.weights, "kv_cache": self.kv_cache,
+                "activations": self.activations, "optimizer": self.optimizer,
+                "workspace": self.workspace, "total": self.total}
+
+
+def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
+    """Peak HBM bytes of one GPU of the scenario (all GPUs are alike in this respect)."""
+    s, m, hw = r.scenario, r.model, r.hardware
+    w, tp = s.workload, s.parallelism.tp
+    n_moe = len(m.moe_layers)
+    params = (m.non_expert_params() + n_moe * slots_per_rank * m.expert_params) / tp
+    weights = params * ELEMENT_BYTES[w.dtype]
+    seqs = w.batch_size // s.parallelism.ep
+    att = m.attention
+    kv_split = tp if att.type == "gqa" and att.num_kv_heads >= tp else 1
+    kv_len = w.context_len + w.steps if w.mode == "decode" else w.seq_len
+    kv = 0.0
+    if w.mode != "train":
+        kv = seqs * kv_len * m.num_layers * att.kv_elements_per_token() * 2.0 / kv_split
+    acts, optim = 0.0, 0.0
+    if w.mode == "train":
+        h, f, k = m.hidden_size, m.moe.expert_intermediate_size, m.moe.top_k
+        per_token = 15 * h + k * (2 * h + 6 * f) + (2 * h + 6 * m.moe.shared_intermediate_size
+                                                     if m.moe.shared_intermediate_size else 0)
+        acts = seqs * w.seq_len * m.num_layers * per_token / tp
+        optim = params * (2 + 12)
+    return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)
+
+
+def check_fits(r: ResolvedScenario, usage: HBMUsage) -> None:
+    """Raise :class:`CapacityError` with the breakdown when ``usage`` exceeds HBM."""
+    cap = r.hardware.gpu.hbm_bytes
+    if usage.total <= cap:
+        return
+    parts = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in usage.as_dict().items() if k != "total")
+    raise CapacityError(
+        f"{r.scenario.name}: needs {usage.total / GiB:.1f} GiB of HBM per GPU but "
+        f"{r.hardware.gpu.model} has {cap / GiB:.1f} GiB ({parts}). Raise ep/tp, lower "
+        f"batch_size or context, or use a larger GPU."
+    )

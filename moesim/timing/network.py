@@ -1,0 +1,195 @@
+"""Flow-level network on SimPy: max-min fair bandwidth sharing with per-link latency.
+
+Active flows share link bandwidth max-min fairly (:func:`max_min_rates`); rates are recomputed
+when flows arrive and when they finish. A flow's data arrives one path latency after its last
+byte leaves, so an isolated flow of ``b`` bytes over a path of bottleneck capacity ``c`` and
+latency ``l`` takes ``b / c + l``.
+
+Speed/accuracy: at each rate update every flow's finish time at the current rates is known.
+The earliest-finishing flow, and every flow finishing within ``tolerance`` times the
+transfer's lower-bound duration (busiest link's bytes over its capacity, plus the longest path
+latency) after it, retire at their own exact finish times; rates are
+recomputed when the last of them has finished. The capacity such flows free up inside that
+window is not handed to the others until the window ends, so a phase can only come out
+slightly slow. (If another transfer arrives inside a window, the window's flows are already
+booked and their capacity goes to the newcomers at once.) ``tolerance = 0`` is the exact fluid
+model.
+
+Measured against the exact model (``tolerance = 0``) on uniform, Zipf-skewed and sparse 8-GPU
+NVSwitch all-to-alls and 16- and 64-GPU internode ones (``tests/timing/test_network.py``):
+``tolerance = 0.05`` is within 3.4% on phase time (4.3% per GPU), ``0.1`` (the default)
+within 4.7% (6.3% per GPU), at 100 to 400 times fewer rate updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import simpy
+
+from moesim.comm.alltoall import Flows
+from moesim.hardware.topology import Topology
+from moesim.timing.fluid import fluid_schedule
+from moesim.timing.maxmin import max_min_rates
+
+DoneFn = Callable[[int, float], None]
+_FIELDS = ("_paths", "_rem", "_rate", "_window", "_lat", "_src", "_dst", "_tid")
+
+
+@dataclass
+class _Transfer:
+    """Book-keeping of one collective phase: pending flows and last arrival per GPU."""
+
+    pending: dict[int, int]
+    finish: dict[int, float]
+    on_done: DoneFn
+    signalled: set[int] = field(default_factory=set)
+
+
+class FlowNetwork:
+    """Links of a :class:`Topology` carrying flows inside a SimPy environment.
+
+    Args:
+        env: The SimPy environment.
+        topology: Links, capacities and paths.
+        tolerance: Completion batching tolerance (see module docstring).
+    """
+
+    def __init__(self, env: simpy.Environment, topology: Topology, tolerance: float) -> None:
+        self.env, self.topology, self.tolerance = env, topology, tolerance
+        self._paths = np.empty((0, Topology.MAX_HOPS), dtype=np.int64)
+        self._rem = np.empty(0)
+        self._rate = np.empty(0)
+        self._window = np.empty(0)
+        self._lat = np.empty(0)
+        self._src = np.empty(0, dtype=np.int64)
+        self._dst = np.empty(0, dtype=np.int64)
+        self._tid = np.empty(0, dtype=np.int64)
+        self._transfers: dict[int, _Transfer] = {}
+        self._next_tid = 0
+        self._last = 0.0
+        self._generation = 0
+        self.rate_updates = 0
+        self.isolated_transfers = 0
+
+    def transfer(self, flows: Flows, gpus: np.ndarray, on_done: DoneFn) -> None:
+        """Start the flows of one phase now; call ``on_done(gpu, time)`` per participant.
+
+        A GPU is done when every flow it sends or receives has arrived; a GPU with no flow is
+        done at once.
+
+        Args:
+            flows: The phase's point-to-point flows (positive bytes, src != dst).
+            gpus: ``[n]`` GPUs taking part.
+            on_done: Called at the simulated time each GPU is done.
+        """
+        now = self.env.now
+        tid, self._next_tid = self._next_tid, self._next_tid + 1
+        pending = dict.fromkeys(gpus.tolist(), 0)
+        for g in flows.src.tolist() + flows.dst.tolist():
+            pending[g] = pending.get(g, 0) + 1
+        t = _Transfer(pending=pending, finish=dict.fromkeys(pending, now), on_done=on_done)
+        self._transfers[tid] = t
+        for g, c in pending.items():
+            if c == 0:
+                self._signal(t, g, now)
+        if flows.src.size == 0:
+            del self._transfers[tid]
+            return
+        paths = self.topology.paths(flows.src, flows.dst)
+        nbytes = flows.nbytes.astype(np.float64)
+        n = nbytes.size
+        window = self.tolerance * self._lower_bound(paths, nbytes)
+        lat = self.topology.path_latency(paths)
+        if self.topology.private(paths):
+            # Nothing else can touch these links while the transfer runs: schedule it whole.
+            self.isolated_transfers += 1
+            finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
+            self._complete(tid, flows.src, flows.dst, now + finish + lat)
+            return
+        self._advance(now)
+        self._append(paths=paths, rem=nbytes, rate=np.zeros(n), window=np.full(n, window),
+                     lat=lat, src=flows.src, dst=flows.dst, tid=np.full(n, tid))
+        self._reschedule()
+
+    def _lower_bound(self, paths: np.ndarray, nbytes: np.ndarray) -> float:
+        """Seconds this transfer needs at least: its busiest link's bytes alone, plus the
+        longest path latency."""
+        live = paths >= 0
+        load = np.bincount(paths[live], weights=np.repeat(nbytes, live.sum(axis=1)),
+                           minlength=self.topology.capacity.size)
+        latency = float(self.topology.path_latency(paths).max())
+        return float((load / self.topology.capacity).max()) + latency
+
+    def _append(self, **arrays: np.ndarray) -> None:
+        for name, value in arrays.items():
+            attr = f"_{name}"
+            setattr(self, attr, np.concatenate([getattr(self, attr), value]))
+
+    # --- fluid mechanics --------------------------------------------------------------
+    def _advance(self, now: float) -> None:
+        """Move every active flow forward to ``now`` at its current rate."""
+        if now > self._last and self._rem.size:
+            self._rem = self._rem - self._rate * (now - self._last)
+        self._last = now
+
+    def _reschedule(self) -> None:
+        """Recompute max-min rates, retire the next batch of flows, arm the next update."""
+        self._generation += 1
+        if not self._rem.size:
+            return
+        now = self.env.now
+        live = self._paths >= 0
+        self._rate = max_min_rates(self.topology.capacity, np.nonzero(live)[0],
+                                   self._paths[live], self._rem.size)
+        self.rate_updates += 1
+        finish = now + np.maximum(self._rem, 0.0) / self._rate
+        first = finish.min()
+        batch = finish <= first + self._window
+        self._retire(batch, finish[batch])
+        ev = self.env.timeout(float(finish[batch].max()) - now)
+        ev.callbacks.append(partial(self._on_timer, self._generation))
+
+    def _retire(self, done: np.ndarray, finish: np.ndarray) -> None:
+        """Book the flows in ``done`` as finished at ``finish`` (their rates stay reserved
+        until the next update)."""
+        arrive = finish + self._lat[done]
+        tids, src, dst = self._tid[done], self._src[done], self._dst[done]
+        for tid in set(tids.tolist()):
+            sel = tids == tid
+            self._complete(tid, src[sel], dst[sel], arrive[sel])
+        keep = ~done
+        for name in _FIELDS:
+            setattr(self, name, getattr(self, name)[keep])
+
+    def _complete(self, tid: int, src: np.ndarray, dst: np.ndarray, arrive: np.ndarray) -> None:
+        t = self._transfers[tid]
+        a = arrive.tolist()
+        for ends in (src.tolist(), dst.tolist()):
+            for g, at in zip(ends, a, strict=True):
+                t.pending[g] -= 1
+                if at > t.finish[g]:
+                    t.finish[g] = at
+        for g in set(src.tolist()) | set(dst.tolist()):
+            if t.pending[g] == 0:
+                self._signal(t, g, self.env.now)
+        if len(t.signalled) == len(t.pending):
+            del self._transfers[tid]
+
+    def _signal(self, t: _Transfer, gpu: int, now: float) -> None:
+        t.signalled.add(gpu)
+        at = t.finish[gpu]
+        if at <= now:
+            t.on_done(gpu, now)
+        else:
+            ev = self.env.timeout(at - now)
+            ev.callbacks.append(lambda _e, g=gpu, a=at: t.on_done(g, a))
+
+    def _on_timer(self, generation: int, _event: simpy.Event) -> None:
+        if generation != self._generation:
+            return
+        self._advance(self.env.now)
+        self._reschedule()

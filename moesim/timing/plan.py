@@ -1,0 +1,134 @@
+"""Per-step work of every GPU, prepared on arrays before the SimPy engine runs it.
+
+The plan maps the routing stage's per-replica counts onto GPUs and prices each compute piece
+with the cost model, so that the engine only looks values up.
+
+GPU layout (see :mod:`moesim.config.scenario`): ``gpu = (replica * ep + rank) * tp + tp_rank``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.comm.alltoall import ALL_TO_ALL, Flows
+from moesim.config.loading import ResolvedScenario
+from moesim.dtypes import token_bytes
+from moesim.routing.stage import StepRouting
+from moesim.timing.costs import CostModel
+
+BACKWARD = 2.0  # backward = gradient w.r.t. inputs + gradient w.r.t. weights
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each GPU sits: ``replica``, EP ``rank`` and ``tp_rank`` arrays of length world."""
+
+    replica: np.ndarray
+    rank: np.ndarray
+    tp_rank: np.ndarray
+    ep: int
+    tp: int
+
+    @classmethod
+    def of(cls, r: ResolvedScenario) -> Layout:
+        """The layout of a scenario."""
+        par = r.scenario.parallelism
+        g = np.arange(par.world)
+        return cls(replica=g // (par.ep * par.tp), rank=(g // par.tp) % par.ep,
+                   tp_rank=g % par.tp, ep=par.ep, tp=par.tp)
+
+    def ep_group(self, gpu: int) -> np.ndarray:
+        """GPUs of ``gpu``'s EP group (same replica and tp rank), in rank order."""
+        base = self.replica[gpu] * self.ep * self.tp + self.tp_rank[gpu]
+        return base + np.arange(self.ep) * self.tp
+
+    def tp_group(self, gpu: int) -> np.ndarray:
+        """GPUs of ``gpu``'s TP group."""
+        return gpu - self.tp_rank[gpu] + np.arange(self.tp)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Seconds of each compute piece and the routing of one step.
+
+    Attributes:
+        attention: Forward seconds of one attention block (all GPUs alike).
+        gate / shared / dense: Forward seconds of the router, shared experts, dense FFN.
+        experts: ``[moe_layers, world]`` forward seconds of each GPU's routed experts.
+        gpu_tokens: ``[moe_layers, world]`` assignments each GPU computes.
+        routing: The routing stage's output.
+        tokens_per_rank: Tokens each EP rank runs attention for.
+    """
+
+    attention: float
+    gate: float
+    shared: float
+    dense: float
+    experts: np.ndarray
+    gpu_tokens: np.ndarray
+    routing: StepRouting
+    tokens_per_rank: int
+
+
+def make_plan(r: ResolvedScenario, layout: Layout, costs: CostModel, routing: StepRouting,
+              step: int) -> StepPlan:
+    """Price one step's compute for every GPU."""
+    m, w = r.model, r.scenario.workload
+    batch = routing.batch
+    tokens, seqs = batch.tokens_per_rank, w.batch_size // layout.ep
+    if w.mode == "decode":
+        context = kv = float(w.context_len + step)
+        kv_tokens = seqs * kv
+    else:
+        context, kv_tokens = w.seq_len / 2.0, 0.0
+    slot = np.stack([c.slot_tokens for c in routing.replicas])  # [dp, L, ep, S]
+    per_gpu = slot[layout.replica, :, layout.rank, :]  # [world, L, S]
+    per_gpu = np.moveaxis(per_gpu, 0, 1)  # [L, world, S]
+    return StepPlan(
+        attention=costs.attention(tokens, seqs, context, kv_tokens),
+        gate=float(costs.gemm(np.float64(tokens), m.gate_params)),
+        shared=float(costs.gemm(np.float64(tokens), m.shared_params)) if m.shared_params else 0.0,
+        dense=float(costs.gemm(np.float64(tokens), m.dense_ffn_params)) if m.dense_ffn_params
+        else 0.0,
+        experts=costs.experts(per_gpu),
+        gpu_tokens=per_gpu.sum(axis=-1),
+        routing=routing,
+        tokens_per_rank=tokens,
+    )
+
+
+class FlowBuilder:
+    """Builds the flows of each communication phase of a step."""
+
+    def __init__(self, r: ResolvedScenario, layout: Layout) -> None:
+        w, h = r.scenario.workload, r.model.hidden_size
+        self.layout = layout
+        self.algorithm = ALL_TO_ALL.get(r.scenario.policies.all_to_all.type)
+        self.dispatch_bytes = token_bytes(h, w.dispatch_dtype)
+        self.combine_bytes = token_bytes(h, w.combine_dtype)
+        self.hidden = h
+
+    def alltoall(self, plan: StepPlan, moe_idx: int, gpu: int, phase: str) -> Flows:
+        """Flows of ``phase`` (dispatch, combine, or their backward) in ``gpu``'s EP group.
+
+        Forward dispatch sends ``copies``, combine its transpose; backward reverses the
+        direction and carries bf16 gradients in both.
+        """
+        copies = plan.routing.replicas[self.layout.replica[gpu]].rank_copies[moe_idx]
+        group = self.layout.ep_group(gpu)
+        if phase == "dispatch":
+            return self.algorithm(copies, group, self.dispatch_bytes)
+        if phase == "combine":
+            return self.algorithm(copies.T, group, self.combine_bytes)
+        if phase == "combine_bwd":
+            return self.algorithm(copies, group, self.combine_bytes)
+        return self.algorithm(copies.T, group, self.combine_bytes)  # dispatch_bwd
+
+    def tp_allreduce(self, plan: StepPlan, gpu: int) -> Flows:
+        """Ring all-reduce of the TP group: each GPU sends 2(tp-1)/tp of the activations."""
+        group = self.layout.tp_group(gpu)
+        tp = group.size
+        size = plan.tokens_per_rank * self.hidden * 2.0 * 2.0 * (tp - 1) / tp
+        return Flows(src=group, dst=np.roll(group, -1), nbytes=np.full(tp, size))
