@@ -22,6 +22,7 @@ import numpy as np
 from moesim.hardware.profile import HardwareProfile
 
 GB = 1e9
+DENSE_LIMIT = 512
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Topology:
         self.latency = np.array(links.latency, dtype=np.float64)
         self.link_owner = np.array(links.owner, dtype=np.int64)
         self._ends = links.ends
+        self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # --- construction helpers -------------------------------------------------------------
     def _fix_switch_names(self, links: _Links, up: np.ndarray, down: np.ndarray) -> None:
@@ -147,8 +149,29 @@ class Topology:
         """Node index of each GPU."""
         return np.asarray(gpu) // self.gpn
 
+    def pair_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dense ``[gpus, gpus]`` tables of paths ``[.., MAX_HOPS]``, latency and privacy
+        (computed once; for clusters up to :data:`DENSE_LIMIT` GPUs)."""
+        if self._table is None:
+            g = np.arange(self.gpus)
+            src, dst = np.repeat(g, self.gpus), np.tile(g, self.gpus)
+            off = src != dst
+            paths = np.full((src.size, self.MAX_HOPS), -1, dtype=np.int64)
+            paths[off] = self._compute_paths(src[off], dst[off])
+            lat = self.path_latency(paths)
+            owner = np.where(paths >= 0, self.link_owner[np.maximum(paths, 0)], 0)
+            shape = (self.gpus, self.gpus)
+            self._table = (paths.reshape(*shape, self.MAX_HOPS), lat.reshape(shape),
+                           (owner >= 0).all(axis=1).reshape(shape))
+        return self._table
+
     def paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         """``[n, MAX_HOPS]`` int64 link ids of each src -> dst path, -1 padded (src != dst)."""
+        if self.gpus <= DENSE_LIMIT:
+            return self.pair_table()[0][src, dst]
+        return self._compute_paths(src, dst)
+
+    def _compute_paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
         out = np.full((src.size, self.MAX_HOPS), -1, dtype=np.int64)
         intra = self.node_of(src) == self.node_of(dst)
@@ -179,10 +202,18 @@ class Topology:
             out[rows, 2] = np.where(same, -1, self._sw_down[d // per])
             out[rows, 3] = np.where(same, -1, self._down[d])
 
-    def private(self, paths: np.ndarray) -> bool:
-        """Whether every link of ``paths`` belongs to one GPU (the flow's source or
+    def private(self, src: np.ndarray, dst: np.ndarray, paths: np.ndarray) -> bool:
+        """Whether every link of the flows' ``paths`` belongs to one GPU (the flow's source or
         destination), so that the flows can meet no other collective's traffic."""
+        if self.gpus <= DENSE_LIMIT:
+            return bool(self.pair_table()[2][src, dst].all())
         return bool((self.link_owner[paths[paths >= 0]] >= 0).all())
+
+    def latency_of(self, src: np.ndarray, dst: np.ndarray, paths: np.ndarray) -> np.ndarray:
+        """``[n]`` path latency of each flow, seconds."""
+        if self.gpus <= DENSE_LIMIT:
+            return self.pair_table()[1][src, dst]
+        return self.path_latency(paths)
 
     def path_latency(self, paths: np.ndarray) -> np.ndarray:
         """``[n]`` seconds, the sum of link latencies along each path."""

@@ -71,7 +71,8 @@ class Collector:
         inter = src // gpn != dst // gpn
         self.bytes_inter[step] += float(nbytes[inter].sum())
         self.bytes_intra[step] += float(nbytes[~inter].sum())
-        np.add.at(self.bytes_out[step, layer], src, nbytes)
+        self.bytes_out[step, layer] += np.bincount(src, weights=nbytes,
+                                                   minlength=self.bytes_out.shape[2])
 
     def on_step(self, step: int, seconds: float, compute_busy: np.ndarray, tokens: int) -> None:
         """Step ``step`` took ``seconds``; ``compute_busy`` is ``[gpus]`` seconds of compute."""

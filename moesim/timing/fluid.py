@@ -19,65 +19,73 @@ from moesim.timing.maxmin import SATURATED, max_min_rates
 SMALL = 256
 
 
-def _rates_small(cap: list[float], paths: list[list[int]], users: dict[int, list[int]],
-                 live: set[int]) -> dict[int, float]:
-    """Max-min rates of the flows ``live`` (progressive filling, plain Python).
+def _rates_small(cap: list[float], paths: list[list[int]], users: list[list[int]],
+                 alive: list[bool]) -> list[float]:
+    """Max-min rates of the alive flows (progressive filling, plain Python lists).
 
-    ``users[link]`` lists every flow of the transfer that crosses ``link``.
+    Links are numbered ``0..len(cap)-1``; ``users[link]`` lists the flows crossing it.
     """
-    count: dict[int, int] = {}
-    for link, fs in users.items():
-        n = sum(1 for f in fs if f in live)
-        if n:
-            count[link] = n
-    remaining = {link: cap[link] for link in count}
-    rate: dict[int, float] = {}
+    count = [0] * len(cap)
+    for f, path in enumerate(paths):
+        if alive[f]:
+            for link in path:
+                count[link] += 1
+    remaining = list(cap)
+    frozen = [not a for a in alive]
+    rate = [0.0] * len(paths)
+    active = [link for link, n in enumerate(count) if n]
     level = 0.0
-    while count:
-        step = min(remaining[link] / n for link, n in count.items())
+    while active:
+        step = min(remaining[link] / count[link] for link in active)
         level += step
         full = []
-        for link, n in count.items():
-            left = remaining[link] - step * n
-            remaining[link] = left
-            if left <= SATURATED * cap[link]:
+        for link in active:
+            remaining[link] -= step * count[link]
+            if remaining[link] <= SATURATED * cap[link]:
                 full.append(link)
         for link in full:
             for f in users[link]:
-                if f in rate or f not in live:
-                    continue
-                rate[f] = level
-                for other in paths[f]:
-                    c = count.get(other)
-                    if c == 1:
-                        del count[other]
-                    elif c is not None:
-                        count[other] = c - 1
+                if not frozen[f]:
+                    frozen[f] = True
+                    rate[f] = level
+                    for other in paths[f]:
+                        count[other] -= 1
+        active = [link for link in active if count[link] > 0]
     return rate
 
 
 def _schedule_small(cap: list[float], paths: list[list[int]], nbytes: list[float],
                     window: float) -> list[float]:
-    users: dict[int, list[int]] = {}
-    for f, path in enumerate(paths):
+    local: dict[int, int] = {}
+    lpaths = [[local.setdefault(link, len(local)) for link in path] for path in paths]
+    lcap = [0.0] * len(local)
+    for link, i in local.items():
+        lcap[i] = cap[link]
+    users: list[list[int]] = [[] for _ in lcap]
+    for f, path in enumerate(lpaths):
         for link in path:
-            users.setdefault(link, []).append(f)
+            users[link].append(f)
+    n = len(nbytes)
     rem = list(nbytes)
-    live = set(range(len(rem)))
-    finish = [0.0] * len(rem)
-    now = 0.0
-    while live:
-        rate = _rates_small(cap, paths, users, live)
-        ends = {f: now + (rem[f] if rem[f] > 0 else 0.0) / rate[f] for f in live}
-        cut = min(ends.values()) + window
-        batch = [f for f, e in ends.items() if e <= cut]
-        nxt = max(ends[f] for f in batch)
-        for f in batch:
-            finish[f] = ends[f]
-            live.discard(f)
+    alive = [True] * n
+    finish = [0.0] * n
+    left, now = n, 0.0
+    while left:
+        rate = _rates_small(lcap, lpaths, users, alive)
+        ends = [now + (rem[f] if rem[f] > 0 else 0.0) / rate[f] if alive[f] else np.inf
+                for f in range(n)]
+        cut = min(ends) + window
+        nxt = now
+        for f in range(n):
+            if alive[f] and ends[f] <= cut:
+                alive[f] = False
+                finish[f] = ends[f]
+                left -= 1
+                nxt = max(nxt, ends[f])
         dt = nxt - now
-        for f in live:
-            rem[f] -= rate[f] * dt
+        for f in range(n):
+            if alive[f]:
+                rem[f] -= rate[f] * dt
         now = nxt
     return finish
 

@@ -102,9 +102,9 @@ class FlowNetwork:
         paths = self.topology.paths(flows.src, flows.dst)
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
-        window = self.tolerance * self._lower_bound(paths, nbytes)
-        lat = self.topology.path_latency(paths)
-        if self.topology.private(paths):
+        window = self.tolerance * self._lower_bound(flows.src, flows.dst, paths, nbytes)
+        lat = self.topology.latency_of(flows.src, flows.dst, paths)
+        if self.topology.private(flows.src, flows.dst, paths):
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             self.isolated_transfers += 1
             finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
@@ -115,13 +115,14 @@ class FlowNetwork:
                      lat=lat, src=flows.src, dst=flows.dst, tid=np.full(n, tid))
         self._reschedule()
 
-    def _lower_bound(self, paths: np.ndarray, nbytes: np.ndarray) -> float:
+    def _lower_bound(self, src: np.ndarray, dst: np.ndarray, paths: np.ndarray,
+                     nbytes: np.ndarray) -> float:
         """Seconds this transfer needs at least: its busiest link's bytes alone, plus the
         longest path latency."""
         live = paths >= 0
         load = np.bincount(paths[live], weights=np.repeat(nbytes, live.sum(axis=1)),
                            minlength=self.topology.capacity.size)
-        latency = float(self.topology.path_latency(paths).max())
+        latency = float(self.topology.latency_of(src, dst, paths).max())
         return float((load / self.topology.capacity).max()) + latency
 
     def _append(self, **arrays: np.ndarray) -> None:

@@ -30,23 +30,28 @@ class Layout:
     tp_rank: np.ndarray
     ep: int
     tp: int
+    ep_groups: list[np.ndarray]
+    tp_groups: list[np.ndarray]
 
     @classmethod
     def of(cls, r: ResolvedScenario) -> Layout:
         """The layout of a scenario."""
         par = r.scenario.parallelism
         g = np.arange(par.world)
-        return cls(replica=g // (par.ep * par.tp), rank=(g // par.tp) % par.ep,
-                   tp_rank=g % par.tp, ep=par.ep, tp=par.tp)
+        replica, tp_rank = g // (par.ep * par.tp), g % par.tp
+        ep_groups = [replica[i] * par.ep * par.tp + tp_rank[i] + np.arange(par.ep) * par.tp
+                     for i in g]
+        tp_groups = [i - tp_rank[i] + np.arange(par.tp) for i in g]
+        return cls(replica=replica, rank=(g // par.tp) % par.ep, tp_rank=tp_rank, ep=par.ep,
+                   tp=par.tp, ep_groups=ep_groups, tp_groups=tp_groups)
 
     def ep_group(self, gpu: int) -> np.ndarray:
         """GPUs of ``gpu``'s EP group (same replica and tp rank), in rank order."""
-        base = self.replica[gpu] * self.ep * self.tp + self.tp_rank[gpu]
-        return base + np.arange(self.ep) * self.tp
+        return self.ep_groups[gpu]
 
     def tp_group(self, gpu: int) -> np.ndarray:
         """GPUs of ``gpu``'s TP group."""
-        return gpu - self.tp_rank[gpu] + np.arange(self.tp)
+        return self.tp_groups[gpu]
 
 
 @dataclass(frozen=True)

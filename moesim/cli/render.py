@@ -1,0 +1,70 @@
+"""Rich tables and progress bars for the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from moesim.config.loading import ResolvedScenario
+    from moesim.timing.memory import HBMUsage
+
+GiB = 1024**3
+
+
+@contextmanager
+def progress_bar(total: int, name: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient step progress bar on stderr; yields the ``progress(done, total)`` hook."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=total < 5 or not console.is_terminal) as prog:
+        task = prog.add_task(f"simulating {name}", total=total)
+        yield lambda done, _total: prog.update(task, completed=done)
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:,.3f} ms"
+
+
+def print_summary(s: dict[str, Any], folder: Path | None) -> None:
+    """The summary as a table, then where the run folder is."""
+    console = Console()
+    t = Table(title=f"moesim: {s['scenario']}  ({s['model']} on {s['gpus']}x {s['hardware']}, "
+              f"{s['mode']})", show_header=False)
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("step time", _us(s["step_time_s"]))
+    t.add_row("tokens/s", f"{s['tokens_per_s']:,.0f}")
+    for k, v in s["breakdown_s"].items():
+        if v > 0:
+            t.add_row(f"  {k}", _us(v))
+    t.add_row("imbalance (max/mean)", f"{s['imbalance_max_over_mean']:.3f}")
+    t.add_row("drop rate", f"{s['drop_rate']:.2%}")
+    t.add_row("bytes intra-node / step", f"{s['bytes_intra_node'] / 1e6:,.2f} MB")
+    t.add_row("bytes inter-node / step", f"{s['bytes_inter_node'] / 1e6:,.2f} MB")
+    t.add_row("HBM per GPU", f"{s['hbm_peak_bytes'] / GiB:.1f} / "
+              f"{s['hbm_capacity_bytes'] / GiB:.1f} GiB")
+    console.print(t)
+    if folder is not None:
+        console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
+
+
+def print_check(r: ResolvedScenario, usage: HBMUsage) -> None:
+    """What ``moesim check`` found."""
+    s = r.scenario
+    console = Console()
+    console.print(f"[green]ok[/] {s.name}: {r.model.name} on {s.cluster.nodes} x "
+                  f"{r.hardware.node.gpus_per_node} {r.hardware.gpu.model}, "
+                  f"dp={s.parallelism.dp} ep={s.parallelism.ep} tp={s.parallelism.tp}, "
+                  f"{s.workload.mode}")
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in usage.as_dict().items() if k != "total")
+    console.print(f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
+                  f" GiB ({parts} GiB)")
