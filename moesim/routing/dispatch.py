@@ -54,6 +54,23 @@ class CapacityRule:
         return get_capacity(tokens_per_rank, self.top_k, self.factor, self.num_experts)
 
 
+def first_of_kind(x: np.ndarray) -> np.ndarray:
+    """``[..., k]`` bool: True where a slot's value does not occur in an earlier slot.
+
+    Works slot-major (one contiguous comparison per pair of slots), which is far faster in
+    numpy than reducing over a short last axis.
+    """
+    k = x.shape[-1]
+    cols = np.ascontiguousarray(np.moveaxis(x, -1, 0))
+    first = np.ones(cols.shape, dtype=bool)
+    for j in range(1, k):
+        seen = cols[j] == cols[0]
+        for i in range(1, j):
+            seen |= cols[j] == cols[i]
+        first[j] = ~seen
+    return np.moveaxis(first, 0, -1)
+
+
 def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
     """Count distinct non-negative destinations per token.
 
@@ -65,11 +82,9 @@ def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
         ``[layers, ranks, n_dest]`` int64, tokens sent to each destination (once per token).
     """
     layers, ranks = dest.shape[:2]
-    s = np.sort(dest, axis=-1)
-    first = np.ones(s.shape, dtype=bool)
-    first[..., 1:] = s[..., 1:] != s[..., :-1]
-    first &= s >= 0
-    group = (np.arange(layers * ranks).reshape(layers, ranks, 1, 1) * n_dest + s)[first]
+    first = first_of_kind(dest) & (dest >= 0)
+    base = (np.arange(layers * ranks, dtype=np.int64) * n_dest).reshape(layers, ranks, 1, 1)
+    group = (base + dest)[first]
     return np.bincount(group, minlength=layers * ranks * n_dest).reshape(layers, ranks, n_dest)
 
 
@@ -97,21 +112,29 @@ def count_layers(
     n_layers, ranks, tokens, _ = experts.shape
     cap = rule.capacity(tokens)
     keep = None if cap is None else keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights)
-    lidx = layers.reshape(-1, 1, 1, 1)
-    replica = np.arange(tokens).reshape(1, 1, -1, 1) % logcnt[lidx, experts]
-    slot = log2phy[lidx, experts, replica]
-    if keep is not None:
-        slot = np.where(keep, slot, -1)
+    num_experts = log2phy.shape[1]
+    key = layers.astype(np.int32).reshape(-1, 1, 1, 1) * num_experts + experts
+    if log2phy.shape[2] == 1:  # one replica per expert: a table lookup
+        slot = log2phy[:, :, 0].astype(np.int32).ravel().take(key)
+    else:  # round-robin over an expert's replicas by token index
+        replica = np.arange(tokens).reshape(1, 1, -1, 1) % logcnt.ravel().take(key)
+        slot = log2phy[layers.reshape(-1, 1, 1, 1), experts, replica].astype(np.int32)
     slots = placement.phy2log.shape[1]
-    kept = slot >= 0
-    flat = (np.arange(n_layers).reshape(-1, 1, 1, 1) * slots + slot)[kept]
-    slot_tokens = np.bincount(flat, minlength=n_layers * slots).reshape(
-        n_layers, ranks, placement.slots_per_rank
-    )
+    local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
+    slot_rank = placement.slot_rank.astype(np.int32)
+    if keep is None:
+        slot_tokens = np.bincount(local.ravel(), minlength=n_layers * slots)
+        dest_rank = slot_rank.take(slot)
+        dest_node = rank_node.astype(np.int32).take(dest_rank)
+        dropped = np.zeros((n_layers, ranks), dtype=np.int64)
+    else:
+        slot_tokens = np.bincount(local[keep], minlength=n_layers * slots)
+        dest_rank = np.where(keep, slot_rank.take(slot), -1)
+        dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)),
+                             -1)
+        dropped = (~keep).sum(axis=(2, 3)).astype(np.int64)
+    slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
     routed = np.full((n_layers, ranks), tokens * experts.shape[3], dtype=np.int64)
-    dropped = routed - kept.sum(axis=(2, 3))
-    dest_rank = np.where(kept, placement.slot_rank[np.maximum(slot, 0)], -1)
-    dest_node = np.where(kept, rank_node[np.maximum(dest_rank, 0)], -1)
     n_nodes = int(rank_node.max()) + 1
     return LayerCounts(
         slot_tokens=slot_tokens,

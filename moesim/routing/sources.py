@@ -30,7 +30,7 @@ class RoutingDraw:
     """One step's assignments for every MoE layer (shapes in the module docstring)."""
 
     experts: np.ndarray
-    weights: np.ndarray
+    weights: np.ndarray | None
 
 
 class RoutingSource(Protocol):
@@ -41,7 +41,8 @@ class RoutingSource(Protocol):
         ...
 
     def draw(
-        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator,
+        with_weights: bool,
     ) -> RoutingDraw:
         """Assignments of the tokens of ``batch`` at ``step`` for MoE layers ``layers``.
 
@@ -50,6 +51,7 @@ class RoutingSource(Protocol):
             layers: ``[n]`` int, indices into the model's MoE layers.
             batch: The step's tokens.
             rng: The only source of randomness.
+            with_weights: Whether gate weights are needed (else ``weights`` may be None).
         """
         ...
 
@@ -65,6 +67,22 @@ def zipf_popularity(layers: int, experts: int, skew: float, rng: np.random.Gener
     return np.stack([base[rng.permutation(experts)] for _ in range(layers)])
 
 
+def _draw_layer(cdf: np.ndarray | None, experts: int, shape: tuple[int, ...],
+                rng: np.random.Generator) -> np.ndarray:
+    """Draw expert ids from a popularity CDF (None: uniform)."""
+    if cdf is None:
+        return rng.integers(0, experts, size=shape, dtype=np.int16)
+    ids = np.searchsorted(cdf, rng.random(shape), side="right")
+    return np.minimum(ids, experts - 1).astype(np.int16)
+
+
+def _duplicate_slots(x: np.ndarray) -> np.ndarray:
+    """``[n, k]`` bool: slot j repeats one of the slots before it in its row."""
+    from moesim.routing.dispatch import first_of_kind
+
+    return ~first_of_kind(x)
+
+
 def distinct_topk(p: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Draw ``k`` distinct experts for each of ``n`` tokens in every layer.
 
@@ -78,29 +96,29 @@ def distinct_topk(p: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np
         k: Experts per token (< experts).
 
     Returns:
-        ``[layers, n, k]`` int64 expert ids.
+        ``[layers, n, k]`` int16 expert ids.
     """
     layers, experts = p.shape
-    cdf = np.cumsum(p, axis=1)
-    cdf[:, -1] = 1.0
-    offset = np.arange(layers, dtype=np.float64)[:, None]
-    flat_cdf = (cdf + offset).ravel()
-
-    def sample(layer_idx: np.ndarray) -> np.ndarray:
-        u = rng.random(layer_idx.shape) + layer_idx
-        flat = np.searchsorted(flat_cdf, u, side="right")
-        return np.minimum(flat - layer_idx * experts, experts - 1)
-
-    layer_of = np.broadcast_to(np.arange(layers)[:, None, None], (layers, n, k))
-    out = sample(layer_of)
-    for _ in range(10_000):
-        dup = np.zeros(out.shape, dtype=bool)
-        for j in range(1, k):
-            dup[..., j] = (out[..., j : j + 1] == out[..., :j]).any(axis=-1)
-        if not dup.any():
-            return out
-        out[dup] = sample(layer_of[dup])
-    raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
+    out = np.empty((layers, n, k), dtype=np.int16)
+    for layer in range(layers):
+        uniform = bool(np.all(p[layer] == p[layer, 0]))
+        cdf = None if uniform else np.cumsum(p[layer])
+        if cdf is not None:
+            cdf[-1] = 1.0
+        x = _draw_layer(cdf, experts, (n, k), rng)
+        rows = np.nonzero(_duplicate_slots(x).any(axis=1))[0]
+        for _ in range(10_000):
+            if not rows.size:
+                break
+            sub = x[rows]
+            dup = _duplicate_slots(sub)
+            sub[dup] = _draw_layer(cdf, experts, (int(dup.sum()),), rng)
+            x[rows] = sub
+            rows = rows[_duplicate_slots(sub).any(axis=1)]
+        else:
+            raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
+        out[layer] = x
+    return out
 
 
 class SyntheticSource:
@@ -117,15 +135,18 @@ class SyntheticSource:
         return self.popularity
 
     def draw(
-        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator,
+        with_weights: bool,
     ) -> RoutingDraw:
         """Draw assignments for ``batch``; gate weights are the renormalised popularities."""
         pop = self.popularity[layers]
         n = batch.ranks * batch.tokens_per_rank
         experts = distinct_topk(pop, n, self.top_k, rng)
-        w = np.take_along_axis(pop[:, None, :], experts, axis=2)
-        w = w / w.sum(axis=-1, keepdims=True)
         shape = (len(layers), batch.ranks, batch.tokens_per_rank, self.top_k)
+        if not with_weights:
+            return RoutingDraw(experts=experts.reshape(shape), weights=None)
+        w = np.take_along_axis(pop[:, None, :], experts.astype(np.intp), axis=2)
+        w = w / w.sum(axis=-1, keepdims=True)
         return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))
 
 

@@ -83,7 +83,8 @@ class RoutingStage:
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
-                draw = self.source.draw(step, layers, batch, self.rng)
+                draw = self.source.draw(step, layers, batch, self.rng,
+                                        with_weights=self.rule.factor is not None)
                 parts.append(count_layers(draw, layers, self.placement, self.log2phy,
                                           self.logcnt, self.rule, self.rank_node))
             replicas.append(_concat(parts))
