@@ -2,9 +2,9 @@
 
 Such a transfer's flows see only each other, so its whole max-min fluid evolution can be
 computed at once when it starts. The rule is the same as the dynamic network's
-(:mod:`moesim.timing.network`): at each rate update the earliest-finishing flow, and every flow
-finishing within ``window`` seconds after it, retire at their own finish times; rates are
-recomputed when the last of them has finished.
+(:mod:`moesim.timing.network`): when the earliest flow finishes, it and every flow due within
+``window`` seconds after it retire at their own predicted finish times, and rates are
+recomputed for the rest.
 
 Two implementations give the same schedule: plain Python for small transfers (numpy's per-call
 overhead dominates there) and numpy for large ones.
@@ -74,14 +74,13 @@ def _schedule_small(cap: list[float], paths: list[list[int]], nbytes: list[float
         rate = _rates_small(lcap, lpaths, users, alive)
         ends = [now + (rem[f] if rem[f] > 0 else 0.0) / rate[f] if alive[f] else np.inf
                 for f in range(n)]
-        cut = min(ends) + window
-        nxt = now
+        nxt = min(ends)
+        cut = nxt + window
         for f in range(n):
             if alive[f] and ends[f] <= cut:
                 alive[f] = False
                 finish[f] = ends[f]
                 left -= 1
-                nxt = max(nxt, ends[f])
         dt = nxt - now
         for f in range(n):
             if alive[f]:
@@ -101,9 +100,9 @@ def _schedule_numpy(capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray,
         live = p >= 0
         rate = max_min_rates(capacity, np.nonzero(live)[0], p[live], idx.size)
         ends = now + np.maximum(rem[idx], 0.0) / rate
-        batch = ends <= ends.min() + window
+        nxt = float(ends.min())
+        batch = ends <= nxt + window
         finish[idx[batch]] = ends[batch]
-        nxt = float(ends[batch].max())
         keep = ~batch
         rem[idx[keep]] -= rate[keep] * (nxt - now)
         idx = idx[keep]

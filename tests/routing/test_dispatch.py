@@ -1,0 +1,71 @@
+"""Counting: deduplication per destination rank and node, conservation, capacity drops."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.policies.capacity import get_capacity, keep_mask
+from moesim.policies.placement import make_placement
+from moesim.routing.dispatch import CapacityRule, count_layers, first_of_kind
+from moesim.routing.sources import RoutingDraw
+
+
+def _count(experts: np.ndarray, ranks: int, factor: float | None = None,
+           rank_node: np.ndarray | None = None):
+    layers, _, _, k = experts.shape
+    num_experts = 8
+    placement = make_placement("contiguous", np.ones((layers, num_experts)), ranks)
+    rule = CapacityRule(factor=factor, drop="position", num_experts=num_experts, top_k=k)
+    nodes = rank_node if rank_node is not None else np.zeros(ranks, dtype=np.int64)
+    return count_layers(RoutingDraw(experts, None), np.arange(layers), placement,
+                        placement.log2phy(num_experts), placement.logcnt(num_experts), rule, nodes)
+
+
+def test_first_of_kind() -> None:
+    x = np.array([[3, 3, 1, 3], [0, 1, 2, 1]])
+    assert first_of_kind(x).tolist() == [[True, False, True, False], [True, True, True, False]]
+
+
+def test_token_sent_once_per_destination_rank() -> None:
+    # 4 ranks x 2 experts each; rank 0's only token picks experts 0 and 1 (both on rank 0)
+    # and 2 (rank 1): one copy stays, one copy goes to rank 1, not two.
+    experts = np.array([[[[0, 1, 2]], [[6, 7, 4]], [[2, 3, 5]], [[0, 2, 4]]]])
+    c = _count(experts, ranks=4)
+    assert c.rank_copies[0, 0].tolist() == [1, 1, 0, 0]
+    assert c.rank_copies[0, 1].tolist() == [0, 0, 1, 1]
+    assert c.rank_copies[0, 2].tolist() == [0, 1, 1, 0]
+    assert c.rank_copies[0, 3].tolist() == [1, 1, 1, 0]
+
+
+def test_node_dedup_counts_a_node_once() -> None:
+    # 4 ranks on 2 nodes; rank 0's token reaches ranks 0, 1 (node 0) and 2 (node 1).
+    experts = np.array([[[[0, 2, 4]], [[0, 1, 3]], [[6, 7, 5]], [[0, 6, 7]]]])
+    c = _count(experts, ranks=4, rank_node=np.array([0, 0, 1, 1]))
+    assert c.rank_copies[0, 0].tolist() == [1, 1, 1, 0]
+    assert c.node_copies[0].tolist() == [[1, 1], [1, 0], [0, 1], [1, 1]]
+
+
+def test_tokens_conserved_with_drops() -> None:
+    rng = np.random.default_rng(0)
+    experts = np.stack([np.stack([rng.permutation(8)[:2] for _ in range(64)])
+                        for _ in range(4)])[None]  # [1 layer, 4 ranks, 64 tokens, 2]
+    experts[..., 0] = 0  # everyone wants expert 0 first
+    c = _count(experts, ranks=4, factor=1.0)
+    computed = c.slot_tokens.sum()
+    assert computed + c.dropped.sum() == c.routed.sum() == 4 * 64 * 2
+    assert c.dropped.sum() > 0
+    cap = get_capacity(64, 2, 1.0, 8)
+    # expert 0 (rank 0, slot 0) accepts at most `cap` from each of the 4 source ranks
+    assert c.slot_tokens[0, 0, 0] == 4 * cap
+
+
+def test_position_policy_keeps_earliest_tokens() -> None:
+    experts = np.zeros((1, 1, 10, 1), dtype=np.int64)  # 10 tokens all to expert 0
+    keep = keep_mask(experts, capacity=3, num_experts=8, policy="position")
+    assert keep[0, 0, :, 0].tolist() == [True] * 3 + [False] * 7
+
+
+def test_capacity_formula_is_megatrons() -> None:
+    assert get_capacity(4096, 8, 1.25, 256) == 160
+    assert get_capacity(100, 2, 1.0, 8) == 25
+    assert get_capacity(101, 2, 1.0, 8) == 26

@@ -1,0 +1,104 @@
+"""The flow network: closed-form all-to-all, isolated and dynamic paths agree, tolerance error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import simpy
+
+from moesim.comm.alltoall import Flows, direct
+from moesim.hardware.catalog import load_profile
+from moesim.hardware.topology import Topology
+from moesim.timing.fluid import _schedule_numpy, _schedule_small
+from moesim.timing.network import FlowNetwork
+
+
+def run_transfer(copies: np.ndarray, profile: str, nodes: int, tol: float,
+                 token_bytes: float = 14336.0) -> np.ndarray:
+    topo = Topology(load_profile(profile), nodes)
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo, tol)
+    gpus = np.arange(copies.shape[0])
+    done = np.full(gpus.size, np.nan)
+    net.transfer(direct(copies, gpus, token_bytes), gpus,
+                 lambda g, t: done.__setitem__(g, t))
+    env.run()
+    return done
+
+
+def test_uniform_all_to_all_in_nvswitch_node_is_closed_form() -> None:
+    p = load_profile("h100-sxm")
+    per_pair = 1000
+    done = run_transfer(np.full((8, 8), per_pair), "h100-sxm", 1, 0.1, token_bytes=8192.0)
+    bw = p.node.nvlink_gb_per_s * 1e9 * p.node.nvlink_efficiency
+    expected = 7 * per_pair * 8192.0 / bw + p.node.nvlink_latency_s
+    assert done == pytest.approx(np.full(8, expected), rel=0.01)
+
+
+def test_isolated_flow_takes_bytes_over_bottleneck_plus_latency() -> None:
+    topo = Topology(load_profile("h800"), 2)
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo, 0.0)
+    done = {}
+    # GPU 0 -> GPU 8: same rail in two nodes, NIC to NIC.
+    net.transfer(Flows(np.array([0]), np.array([8]), np.array([1e9])), np.array([0, 8]),
+                 lambda g, t: done.__setitem__(g, t))
+    env.run()
+    p = load_profile("h800")
+    nic = p.node.nic_gb_per_s * 1e9 * p.node.nic_efficiency
+    assert done[8] == pytest.approx(1e9 / nic + p.fabric.latency_s, rel=1e-9)
+
+
+def test_python_and_numpy_schedules_agree() -> None:
+    topo = Topology(load_profile("h800"), 2)
+    rng = np.random.default_rng(0)
+    f = direct(rng.poisson(40, (16, 16)), np.arange(16), 7000.0)
+    paths = topo.paths(f.src, f.dst)
+    for window in (0.0, 2e-6):
+        plist = [[link for link in row if link >= 0] for row in paths.tolist()]
+        a = np.array(_schedule_small(topo.capacity.tolist(), plist, f.nbytes.tolist(), window))
+        b = _schedule_numpy(topo.capacity, paths, f.nbytes, window)
+        assert np.allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "profile", "nodes", "gpus"), [
+    ("uniform8", "h100-sxm", 1, 8), ("skewed8", "h100-sxm", 1, 8),
+    ("internode16", "h800", 2, 16), ("pcie8", "l40s-pcie", 1, 8)])
+def test_default_tolerance_stays_close_to_exact(name, profile, nodes, gpus) -> None:
+    rng = np.random.default_rng(1)
+    copies = rng.poisson(300, (gpus, gpus))
+    if name == "skewed8":
+        copies = (copies * (1 + 5 * rng.random(gpus)[None, :] ** 3)).astype(int)
+    exact = run_transfer(copies, profile, nodes, 0.0)
+    approx = run_transfer(copies, profile, nodes, 0.05)
+    assert np.abs(approx / exact - 1).max() < 0.05  # any GPU's finish
+    assert approx.max() == pytest.approx(exact.max(), rel=0.02)  # the phase
+
+
+def _finish_times(topo: Topology, transfers: list[Flows]) -> dict[int, float]:
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo, 0.0)
+    done: dict[int, float] = {}
+    for f in transfers:
+        net.transfer(f, np.unique(np.concatenate([f.src, f.dst])),
+                     lambda g, t: done.__setitem__(g, t))
+    env.run()
+    return done
+
+
+def test_concurrent_transfers_share_an_oversubscribed_spine() -> None:
+    base = load_profile("h100-sxm")
+    prof = base.model_copy(update={"fabric": base.fabric.model_copy(
+        update={"oversubscription": 8.0})})
+    topo = Topology(prof, 2)
+    # GPU 0 (node 0, rail 0) -> GPU 9 (node 1, rail 1) and GPU 8 (node 1, rail 0) -> GPU 1
+    # (node 0, rail 1) both climb leaf 0 and descend leaf 1: they share two spine links.
+    a = Flows(np.array([0]), np.array([9]), np.array([1e9]))
+    b = Flows(np.array([8]), np.array([1]), np.array([1e9]))
+    alone = _finish_times(topo, [a])[9]
+    together = _finish_times(topo, [a, b])
+    spine = 2 * prof.node.nic_gb_per_s * 1e9 * prof.node.nic_efficiency / 8.0
+    lat = prof.fabric.latency_s + prof.fabric.spine_latency_s
+    assert alone == pytest.approx(1e9 / spine + lat, rel=1e-9)
+    assert together[9] == pytest.approx(2e9 / spine + lat, rel=1e-9)
+    assert together[1] == pytest.approx(together[9], rel=1e-9)
