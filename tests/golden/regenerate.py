@@ -1,0 +1,22 @@
+"""Rewrite tests/golden/<scenario>.json from the shipped scenarios.
+
+Usage: python -m tests.golden.regenerate
+"""
+
+from __future__ import annotations
+
+from moesim.config.loading import load_scenario
+from moesim.results.writer import summary_json
+from moesim.runner import simulate
+from tests.conftest import ROOT, SCENARIOS
+
+
+def main() -> None:
+    for path in sorted(SCENARIOS.glob("*.yaml")):
+        out = ROOT / "tests" / "golden" / f"{path.stem}.json"
+        out.write_text(summary_json(simulate(load_scenario(path)).summary), encoding="utf-8")
+        print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

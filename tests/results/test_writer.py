@@ -1,0 +1,56 @@
+"""Run folders: every file present and readable, atomic, never overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moesim.config.loading import load_scenario
+from moesim.results import writer
+from moesim.runner import simulate, write_run
+from tests.conftest import small_scenario
+
+
+@pytest.fixture
+def result(write_scenario):
+    return simulate(load_scenario(write_scenario(small_scenario())))
+
+
+def test_run_folder_has_every_file(result, tmp_path: Path) -> None:
+    folder = write_run(result, tmp_path / "results")
+    assert folder.parent == tmp_path / "results" / "tiny"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"scenario.yaml", "summary.json", "layers.parquet", "timeline.json",
+                     "report.html"}
+    summary = json.loads((folder / "summary.json").read_text())
+    for key in ("step_time_s", "tokens_per_s", "breakdown_s", "imbalance_max_over_mean",
+                "drop_rate", "bytes_intra_node", "bytes_inter_node", "hbm_peak_bytes"):
+        assert key in summary
+    for key in ("attention", "dispatch", "expert_compute", "combine", "exposed_comm"):
+        assert key in summary["breakdown_s"]
+    table = pd.read_parquet(folder / "layers.parquet")
+    assert len(table) == 2 * 32 * 8  # steps x layers x gpus
+    trace = json.loads((folder / "timeline.json").read_text())
+    assert {e["ph"] for e in trace["traceEvents"]} == {"M", "X"}
+    assert "plotly" in (folder / "report.html").read_text()[:5_000_000].lower()
+
+
+def test_second_run_gets_its_own_folder(result, tmp_path: Path) -> None:
+    a = write_run(result, tmp_path)
+    b = write_run(result, tmp_path)
+    assert a != b and a.exists() and b.exists()
+
+
+def test_failure_leaves_nothing_half_written(result, tmp_path: Path, monkeypatch) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writer, "resolved_yaml", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        write_run(result, out)
+    leftovers = [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")]
+    assert leftovers == []

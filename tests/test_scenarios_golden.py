@@ -1,0 +1,48 @@
+"""Every shipped scenario runs and matches its stored golden summary; runs are deterministic.
+
+Regenerate the goldens after an intended change of results with
+``python -m tests.golden.regenerate`` and explain the change in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moesim.config.loading import load_scenario
+from moesim.results.writer import summary_json
+from moesim.runner import simulate
+from tests.conftest import ROOT, SCENARIOS
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def _close(a, b, path: str = "") -> list[str]:
+    if isinstance(a, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _close(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return [] if a == pytest.approx(b, rel=1e-9, abs=1e-15) else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_scenario_matches_golden(path: Path) -> None:
+    summary = simulate(load_scenario(path)).summary
+    golden = GOLDEN / f"{path.stem}.json"
+    assert golden.exists(), f"no golden for {path.name}: run python -m tests.golden.regenerate"
+    diffs = _close(json.loads(golden.read_text()), json.loads(summary_json(summary)))
+    assert not diffs, "\n".join(diffs)
+
+
+def test_same_scenario_and_seed_give_identical_bytes() -> None:
+    r = load_scenario(SCENARIOS / "quickstart.yaml")
+    assert summary_json(simulate(r).summary) == summary_json(simulate(r).summary)
+
+
+def test_another_seed_changes_the_routing() -> None:
+    a = simulate(load_scenario(SCENARIOS / "quickstart.yaml")).summary
+    b = simulate(load_scenario(SCENARIOS / "quickstart.yaml", ["seed=1"])).summary
+    assert a["tokens_dropped"] != b["tokens_dropped"]

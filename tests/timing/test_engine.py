@@ -1,0 +1,97 @@
+"""The timing engine end to end on small scenarios: bounds, critical path, conservation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moesim.config.loading import load_scenario
+from moesim.config.scenario import Routing
+from moesim.models.spec import ModelSpec
+from moesim.routing.batch import TokenBatch
+from moesim.routing.sources import SOURCES, RoutingDraw
+from moesim.runner import simulate
+from tests.conftest import small_scenario
+
+
+class _AllToExpertZero:
+    """Every token picks experts 0 .. k-1 (all on rank 0 under contiguous placement)."""
+
+    def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
+        self.model = model
+
+    def expected_loads(self) -> np.ndarray:
+        return np.ones((len(self.model.moe_layers), self.model.moe.num_experts))
+
+    def draw(self, step: int, layers: np.ndarray, batch: TokenBatch, rng: Any,
+             with_weights: bool) -> RoutingDraw:
+        k = self.model.moe.top_k
+        shape = (len(layers), batch.ranks, batch.tokens_per_rank, k)
+        experts = np.broadcast_to(np.arange(k), shape).copy()
+        return RoutingDraw(experts, None)
+
+
+if "test-hot" not in SOURCES:
+    SOURCES.register("test-hot")(_AllToExpertZero)
+
+
+def run(write_scenario, **change: Any):
+    return simulate(load_scenario(write_scenario(small_scenario(**change))))
+
+
+def test_hot_expert_gpu_is_the_critical_path(write_scenario) -> None:
+    # Qwen3: 128 experts over 8 ranks; experts 0..7 all live on rank 0.
+    res = run(write_scenario, model="qwen3-30b-a3b", **{"routing.source": "test-hot"})
+    layers = res.layers[res.layers["moe"]]
+    per_gpu = layers.groupby("gpu")[["expert_compute_s", "tokens_computed"]].sum()
+    assert per_gpu["tokens_computed"].idxmax() == 0
+    assert (per_gpu["tokens_computed"].iloc[1:] == 0).all()
+    assert per_gpu["expert_compute_s"].idxmax() == 0
+    # everyone else waits for GPU 0 at the combine
+    assert res.summary["breakdown_s"]["straggler_wait"] > 0
+    assert res.summary["imbalance_max_over_mean"] == pytest.approx(8.0)
+
+
+def test_tokens_conserved_per_layer_and_step(write_scenario) -> None:
+    res = run(write_scenario, **{"policies.capacity": {"type": "capacity", "factor": 0.8},
+                                 "routing.generator": "zipf", "routing.skew": 1.5})
+    col = res.collector
+    computed = col.gpu_tokens.sum(axis=2)  # [steps, moe layers]
+    assert (computed + col.dropped == col.routed).all()
+    assert col.dropped.sum() > 0
+    assert res.summary["drop_rate"] == pytest.approx(col.dropped.sum() / col.routed.sum())
+
+
+def test_step_never_beats_physical_bounds(write_scenario) -> None:
+    res = run(write_scenario, **{"workload.steps": 3})
+    r = res.resolved
+    m, hw = r.model, r.hardware
+    # Every GPU reads at least its own expert weights once per MoE layer per step.
+    weights = len(m.moe_layers) * m.expert_params * 2
+    floor = weights / (hw.gpu.hbm_bandwidth_gb_per_s * 1e9)
+    assert res.collector.step_time_s.min() > floor
+    assert (res.layers.filter(like="_s") >= 0).all().all()
+
+
+def test_train_step_costs_about_three_forward_passes(write_scenario) -> None:
+    fwd = run(write_scenario, model="olmoe-1b-7b", **{"workload": {
+        "mode": "prefill", "batch_size": 8, "seq_len": 1024, "steps": 1}})
+    train = run(write_scenario, model="olmoe-1b-7b", **{"workload": {
+        "mode": "train", "batch_size": 8, "seq_len": 1024, "steps": 1}})
+    ratio = (train.summary["breakdown_s"]["expert_compute"]
+             / fwd.summary["breakdown_s"]["expert_compute"])
+    assert ratio == pytest.approx(3.0, rel=1e-6)
+
+
+def test_tensor_parallel_adds_allreduce(write_scenario) -> None:
+    res = run(write_scenario, **{"parallelism": {"ep": 4, "tp": 2, "dp": 1}})
+    assert res.summary["breakdown_s"]["tp_comm"] > 0
+
+
+def test_does_not_fit_reports_numbers(write_scenario) -> None:
+    from moesim.errors import CapacityError
+
+    with pytest.raises(CapacityError, match=r"needs .* GiB of HBM per GPU but .* has"):
+        run(write_scenario, **{"workload.context_len": 500_000})
