@@ -56,8 +56,7 @@ class Registry(Generic[T]):
         except KeyError:
             valid = sorted(self._items)
             raise MoesimError(
-                f"unknown {self.family} '{name}'{closest(name, valid)}; "
-                f"valid: {', '.join(valid)}"
+                f"unknown {self.family} '{name}'{closest(name, valid)}; valid: {', '.join(valid)}"
             ) from None
 
     def names(self) -> list[str]:

@@ -54,8 +54,14 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     usage = hbm_usage(r, routing.placement.slots_per_rank)
     check_fits(r, usage)
     costs = RooflineCostModel(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
-    col = Collector(s.workload.steps, r.model.num_layers, r.world, r.model.moe_layers,
-                    r.gpus_per_node, s.output.timeline_steps)
+    col = Collector(
+        s.workload.steps,
+        r.model.num_layers,
+        r.world,
+        r.model.moe_layers,
+        r.gpus_per_node,
+        s.output.timeline_steps,
+    )
     engine = Engine(r, routing, costs, col)
     counter = _count_events(engine)
     engine.run(progress)

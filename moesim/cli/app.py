@@ -27,8 +27,12 @@ app.add_typer(catalog.profiles_app, name="profiles")
 
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: key.path=value (repeatable), e.g. "
-                 "--set workload.batch_size=512 --set policies.capacity.type=dropless"),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a field: key.path=value (repeatable), e.g. "
+        "--set workload.batch_size=512 --set policies.capacity.type=dropless",
+    ),
 ]
 
 
@@ -36,11 +40,14 @@ SetOpt = Annotated[
 def run(
     scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
     overrides: SetOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Results root (default: the scenario's "
-                                             "output.dir, 'results').")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results root (default: the scenario's output.dir, 'results')."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Simulate only; write no "
-                                           "run folder.")] = False,
+    no_write: Annotated[
+        bool, typer.Option("--no-write", help="Simulate only; write no run folder.")
+    ] = False,
 ) -> None:
     """Simulate SCENARIO and write results/<scenario>/<run-id>/."""
     from moesim.cli.render import print_summary, progress_bar
@@ -76,8 +83,9 @@ def check(
         r = load_scenario(scenario, overrides or [])
         import numpy as np
 
-        slots = RoutingStage(r.scenario, r.model, r.gpus_per_node,
-                             np.random.default_rng(0)).placement.slots_per_rank
+        slots = RoutingStage(
+            r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0)
+        ).placement.slots_per_rank
         usage = hbm_usage(r, slots)
         check_fits(r, usage)
         print_check(r, usage)

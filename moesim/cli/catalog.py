@@ -24,23 +24,35 @@ def models_list() -> None:
     t = Table("name", "layers", "hidden", "experts", "top-k", "shared", "params", "active")
     for name in preset_names():
         m = load_preset(name)
-        t.add_row(name, str(m.num_layers), str(m.hidden_size), str(m.moe.num_experts),
-                  str(m.moe.top_k), str(m.moe.num_shared_experts),
-                  f"{m.total_params() / 1e9:.1f}B", f"{m.active_params() / 1e9:.1f}B")
+        t.add_row(
+            name,
+            str(m.num_layers),
+            str(m.hidden_size),
+            str(m.moe.num_experts),
+            str(m.moe.top_k),
+            str(m.moe.num_shared_experts),
+            f"{m.total_params() / 1e9:.1f}B",
+            f"{m.active_params() / 1e9:.1f}B",
+        )
     Console().print(t)
 
 
 @models_app.command("show")
-def models_show(name: Annotated[str, typer.Argument(help="Preset name or config path.")],
-                json_out: JsonOpt = False) -> None:
+def models_show(
+    name: Annotated[str, typer.Argument(help="Preset name or config path.")],
+    json_out: JsonOpt = False,
+) -> None:
     """Show one model (a preset, an HF config.json or a model YAML)."""
     from moesim.models.presets import resolve_model
 
     with reported():
         m = resolve_model(name)
         data = m.model_dump(mode="json")
-        data["derived"] = {"total_params": m.total_params(), "active_params": m.active_params(),
-                           "moe_layers": list(m.moe_layers)}
+        data["derived"] = {
+            "total_params": m.total_params(),
+            "active_params": m.active_params(),
+            "moe_layers": list(m.moe_layers),
+        }
         if json_out:
             typer.echo(json.dumps(data, indent=2))
             return
@@ -56,17 +68,27 @@ def profiles_list() -> None:
     with reported():
         for name in profile_names():
             p = load_profile(name)
-            intra = (f"{p.node.interconnect} {p.node.nvlink_gb_per_s:g} GB/s"
-                     if p.node.interconnect != "pcie" else f"pcie {p.node.pcie_gb_per_s:g} GB/s")
-            t.add_row(name, p.gpu.model, f"{p.gpu.hbm_bytes / 1e9:g} GB",
-                      f"{p.gpu.peak_dense_tflops.get('bf16', 0):g}", str(p.node.gpus_per_node),
-                      intra, f"{p.node.nic_gb_per_s:g} GB/s")
+            intra = (
+                f"{p.node.interconnect} {p.node.nvlink_gb_per_s:g} GB/s"
+                if p.node.interconnect != "pcie"
+                else f"pcie {p.node.pcie_gb_per_s:g} GB/s"
+            )
+            t.add_row(
+                name,
+                p.gpu.model,
+                f"{p.gpu.hbm_bytes / 1e9:g} GB",
+                f"{p.gpu.peak_dense_tflops.get('bf16', 0):g}",
+                str(p.node.gpus_per_node),
+                intra,
+                f"{p.node.nic_gb_per_s:g} GB/s",
+            )
     Console().print(t)
 
 
 @profiles_app.command("show")
-def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or path.")],
-                  json_out: JsonOpt = False) -> None:
+def profiles_show(
+    name: Annotated[str, typer.Argument(help="Profile name or path.")], json_out: JsonOpt = False
+) -> None:
     """Show one profile with the source of every figure."""
     from moesim.hardware.catalog import load_profile
 

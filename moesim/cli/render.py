@@ -23,9 +23,15 @@ def progress_bar(total: int, name: str) -> Iterator[Callable[[int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=total < 5 or not console.is_terminal) as prog:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=total < 5 or not console.is_terminal,
+    ) as prog:
         task = prog.add_task(f"simulating {name}", total=total)
         yield lambda done, _total: prog.update(task, completed=done)
 
@@ -37,8 +43,11 @@ def _us(seconds: float) -> str:
 def print_summary(s: dict[str, Any], folder: Path | None) -> None:
     """The summary as a table, then where the run folder is."""
     console = Console()
-    t = Table(title=f"moesim: {s['scenario']}  ({s['model']} on {s['gpus']}x {s['hardware']}, "
-              f"{s['mode']})", show_header=False)
+    t = Table(
+        title=f"moesim: {s['scenario']}  ({s['model']} on {s['gpus']}x {s['hardware']}, "
+        f"{s['mode']})",
+        show_header=False,
+    )
     t.add_column("metric", style="bold")
     t.add_column("value", justify="right")
     t.add_row("step time", _us(s["step_time_s"]))
@@ -50,8 +59,9 @@ def print_summary(s: dict[str, Any], folder: Path | None) -> None:
     t.add_row("drop rate", f"{s['drop_rate']:.2%}")
     t.add_row("bytes intra-node / step", f"{s['bytes_intra_node'] / 1e6:,.2f} MB")
     t.add_row("bytes inter-node / step", f"{s['bytes_inter_node'] / 1e6:,.2f} MB")
-    t.add_row("HBM per GPU", f"{s['hbm_peak_bytes'] / GiB:.1f} / "
-              f"{s['hbm_capacity_bytes'] / GiB:.1f} GiB")
+    t.add_row(
+        "HBM per GPU", f"{s['hbm_peak_bytes'] / GiB:.1f} / {s['hbm_capacity_bytes'] / GiB:.1f} GiB"
+    )
     console.print(t)
     if folder is not None:
         console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
@@ -61,10 +71,14 @@ def print_check(r: ResolvedScenario, usage: HBMUsage) -> None:
     """What ``moesim check`` found."""
     s = r.scenario
     console = Console()
-    console.print(f"[green]ok[/] {s.name}: {r.model.name} on {s.cluster.nodes} x "
-                  f"{r.hardware.node.gpus_per_node} {r.hardware.gpu.model}, "
-                  f"dp={s.parallelism.dp} ep={s.parallelism.ep} tp={s.parallelism.tp}, "
-                  f"{s.workload.mode}")
+    console.print(
+        f"[green]ok[/] {s.name}: {r.model.name} on {s.cluster.nodes} x "
+        f"{r.hardware.node.gpus_per_node} {r.hardware.gpu.model}, "
+        f"dp={s.parallelism.dp} ep={s.parallelism.ep} tp={s.parallelism.tp}, "
+        f"{s.workload.mode}"
+    )
     parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in usage.as_dict().items() if k != "total")
-    console.print(f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
-                  f" GiB ({parts} GiB)")
+    console.print(
+        f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
+        f" GiB ({parts} GiB)"
+    )

@@ -61,25 +61,57 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
     problems = []
     gpus = s.cluster.nodes * hw.node.gpus_per_node
     if par.world != gpus:
-        problems.append(ConfigError(f, "parallelism", (
-            f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster has "
-            f"{s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) = {gpus}")))
+        problems.append(
+            ConfigError(
+                f,
+                "parallelism",
+                (
+                    f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster "
+                    f"has {s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) "
+                    f"= {gpus}"
+                ),
+            )
+        )
     if m.moe.num_experts % par.ep:
-        problems.append(ConfigError(f, "parallelism.ep", (
-            f"ep = {par.ep} must divide the {m.moe.num_experts} experts of {m.name}")))
+        problems.append(
+            ConfigError(
+                f,
+                "parallelism.ep",
+                (f"ep = {par.ep} must divide the {m.moe.num_experts} experts of {m.name}"),
+            )
+        )
     if w.batch_size % par.ep:
-        problems.append(ConfigError(f, "workload.batch_size", (
-            f"batch_size = {w.batch_size} must be a multiple of ep = {par.ep} "
-            "(each EP rank runs attention for batch_size/ep sequences)")))
+        problems.append(
+            ConfigError(
+                f,
+                "workload.batch_size",
+                (
+                    f"batch_size = {w.batch_size} must be a multiple of ep = {par.ep} "
+                    "(each EP rank runs attention for batch_size/ep sequences)"
+                ),
+            )
+        )
     if par.tp > 1 and hw.node.gpus_per_node % par.tp:
-        problems.append(ConfigError(f, "parallelism.tp", (
-            f"tp = {par.tp} must divide the {hw.node.gpus_per_node} GPUs of a node")))
+        problems.append(
+            ConfigError(
+                f,
+                "parallelism.tp",
+                (f"tp = {par.tp} must divide the {hw.node.gpus_per_node} GPUs of a node"),
+            )
+        )
     for name in ("dtype", "dispatch_dtype"):
         dtype = getattr(w, name)
         if dtype == "fp8" and "fp8" not in hw.gpu.peak_dense_tflops and name == "dtype":
-            problems.append(ConfigError(f, f"workload.{name}", (
-                f"{hw.gpu.model} has no fp8 matrix units (profile lists "
-                f"{', '.join(hw.gpu.peak_dense_tflops)})")))
+            problems.append(
+                ConfigError(
+                    f,
+                    f"workload.{name}",
+                    (
+                        f"{hw.gpu.model} has no fp8 matrix units (profile lists "
+                        f"{', '.join(hw.gpu.peak_dense_tflops)})"
+                    ),
+                )
+            )
     return problems
 
 

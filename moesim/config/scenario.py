@@ -49,7 +49,9 @@ class Parallelism(_Section):
     """Parallel layout; world size = dp * ep * tp."""
 
     ep: int = Field(1, ge=1, description="Expert-parallel ranks per replica.")
-    tp: int = Field(1, ge=1, description="Tensor-parallel GPUs per EP rank (attention and experts).")
+    tp: int = Field(
+        1, ge=1, description="Tensor-parallel GPUs per EP rank (attention and experts)."
+    )
     dp: int = Field(1, ge=1, description="Independent data-parallel replicas.")
 
     @property
@@ -61,13 +63,21 @@ class Parallelism(_Section):
 class Workload(_Section):
     """What the cluster runs."""
 
-    mode: Literal["decode", "prefill", "train"] = Field(description="Inference decode, prefill, or a training step.")
-    batch_size: int = Field(ge=1, description="Sequences per replica per step (split over the ep ranks).")
+    mode: Literal["decode", "prefill", "train"] = Field(
+        description="Inference decode, prefill, or a training step."
+    )
+    batch_size: int = Field(
+        ge=1, description="Sequences per replica per step (split over the ep ranks)."
+    )
     seq_len: int = Field(0, ge=0, description="Tokens per sequence (prefill and train).")
     context_len: int = Field(0, ge=0, description="KV-cache length at the first decode step.")
-    steps: int = Field(1, ge=1, description="Decode steps, prefill batches or training steps to simulate.")
+    steps: int = Field(
+        1, ge=1, description="Decode steps, prefill batches or training steps to simulate."
+    )
     dtype: DType = Field("bf16", description="Weight and compute dtype.")
-    dispatch_dtype: DType = Field("bf16", description="Dtype of tokens sent to experts (fp8 adds 1 scale per 128).")
+    dispatch_dtype: DType = Field(
+        "bf16", description="Dtype of tokens sent to experts (fp8 adds 1 scale per 128)."
+    )
     combine_dtype: DType = Field("bf16", description="Dtype of expert outputs sent back.")
 
     @model_validator(mode="after")
@@ -84,7 +94,9 @@ class Routing(_Section):
 
     source: str = Field("synthetic", description="Routing source (registry name).")
     generator: Literal["uniform", "zipf"] = Field("uniform", description="Synthetic generator.")
-    skew: float = Field(1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only).")
+    skew: float = Field(
+        1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only)."
+    )
 
     @field_validator("source")
     @classmethod
@@ -95,7 +107,9 @@ class Routing(_Section):
 class Capacity(_Section):
     """Expert capacity and what happens to tokens over it."""
 
-    type: Literal["dropless", "capacity"] = Field("dropless", description="dropless, or a capacity factor.")
+    type: Literal["dropless", "capacity"] = Field(
+        "dropless", description="dropless, or a capacity factor."
+    )
     factor: float | None = Field(None, gt=0, description="Capacity factor (type capacity).")
     drop: str = Field("position", description="Which tokens are dropped when an expert is full.")
 
@@ -142,17 +156,19 @@ class Offload(_Section):
 class Policies(_Section):
     """Swappable strategies."""
 
-    capacity: Capacity = Field(default_factory=Capacity)
-    placement: Placement = Field(default_factory=Placement)
-    all_to_all: AllToAll = Field(default_factory=AllToAll)
-    offload: Offload = Field(default_factory=Offload)
+    capacity: Capacity = Capacity()
+    placement: Placement = Placement()
+    all_to_all: AllToAll = AllToAll()
+    offload: Offload = Offload()
 
 
 class Engine(_Section):
     """Accuracy/speed settings of the timing stage."""
 
     flow_tolerance: float = Field(
-        0.1, ge=0, le=0.5,
+        0.1,
+        ge=0,
+        le=0.5,
         description="Flows finishing within this fraction of a transfer's lower-bound time of "
         "the earliest one retire in the same rate update (0: exact max-min fluid model; 0.1 "
         "was measured within 3.7% of exact on phase time, 0.05 within 1.3%; see "
@@ -171,15 +187,17 @@ class Output(_Section):
 class Scenario(_Section):
     """One simulation scenario. See the README's scenario reference."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Scenario name (used in result paths).")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="Scenario name (used in result paths)."
+    )
     description: str = Field("", description="Free text.")
     model: str = Field(description="Preset name, or a path to an HF config.json or model YAML.")
     hardware: str = Field(description="Hardware profile name or path.")
-    cluster: Cluster = Field(default_factory=Cluster)
-    parallelism: Parallelism = Field(default_factory=Parallelism)
+    cluster: Cluster = Cluster()
+    parallelism: Parallelism = Parallelism()
     workload: Workload
-    routing: Routing = Field(default_factory=Routing)
-    policies: Policies = Field(default_factory=Policies)
-    engine: Engine = Field(default_factory=Engine)
+    routing: Routing = Routing()
+    policies: Policies = Policies()
+    engine: Engine = Engine()
     seed: int = Field(0, ge=0, description="Seed of every random choice.")
-    output: Output = Field(default_factory=Output)
+    output: Output = Output()

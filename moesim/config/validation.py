@@ -44,7 +44,9 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Valid field names at ``loc`` inside ``model`` (for 'did you mean' hints)."""
     current: Any = model
     for part in loc:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int) or not (
+            isinstance(current, type) and issubclass(current, BaseModel)
+        ):
             return []
         field = current.model_fields.get(str(part))
         if field is None:
@@ -85,7 +87,9 @@ def _message(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part.endswith("Policy") or part.endswith("Spec"))
+    return isinstance(part, str) and (
+        "[" in part or part.endswith("Policy") or part.endswith("Spec")
+    )
 
 
 def validate(model: type[M], data: Any, file: str | Path | None, prefix: str = "") -> M:

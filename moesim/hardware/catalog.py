@@ -45,8 +45,11 @@ def find_profile(ref: str, base_dir: Path | None = None) -> Path:
     """Path of the profile ``ref`` (a name or a path to a YAML file)."""
     direct = Path(ref)
     if direct.suffix in (".yaml", ".yml"):
-        candidates = [direct] if direct.is_absolute() else [(base_dir or Path.cwd()) / direct,
-                                                             Path.cwd() / direct]
+        candidates = (
+            [direct]
+            if direct.is_absolute()
+            else [(base_dir or Path.cwd()) / direct, Path.cwd() / direct]
+        )
         for c in candidates:
             if c.is_file():
                 return c
@@ -55,8 +58,12 @@ def find_profile(ref: str, base_dir: Path | None = None) -> Path:
         if (d / f"{ref}.yaml").is_file():
             return d / f"{ref}.yaml"
     names = profile_names(base_dir)
-    raise ConfigError(None, "hardware", f"unknown hardware profile '{ref}'{closest(ref, names)}; "
-                      f"valid: {', '.join(names) or '(none found)'}")
+    raise ConfigError(
+        None,
+        "hardware",
+        f"unknown hardware profile '{ref}'{closest(ref, names)}; "
+        f"valid: {', '.join(names) or '(none found)'}",
+    )
 
 
 def load_profile(ref: str, base_dir: Path | None = None) -> HardwareProfile:

@@ -47,14 +47,20 @@ class NodeSpec(_Frozen):
         description="Intra-node GPU fabric: a switch (nvswitch), direct all-to-all links (mesh), "
         "or PCIe only."
     )
-    nvlink_gb_per_s: float = Field(0, ge=0, description="NVLink/NVSwitch GB/s per GPU, per direction.")
-    nvlink_efficiency: float = Field(1, gt=0, le=1, description="Reachable fraction of NVLink rate.")
+    nvlink_gb_per_s: float = Field(
+        0, ge=0, description="NVLink/NVSwitch GB/s per GPU, per direction."
+    )
+    nvlink_efficiency: float = Field(
+        1, gt=0, le=1, description="Reachable fraction of NVLink rate."
+    )
     nvlink_latency_s: float = Field(0, ge=0, description="GPU-to-GPU latency over NVLink, seconds.")
     pcie_gb_per_s: float = Field(gt=0, description="PCIe GB/s per GPU link, per direction.")
     pcie_efficiency: float = Field(gt=0, le=1, description="Reachable fraction of PCIe rate.")
     pcie_latency_s: float = Field(ge=0, description="Latency of one PCIe hop, seconds.")
     gpus_per_pcie_switch: int = Field(1, gt=0, description="GPUs behind one PCIe switch.")
-    nic_gb_per_s: float = Field(0, ge=0, description="Network GB/s per GPU (its NIC), per direction.")
+    nic_gb_per_s: float = Field(
+        0, ge=0, description="Network GB/s per GPU (its NIC), per direction."
+    )
     nic_efficiency: float = Field(1, gt=0, le=1, description="Reachable fraction of NIC rate.")
     host_memory_bytes: float = Field(gt=0, description="Host DRAM per node, bytes.")
 
@@ -98,9 +104,13 @@ class HardwareProfile(_Frozen):
 
     @model_validator(mode="after")
     def _every_figure_cited(self) -> HardwareProfile:
-        missing = [p for p in numeric_paths(
-            self.model_dump(exclude={"sources", "calibration"}, exclude_unset=True))
-                   if not _cited(p, self.sources)]
+        missing = [
+            p
+            for p in numeric_paths(
+                self.model_dump(exclude={"sources", "calibration"}, exclude_unset=True)
+            )
+            if not _cited(p, self.sources)
+        ]
         if missing:
             raise ValueError(f"figures without a source in 'sources': {', '.join(missing)}")
         return self

@@ -34,8 +34,9 @@ class _Links:
     ends: list[tuple[str, str]] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)
 
-    def add(self, a: str, b: str, capacity: float, latency: float, kind: str,
-            owner: int = -1) -> int:
+    def add(
+        self, a: str, b: str, capacity: float, latency: float, kind: str, owner: int = -1
+    ) -> int:
         self.owner.append(owner)
         self.names.append(f"{a}->{b}")
         self.capacity.append(capacity)
@@ -44,12 +45,18 @@ class _Links:
         self.ends.append((a, b))
         return len(self.names) - 1
 
-    def add_array(self, n: int, a: str, b: str, cap: float, lat: float, kind: str,
-                  private: bool) -> np.ndarray:
+    def add_array(
+        self, n: int, a: str, b: str, cap: float, lat: float, kind: str, private: bool
+    ) -> np.ndarray:
         """Add ``n`` links named with ``{i}`` formatted into ``a`` and ``b``; a private link
         belongs to GPU ``i`` (only flows from or to that GPU use it)."""
-        return np.array([self.add(a.format(i=i), b.format(i=i), cap, lat, kind,
-                                  i if private else -1) for i in range(n)], dtype=np.int64)
+        return np.array(
+            [
+                self.add(a.format(i=i), b.format(i=i), cap, lat, kind, i if private else -1)
+                for i in range(n)
+            ],
+            dtype=np.int64,
+        )
 
 
 class Topology:
@@ -81,8 +88,14 @@ class Topology:
                 base = (src // self.gpn) * self.gpn
                 for j in range(self.gpn):
                     if base + j != src:
-                        self._mesh[src, j] = links.add(f"gpu{src}", f"gpu{base + j}", per_peer,
-                                                       node.nvlink_latency_s, "nvlink", src)
+                        self._mesh[src, j] = links.add(
+                            f"gpu{src}",
+                            f"gpu{base + j}",
+                            per_peer,
+                            node.nvlink_latency_s,
+                            "nvlink",
+                            src,
+                        )
         else:
             cap = node.pcie_gb_per_s * GB * node.pcie_efficiency
             lat = node.pcie_latency_s / 2
@@ -91,8 +104,7 @@ class Topology:
             self._down = links.add_array(g, "pcisw", "gpu{i}", cap, lat, "pcie", True)
             self._fix_pcie_names(links, node.gpus_per_pcie_switch)
             self._sw_up = links.add_array(self._n_sw, "pcisw{i}", "host", cap, lat, "pcie", False)
-            self._sw_down = links.add_array(self._n_sw, "host", "pcisw{i}", cap, lat, "pcie",
-                                            False)
+            self._sw_down = links.add_array(self._n_sw, "host", "pcisw{i}", cap, lat, "pcie", False)
             self._fix_host_names(links, self.gpn // node.gpus_per_pcie_switch)
         self._build_fabric(links, fabric.topology, fabric.oversubscription)
         self.link_names = links.names
@@ -133,12 +145,24 @@ class Topology:
         self._leaf_of = gpu % self.gpn if kind == "rail_optimized" else gpu // self.gpn
         n_leaf = int(self._leaf_of.max()) + 1
         ports = self.gpus // n_leaf
-        self._tx = np.array([links.add(f"gpu{i}", f"leaf{self._leaf_of[i]}", nic,
-                                       fabric.latency_s / 2, "nic", int(i)) for i in gpu],
-                            dtype=np.int64)
-        self._rx = np.array([links.add(f"leaf{self._leaf_of[i]}", f"gpu{i}", nic,
-                                       fabric.latency_s / 2, "nic", int(i)) for i in gpu],
-                            dtype=np.int64)
+        self._tx = np.array(
+            [
+                links.add(
+                    f"gpu{i}", f"leaf{self._leaf_of[i]}", nic, fabric.latency_s / 2, "nic", int(i)
+                )
+                for i in gpu
+            ],
+            dtype=np.int64,
+        )
+        self._rx = np.array(
+            [
+                links.add(
+                    f"leaf{self._leaf_of[i]}", f"gpu{i}", nic, fabric.latency_s / 2, "nic", int(i)
+                )
+                for i in gpu
+            ],
+            dtype=np.int64,
+        )
         up_cap = ports * nic / oversub
         lat = fabric.spine_latency_s / 2
         self._leaf_up = links.add_array(n_leaf, "leaf{i}", "spine", up_cap, lat, "spine", False)
@@ -161,8 +185,11 @@ class Topology:
             lat = self.path_latency(paths)
             owner = np.where(paths >= 0, self.link_owner[np.maximum(paths, 0)], 0)
             shape = (self.gpus, self.gpus)
-            self._table = (paths.reshape(*shape, self.MAX_HOPS), lat.reshape(shape),
-                           (owner >= 0).all(axis=1).reshape(shape))
+            self._table = (
+                paths.reshape(*shape, self.MAX_HOPS),
+                lat.reshape(shape),
+                (owner >= 0).all(axis=1).reshape(shape),
+            )
         return self._table
 
     def paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -224,6 +251,12 @@ class Topology:
         """The network as a directed graph; edges carry capacity (B/s), latency (s), kind."""
         g = nx.DiGraph()
         for i, (a, b) in enumerate(self._ends):
-            g.add_edge(a, b, id=i, capacity=self.capacity[i], latency=self.latency[i],
-                       kind=self.link_kind[i])
+            g.add_edge(
+                a,
+                b,
+                id=i,
+                capacity=self.capacity[i],
+                latency=self.latency[i],
+                kind=self.link_kind[i],
+            )
         return g

@@ -11,8 +11,16 @@ from typing import Any
 
 import numpy as np
 
-PHASES = ("attention", "gate", "dispatch", "expert_compute", "shared_expert", "dense_ffn",
-          "combine", "tp_comm")
+PHASES = (
+    "attention",
+    "gate",
+    "dispatch",
+    "expert_compute",
+    "shared_expert",
+    "dense_ffn",
+    "combine",
+    "tp_comm",
+)
 COMM_PHASES = ("dispatch", "combine", "tp_comm")
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 
@@ -29,8 +37,15 @@ class Collector:
         timeline_steps: Steps recorded as Chrome-trace events.
     """
 
-    def __init__(self, steps: int, layers: int, gpus: int, moe_layers: tuple[int, ...],
-                 gpus_per_node: int, timeline_steps: int) -> None:
+    def __init__(
+        self,
+        steps: int,
+        layers: int,
+        gpus: int,
+        moe_layers: tuple[int, ...],
+        gpus_per_node: int,
+        timeline_steps: int,
+    ) -> None:
         self.phase_s = np.zeros((steps, layers, gpus, len(PHASES)))
         self.wait_s = np.zeros((steps, gpus))
         self.step_time_s = np.zeros(steps)
@@ -50,29 +65,39 @@ class Collector:
         self.timeline_steps = timeline_steps
         self.tokens_per_step = np.zeros(steps, dtype=np.int64)
 
-    def on_phase(self, step: int, layer: int, gpu: int, phase: str, start: float,
-                 end: float) -> None:
+    def on_phase(
+        self, step: int, layer: int, gpu: int, phase: str, start: float, end: float
+    ) -> None:
         """A GPU spent [start, end) seconds in ``phase`` of ``layer``."""
         self.phase_s[step, layer, gpu, PHASE_INDEX[phase]] += end - start
         if step < self.timeline_steps and end > start:
-            self.events.append({
-                "name": phase, "cat": "comm" if phase in COMM_PHASES else "compute", "ph": "X",
-                "ts": start * 1e6, "dur": (end - start) * 1e6, "pid": gpu // self.gpn,
-                "tid": gpu, "args": {"step": step, "layer": layer},
-            })
+            self.events.append(
+                {
+                    "name": phase,
+                    "cat": "comm" if phase in COMM_PHASES else "compute",
+                    "ph": "X",
+                    "ts": start * 1e6,
+                    "dur": (end - start) * 1e6,
+                    "pid": gpu // self.gpn,
+                    "tid": gpu,
+                    "args": {"step": step, "layer": layer},
+                }
+            )
 
     def on_wait(self, step: int, gpu: int, seconds: float) -> None:
         """A GPU waited ``seconds`` at a collective for its slowest peer."""
         self.wait_s[step, gpu] += seconds
 
-    def on_flows(self, step: int, layer: int, src: np.ndarray, dst: np.ndarray,
-                 nbytes: np.ndarray, gpn: int) -> None:
+    def on_flows(
+        self, step: int, layer: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gpn: int
+    ) -> None:
         """Bytes put on the network by one phase."""
         inter = src // gpn != dst // gpn
         self.bytes_inter[step] += float(nbytes[inter].sum())
         self.bytes_intra[step] += float(nbytes[~inter].sum())
-        self.bytes_out[step, layer] += np.bincount(src, weights=nbytes,
-                                                   minlength=self.bytes_out.shape[2])
+        self.bytes_out[step, layer] += np.bincount(
+            src, weights=nbytes, minlength=self.bytes_out.shape[2]
+        )
 
     def on_step(self, step: int, seconds: float, compute_busy: np.ndarray, tokens: int) -> None:
         """Step ``step`` took ``seconds``; ``compute_busy`` is ``[gpus]`` seconds of compute."""

@@ -31,7 +31,9 @@ from moesim.metrics.collector import COMM_PHASES, PHASES, Collector
 from moesim.timing.memory import HBMUsage
 
 
-def summarize(r: ResolvedScenario, col: Collector, hbm: HBMUsage, cost_source: str) -> dict[str, Any]:
+def summarize(
+    r: ResolvedScenario, col: Collector, hbm: HBMUsage, cost_source: str
+) -> dict[str, Any]:
     """Build the summary dict (JSON-ready, deterministic for a given scenario and seed)."""
     s = r.scenario
     per_phase = col.phase_s.sum(axis=1).mean(axis=(0, 1))  # [phases]
@@ -74,8 +76,11 @@ def layers_table(col: Collector) -> pd.DataFrame:
     """One row per (step, layer, gpu); see the module docstring for the columns."""
     steps, layers, gpus, _ = col.phase_s.shape
     idx = np.indices((steps, layers, gpus)).reshape(3, -1)
-    data: dict[str, Any] = {"step": idx[0].astype(np.int32), "layer": idx[1].astype(np.int32),
-                            "gpu": idx[2].astype(np.int32)}
+    data: dict[str, Any] = {
+        "step": idx[0].astype(np.int32),
+        "layer": idx[1].astype(np.int32),
+        "gpu": idx[2].astype(np.int32),
+    }
     flat = col.phase_s.reshape(-1, len(PHASES))
     for i, p in enumerate(PHASES):
         data[f"{p}_s"] = flat[:, i]

@@ -2,4 +2,4 @@
 
 from moesim.models.spec import AttentionSpec, ModelSpec, MoESpec
 
-__all__ = ["AttentionSpec", "ModelSpec", "MoESpec"]
+__all__ = ["AttentionSpec", "MoESpec", "ModelSpec"]

@@ -66,10 +66,17 @@ def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
         "moe_num_experts",
         "ffn_config.moe_num_experts",
     )
-    top_k = _first(cfg, "num_experts_per_tok", "experts_per_token", "moe_top_k",
-                   "ffn_config.moe_top_k", default=1)
-    width = _first(cfg, "moe_intermediate_size", "ffn_config.ffn_hidden_size",
-                   "intermediate_size", "d_ff")
+    top_k = _first(
+        cfg,
+        "num_experts_per_tok",
+        "experts_per_token",
+        "moe_top_k",
+        "ffn_config.moe_top_k",
+        default=1,
+    )
+    width = _first(
+        cfg, "moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size", "d_ff"
+    )
     n_shared = cfg.get("n_shared_experts") or 0
     shared = cfg.get("shared_expert_intermediate_size") or n_shared * (width or 0)
     step = _first(cfg, "decoder_sparse_step", "moe_layer_freq", "encoder_sparse_step", default=1)
@@ -95,10 +102,20 @@ def from_hf_config(cfg: dict[str, Any], path: Path | str = "config.json") -> Mod
         ConfigError / ConfigErrors: the config is not an MoE model or lacks a needed field.
     """
     hidden = _first(cfg, "hidden_size", "d_model", "n_embd")
-    if not _first(cfg, "num_local_experts", "num_experts", "n_routed_experts",
-                  "moe_num_experts", "ffn_config.moe_num_experts"):
-        raise ConfigError(path, "num_local_experts", "not an MoE config: no expert count found "
-                          "(num_local_experts / num_experts / n_routed_experts)")
+    if not _first(
+        cfg,
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+        "ffn_config.moe_num_experts",
+    ):
+        raise ConfigError(
+            path,
+            "num_local_experts",
+            "not an MoE config: no expert count found "
+            "(num_local_experts / num_experts / n_routed_experts)",
+        )
     moe = _moe(cfg)
     has_dense = moe["first_k_dense"] > 0 or moe["layer_step"] > 1
     dense = _first(cfg, "intermediate_size", "d_ff", default=0) if has_dense else 0

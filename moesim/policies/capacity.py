@@ -39,7 +39,10 @@ def position_key(order: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def keep_mask(
-    experts: np.ndarray, capacity: int, num_experts: int, policy: str,
+    experts: np.ndarray,
+    capacity: int,
+    num_experts: int,
+    policy: str,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Which assignments an expert accepts under ``capacity``.

@@ -78,8 +78,9 @@ def make_placement(name: str, loads: np.ndarray, ranks: int) -> Placement:
     phy2log = np.asarray(PLACEMENTS.get(name)(loads, ranks), dtype=np.int64)
     layers, experts = loads.shape
     if phy2log.shape[0] != layers or phy2log.shape[1] % ranks:
-        raise ValueError(f"placement {name}: phy2log shape {phy2log.shape} does not split "
-                         f"over {ranks} ranks")
+        raise ValueError(
+            f"placement {name}: phy2log shape {phy2log.shape} does not split over {ranks} ranks"
+        )
     for layer in range(layers):
         if np.unique(phy2log[layer]).size != experts:
             raise ValueError(f"placement {name}: layer {layer} leaves an expert without a slot")

@@ -17,9 +17,16 @@ from moesim.metrics.collector import PHASES
 if TYPE_CHECKING:
     from moesim.runner import RunResult
 
-COLORS = {"attention": "#4C78A8", "gate": "#9D755D", "dispatch": "#F58518",
-          "expert_compute": "#54A24B", "shared_expert": "#88D27A", "dense_ffn": "#B279A2",
-          "combine": "#E45756", "tp_comm": "#FF9DA6"}
+COLORS = {
+    "attention": "#4C78A8",
+    "gate": "#9D755D",
+    "dispatch": "#F58518",
+    "expert_compute": "#54A24B",
+    "shared_expert": "#88D27A",
+    "dense_ffn": "#B279A2",
+    "combine": "#E45756",
+    "tp_comm": "#FF9DA6",
+}
 
 
 def timeline_figure(result: RunResult) -> Any:
@@ -32,16 +39,25 @@ def timeline_figure(result: RunResult) -> Any:
         ev = [e for e in events if e["name"] == phase]
         if not ev:
             continue
-        fig.add_trace(go.Bar(
-            name=phase, orientation="h", marker_color=COLORS[phase],
-            y=[f"gpu {e['tid']}" for e in ev], x=[e["dur"] for e in ev],
-            base=[e["ts"] for e in ev],
-            customdata=[e["args"]["layer"] for e in ev],
-            hovertemplate="%{y} layer %{customdata}<br>start %{base:.1f} us, %{x:.1f} us",
-        ))
-    fig.update_layout(title="Timeline of step 0 (microseconds)", barmode="overlay",
-                      xaxis_title="time (us)", height=200 + 22 * result.resolved.world,
-                      yaxis={"autorange": "reversed"})
+        fig.add_trace(
+            go.Bar(
+                name=phase,
+                orientation="h",
+                marker_color=COLORS[phase],
+                y=[f"gpu {e['tid']}" for e in ev],
+                x=[e["dur"] for e in ev],
+                base=[e["ts"] for e in ev],
+                customdata=[e["args"]["layer"] for e in ev],
+                hovertemplate="%{y} layer %{customdata}<br>start %{base:.1f} us, %{x:.1f} us",
+            )
+        )
+    fig.update_layout(
+        title="Timeline of step 0 (microseconds)",
+        barmode="overlay",
+        xaxis_title="time (us)",
+        height=200 + 22 * result.resolved.world,
+        yaxis={"autorange": "reversed"},
+    )
     return fig
 
 
@@ -53,10 +69,13 @@ def breakdown_figure(result: RunResult) -> Any:
     fig = go.Figure()
     for p in PHASES:
         if df[f"{p}_s"].any():
-            fig.add_trace(go.Bar(name=p, x=df.index, y=df[f"{p}_s"] * 1e6,
-                                 marker_color=COLORS[p]))
-    fig.update_layout(title="Time per layer by phase (us, mean over steps and GPUs)",
-                      barmode="stack", xaxis_title="layer", yaxis_title="us")
+            fig.add_trace(go.Bar(name=p, x=df.index, y=df[f"{p}_s"] * 1e6, marker_color=COLORS[p]))
+    fig.update_layout(
+        title="Time per layer by phase (us, mean over steps and GPUs)",
+        barmode="stack",
+        xaxis_title="layer",
+        yaxis_title="us",
+    )
     return fig
 
 
@@ -66,11 +85,20 @@ def tokens_figure(result: RunResult) -> Any:
 
     moe = result.layers[result.layers["moe"]]
     table = moe.pivot_table(index="layer", columns="gpu", values="tokens_computed", aggfunc="mean")
-    fig = go.Figure(go.Heatmap(z=table.values, x=[f"gpu {g}" for g in table.columns],
-                               y=table.index, colorscale="Viridis",
-                               colorbar={"title": "tokens"}))
-    fig.update_layout(title="Token-expert assignments computed per GPU (mean over steps)",
-                      xaxis_title="GPU", yaxis_title="MoE layer")
+    fig = go.Figure(
+        go.Heatmap(
+            z=table.values,
+            x=[f"gpu {g}" for g in table.columns],
+            y=table.index,
+            colorscale="Viridis",
+            colorbar={"title": "tokens"},
+        )
+    )
+    fig.update_layout(
+        title="Token-expert assignments computed per GPU (mean over steps)",
+        xaxis_title="GPU",
+        yaxis_title="MoE layer",
+    )
     return fig
 
 

@@ -48,9 +48,11 @@ def _run_dir(root: Path, scenario: str, seed: int) -> Path:
 def resolved_yaml(result: RunResult) -> str:
     """The resolved scenario as YAML, with model and hardware descriptions appended."""
     r = result.resolved
-    doc = {"scenario": r.scenario.model_dump(mode="json"),
-           "model": r.model.model_dump(mode="json"),
-           "hardware": r.hardware.model_dump(mode="json")}
+    doc = {
+        "scenario": r.scenario.model_dump(mode="json"),
+        "model": r.model.model_dump(mode="json"),
+        "hardware": r.hardware.model_dump(mode="json"),
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -65,8 +67,7 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
         (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")
         (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.layers.to_parquet(tmp / "layers.parquet", index=False)
-        trace = {"traceEvents": _trace_metadata(result) + result.timeline,
-                 "displayTimeUnit": "ms"}
+        trace = {"traceEvents": _trace_metadata(result) + result.timeline, "displayTimeUnit": "ms"}
         (tmp / "timeline.json").write_text(json.dumps(trace), encoding="utf-8")
         if r.scenario.output.report:
             from moesim.results.report import write_report
@@ -92,8 +93,21 @@ def _trace_metadata(result: RunResult) -> list[dict[str, Any]]:
     meta: list[dict[str, Any]] = []
     for g in range(result.resolved.world):
         if g % gpn == 0:
-            meta.append({"name": "process_name", "ph": "M", "pid": g // gpn,
-                         "args": {"name": f"node {g // gpn}"}})
-        meta.append({"name": "thread_name", "ph": "M", "pid": g // gpn, "tid": g,
-                     "args": {"name": f"gpu {g}"}})
+            meta.append(
+                {
+                    "name": "process_name",
+                    "ph": "M",
+                    "pid": g // gpn,
+                    "args": {"name": f"node {g // gpn}"},
+                }
+            )
+        meta.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": g // gpn,
+                "tid": g,
+                "args": {"name": f"gpu {g}"},
+            }
+        )
     return meta

@@ -35,7 +35,9 @@ class TokenBatch:
         return int(self.seq_id.shape[1])
 
 
-def make_batch(ranks: int, seqs_per_rank: int, tokens_per_seq: int, first_position: int) -> TokenBatch:
+def make_batch(
+    ranks: int, seqs_per_rank: int, tokens_per_seq: int, first_position: int
+) -> TokenBatch:
     """Build the batch of one step.
 
     Args:

@@ -111,7 +111,9 @@ def count_layers(
     experts = draw.experts
     n_layers, ranks, tokens, _ = experts.shape
     cap = rule.capacity(tokens)
-    keep = None if cap is None else keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights)
+    keep = (
+        None if cap is None else keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights)
+    )
     num_experts = log2phy.shape[1]
     key = layers.astype(np.int32).reshape(-1, 1, 1, 1) * num_experts + experts
     if log2phy.shape[2] == 1:  # one replica per expert: a table lookup
@@ -130,8 +132,7 @@ def count_layers(
     else:
         slot_tokens = np.bincount(local[keep], minlength=n_layers * slots)
         dest_rank = np.where(keep, slot_rank.take(slot), -1)
-        dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)),
-                             -1)
+        dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)), -1)
         dropped = (~keep).sum(axis=(2, 3)).astype(np.int64)
     slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
     routed = np.full((n_layers, ranks), tokens * experts.shape[3], dtype=np.int64)

@@ -41,7 +41,11 @@ class RoutingSource(Protocol):
         ...
 
     def draw(
-        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator,
+        self,
+        step: int,
+        layers: np.ndarray,
+        batch: TokenBatch,
+        rng: np.random.Generator,
         with_weights: bool,
     ) -> RoutingDraw:
         """Assignments of the tokens of ``batch`` at ``step`` for MoE layers ``layers``.
@@ -67,13 +71,20 @@ def zipf_popularity(layers: int, experts: int, skew: float, rng: np.random.Gener
     return np.stack([base[rng.permutation(experts)] for _ in range(layers)])
 
 
-def _draw_layer(cdf: np.ndarray | None, experts: int, shape: tuple[int, ...],
-                rng: np.random.Generator) -> np.ndarray:
-    """Draw expert ids from a popularity CDF (None: uniform)."""
-    if cdf is None:
-        return rng.integers(0, experts, size=shape, dtype=np.int16)
-    ids = np.searchsorted(cdf, rng.random(shape), side="right")
-    return np.minimum(ids, experts - 1).astype(np.int16)
+def _sampler(p: np.ndarray, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """A function drawing one expert id per entry of a layer-index array, from ``p``."""
+    layers, experts = p.shape
+    if np.all(p == p[:, :1]):  # uniform in every layer
+        return lambda layer_idx: rng.integers(0, experts, size=layer_idx.shape, dtype=np.int16)
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = 1.0
+    flat = (cdf + np.arange(layers, dtype=np.float64)[:, None]).ravel()
+
+    def draw(layer_idx: np.ndarray) -> np.ndarray:
+        ids = np.searchsorted(flat, rng.random(layer_idx.shape) + layer_idx, side="right")
+        return np.minimum(ids - layer_idx * experts, experts - 1).astype(np.int16)
+
+    return draw
 
 
 def _duplicate_slots(x: np.ndarray) -> np.ndarray:
@@ -98,27 +109,20 @@ def distinct_topk(p: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np
     Returns:
         ``[layers, n, k]`` int16 expert ids.
     """
-    layers, experts = p.shape
-    out = np.empty((layers, n, k), dtype=np.int16)
-    for layer in range(layers):
-        uniform = bool(np.all(p[layer] == p[layer, 0]))
-        cdf = None if uniform else np.cumsum(p[layer])
-        if cdf is not None:
-            cdf[-1] = 1.0
-        x = _draw_layer(cdf, experts, (n, k), rng)
-        rows = np.nonzero(_duplicate_slots(x).any(axis=1))[0]
-        for _ in range(10_000):
-            if not rows.size:
-                break
-            sub = x[rows]
-            dup = _duplicate_slots(sub)
-            sub[dup] = _draw_layer(cdf, experts, (int(dup.sum()),), rng)
-            x[rows] = sub
-            rows = rows[_duplicate_slots(sub).any(axis=1)]
-        else:
-            raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
-        out[layer] = x
-    return out
+    layers = p.shape[0]
+    draw = _sampler(p, rng)
+    layer_of = np.repeat(np.arange(layers), n)  # [layers * n], one per row
+    x = draw(np.broadcast_to(layer_of[:, None], (layers * n, k)))
+    rows = np.nonzero(_duplicate_slots(x).any(axis=1))[0]
+    for _ in range(10_000):
+        if not rows.size:
+            return x.reshape(layers, n, k)
+        sub = x[rows]
+        dup = _duplicate_slots(sub)
+        sub[dup] = draw(np.broadcast_to(layer_of[rows][:, None], sub.shape)[dup])
+        x[rows] = sub
+        rows = rows[_duplicate_slots(sub).any(axis=1)]
+    raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
 
 
 class SyntheticSource:
@@ -135,7 +139,11 @@ class SyntheticSource:
         return self.popularity
 
     def draw(
-        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator,
+        self,
+        step: int,
+        layers: np.ndarray,
+        batch: TokenBatch,
+        rng: np.random.Generator,
         with_weights: bool,
     ) -> RoutingDraw:
         """Draw assignments for ``batch``; gate weights are the renormalised popularities."""

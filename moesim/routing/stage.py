@@ -50,9 +50,7 @@ class RoutingStage:
             scenario.routing, model, rng
         )
         loads = self.source.expected_loads()
-        self.placement: Placement = make_placement(
-            scenario.policies.placement.type, loads, par.ep
-        )
+        self.placement: Placement = make_placement(scenario.policies.placement.type, loads, par.ep)
         self.log2phy = self.placement.log2phy(model.moe.num_experts)
         self.logcnt = self.placement.logcnt(model.moe.num_experts)
         cap = scenario.policies.capacity
@@ -83,10 +81,20 @@ class RoutingStage:
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
-                draw = self.source.draw(step, layers, batch, self.rng,
-                                        with_weights=self.rule.factor is not None)
-                parts.append(count_layers(draw, layers, self.placement, self.log2phy,
-                                          self.logcnt, self.rule, self.rank_node))
+                draw = self.source.draw(
+                    step, layers, batch, self.rng, with_weights=self.rule.factor is not None
+                )
+                parts.append(
+                    count_layers(
+                        draw,
+                        layers,
+                        self.placement,
+                        self.log2phy,
+                        self.logcnt,
+                        self.rule,
+                        self.rank_node,
+                    )
+                )
             replicas.append(_concat(parts))
         return StepRouting(batch=batch, replicas=replicas)
 
@@ -94,5 +102,9 @@ class RoutingStage:
 def _concat(parts: list[LayerCounts]) -> LayerCounts:
     if len(parts) == 1:
         return parts[0]
-    return LayerCounts(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("slot_tokens", "routed", "dropped", "rank_copies", "node_copies")))
+    return LayerCounts(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("slot_tokens", "routed", "dropped", "rank_copies", "node_copies")
+        )
+    )

@@ -14,12 +14,14 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.hardware.profile import HardwareProfile
 from moesim.models.spec import ModelSpec
 
 ACT_BYTES = 2.0  # activations are kept in bf16
+Num = npt.ArrayLike
 
 
 class CostModel(Protocol):
@@ -31,7 +33,7 @@ class CostModel(Protocol):
         """``[..., slots]`` tokens per local expert slot -> ``[...]`` seconds (forward)."""
         ...
 
-    def gemm(self, tokens: np.ndarray, params: float) -> np.ndarray:
+    def gemm(self, tokens: Num, params: float) -> np.ndarray:
         """A dense matmul block of ``params`` weight elements applied to ``tokens`` tokens."""
         ...
 
@@ -60,8 +62,8 @@ class RooflineCostModel:
         self.launch = hw.gpu.kernel_launch_s
         self.wbytes = ELEMENT_BYTES[dtype]
 
-    def _roof(self, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        return np.maximum(flops / self.flops, nbytes / self.bw)
+    def _roof(self, flops: Num, nbytes: Num) -> np.ndarray:
+        return np.maximum(np.asarray(flops) / self.flops, np.asarray(nbytes) / self.bw)
 
     def experts(self, slot_tokens: np.ndarray) -> np.ndarray:
         """Grouped GEMM over the local experts (gate/up, activation, down)."""
@@ -76,7 +78,7 @@ class RooflineCostModel:
         kernels = m.moe.matrices + 1
         return self._roof(flops, nbytes).sum(axis=-1) + np.where(busy, kernels * self.launch, 0.0)
 
-    def gemm(self, tokens: np.ndarray, params: float) -> np.ndarray:
+    def gemm(self, tokens: Num, params: float) -> np.ndarray:
         """Dense FFN / gate / shared-expert block of ``params`` elements (before the tp split)."""
         t = np.asarray(tokens, dtype=np.float64)
         p = params / self.tp
@@ -89,10 +91,13 @@ class RooflineCostModel:
         m, att = self.model, self.model.attention
         h = m.hidden_size
         p = att.params(h) / self.tp
-        proj = self._roof(np.float64(2.0 * tokens * p), np.float64(p * self.wbytes
-                                                                  + 4 * tokens * h * ACT_BYTES))
+        proj = self._roof(
+            np.float64(2.0 * tokens * p), np.float64(p * self.wbytes + 4 * tokens * h * ACT_BYTES)
+        )
         kv_split = self.tp if att.type == "gqa" and att.num_kv_heads >= self.tp else 1
         kv_bytes = kv_tokens * att.kv_elements_per_token() * ACT_BYTES / kv_split
-        score = self._roof(np.float64(tokens * att.score_flops_per_token(context) / self.tp),
-                           np.float64(kv_bytes + 2 * tokens * h * ACT_BYTES))
+        score = self._roof(
+            np.float64(tokens * att.score_flops_per_token(context) / self.tp),
+            np.float64(kv_bytes + 2 * tokens * h * ACT_BYTES),
+        )
         return float(proj + score + 4 * self.launch)

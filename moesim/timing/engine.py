@@ -49,8 +49,9 @@ class Engine:
         collector: Where hooks record.
     """
 
-    def __init__(self, r: ResolvedScenario, routing: RoutingStage, costs: CostModel,
-                 collector: Collector) -> None:
+    def __init__(
+        self, r: ResolvedScenario, routing: RoutingStage, costs: CostModel, collector: Collector
+    ) -> None:
         self.r, self.routing, self.costs, self.col = r, routing, costs, collector
         self.env = simpy.Environment()
         self.topology = Topology(r.hardware, r.scenario.cluster.nodes)
@@ -60,6 +61,7 @@ class Engine:
         gpn = r.gpus_per_node
         self.gpus = [GPU(self.env, g, g // gpn) for g in range(r.world)]
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
+        self._pre: dict[tuple[Any, ...], tuple[Flows, Any]] = {}
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
 
     def run(self, progress: ProgressFn | None = None) -> None:
@@ -73,15 +75,43 @@ class Engine:
             routing = self.routing.step(step)
             plan = make_plan(self.r, self.layout, self.costs, routing, step)
             self._record_routing(step, plan)
+            self._pre = self._precompute(plan)
             start = self.env.now
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
-            yield self.env.all_of([self.env.process(self._gpu_step(g, step, plan))
-                                   for g in range(self.r.world)])
+            yield self.env.all_of(
+                [self.env.process(self._gpu_step(g, step, plan)) for g in range(self.r.world)]
+            )
             busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
             tokens = plan.tokens_per_rank * self.layout.ep * self.r.scenario.parallelism.dp
             self.col.on_step(step, self.env.now - start, busy, tokens)
             if progress:
                 progress(step + 1, steps)
+
+    def _phases(self) -> tuple[str, ...]:
+        train = self.r.scenario.workload.mode == "train"
+        return (
+            ("dispatch", "combine", "combine_bwd", "dispatch_bwd")
+            if train
+            else ("dispatch", "combine")
+        )
+
+    def _precompute(self, plan: StepPlan) -> dict[tuple[Any, ...], tuple[Flows, Any]]:
+        """Flows of every collective of the step and, for isolated ones, their fluid
+        schedule, computed together (keys: (layer, phase, first GPU of the group))."""
+        keys: list[tuple[Any, ...]] = []
+        flows: list[Flows] = []
+        leaders = sorted({int(g[0]) for g in self.layout.ep_groups})
+        for layer, moe in self.moe_index.items():
+            for phase in self._phases():
+                for g in leaders:
+                    keys.append((layer, phase, g))
+                    flows.append(self.flows.alltoall(plan, moe, g, phase))
+        if self.layout.tp > 1:
+            for g in sorted({int(t[0]) for t in self.layout.tp_groups}):
+                keys.append(("tp", "tp_comm", g))
+                flows.append(self.flows.tp_allreduce(plan, g))
+        finish = self.net.plan_isolated(flows)
+        return {k: (f, fin) for k, f, fin in zip(keys, flows, finish, strict=True)}
 
     def _record_routing(self, step: int, plan: StepPlan) -> None:
         col, lay = self.col, self.layout
@@ -90,12 +120,14 @@ class Engine:
             col.routed[step] += c.routed.sum(axis=1)
             col.dropped[step] += c.dropped.sum(axis=1)
         dropped = np.stack([c.dropped for c in plan.routing.replicas])  # [dp, L, ep]
-        col.dropped_by_gpu[step] = np.where(lay.tp_rank[:, None] == 0,
-                                            dropped[lay.replica, :, lay.rank], 0).T
+        col.dropped_by_gpu[step] = np.where(
+            lay.tp_rank[:, None] == 0, dropped[lay.replica, :, lay.rank], 0
+        ).T
         loads = np.stack([c.slot_tokens.sum(axis=-1) for c in plan.routing.replicas])
         mean = loads.mean(axis=-1)
-        col.imbalance[step] = np.where(mean > 0, loads.max(axis=-1) / np.maximum(mean, 1e-30),
-                                       1.0).mean(axis=0)
+        col.imbalance[step] = np.where(
+            mean > 0, loads.max(axis=-1) / np.maximum(mean, 1e-30), 1.0
+        ).mean(axis=0)
 
     # --- one GPU, one step ------------------------------------------------------------
     def _gpu_step(self, g: int, step: int, plan: StepPlan) -> Generator[simpy.Event, Any, None]:
@@ -107,8 +139,9 @@ class Engine:
             for layer in reversed(layers):
                 yield from self._layer(g, step, layer, plan, backward=True)
 
-    def _layer(self, g: int, step: int, layer: int, plan: StepPlan,
-               backward: bool) -> Generator[simpy.Event, Any, None]:
+    def _layer(
+        self, g: int, step: int, layer: int, plan: StepPlan, backward: bool
+    ) -> Generator[simpy.Event, Any, None]:
         k = BACKWARD if backward else 1.0
         tp = self.layout.tp > 1
         moe = self.moe_index.get(layer)
@@ -117,40 +150,43 @@ class Engine:
             mlp_compute = [("dense_ffn", plan.dense * k)]
         else:
             pre = [("gate", plan.gate * k)]
-            experts = [("expert_compute", float(plan.experts[moe, g]) * k),
-                       ("shared_expert", plan.shared * k)]
+            experts = [
+                ("expert_compute", float(plan.experts[moe, g]) * k),
+                ("shared_expert", plan.shared * k),
+            ]
         if backward:  # mirror of the forward order
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm", plan)
+                yield from self._comm(g, step, layer, "tp_comm")
             if moe is None:
                 yield from self._compute(g, step, layer, mlp_compute)
             else:
-                yield from self._comm(g, step, layer, "combine_bwd", plan, moe)
+                yield from self._comm(g, step, layer, "combine_bwd")
                 yield from self._compute(g, step, layer, experts)
-                yield from self._comm(g, step, layer, "dispatch_bwd", plan, moe)
+                yield from self._comm(g, step, layer, "dispatch_bwd")
                 yield from self._compute(g, step, layer, pre)
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm", plan)
+                yield from self._comm(g, step, layer, "tp_comm")
             yield from self._compute(g, step, layer, attn)
             return
         if moe is None:
             yield from self._compute(g, step, layer, attn if tp else attn + mlp_compute)
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm", plan)
+                yield from self._comm(g, step, layer, "tp_comm")
                 yield from self._compute(g, step, layer, mlp_compute)
         else:
             if tp:
                 yield from self._compute(g, step, layer, attn)
-                yield from self._comm(g, step, layer, "tp_comm", plan)
+                yield from self._comm(g, step, layer, "tp_comm")
             yield from self._compute(g, step, layer, pre if tp else attn + pre)
-            yield from self._comm(g, step, layer, "dispatch", plan, moe)
+            yield from self._comm(g, step, layer, "dispatch")
             yield from self._compute(g, step, layer, experts)
-            yield from self._comm(g, step, layer, "combine", plan, moe)
+            yield from self._comm(g, step, layer, "combine")
         if tp:
-            yield from self._comm(g, step, layer, "tp_comm", plan)
+            yield from self._comm(g, step, layer, "tp_comm")
 
-    def _compute(self, g: int, step: int, layer: int,
-                 pieces: list[tuple[str, float]]) -> Generator[simpy.Event, Any, None]:
+    def _compute(
+        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]]
+    ) -> Generator[simpy.Event, Any, None]:
         start, done = self.gpus[g].compute.submit(sum(d for _, d in pieces))
         t = start
         for phase, d in pieces:
@@ -158,28 +194,27 @@ class Engine:
             t += d
         yield done
 
-    def _comm(self, g: int, step: int, layer: int, phase: str, plan: StepPlan,
-              moe: int | None = None) -> Generator[simpy.Event, Any, None]:
+    def _comm(self, g: int, step: int, layer: int, phase: str) -> Generator[simpy.Event, Any, None]:
         arrive = self.env.now
-        if phase == "tp_comm":
-            members = self.layout.tp_group(g)
-        else:
-            members = self.layout.ep_group(g)
+        tp = phase == "tp_comm"
+        members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
         key = (step, layer, phase, int(members[0]))
-        ev = self._join(key, g, members, lambda: self._flows(plan, phase, g, moe), step, layer)
+        pre = self._pre[("tp" if tp else layer, phase, int(members[0]))]
+        ev = self._join(key, g, members, pre, step, layer)
         started = yield ev
         self.col.on_wait(step, g, started - arrive)
         name = "tp_comm" if phase == "tp_comm" else phase.removesuffix("_bwd")
         self.col.on_phase(step, layer, g, name, arrive, self.env.now)
 
-    def _flows(self, plan: StepPlan, phase: str, g: int, moe: int | None) -> Flows:
-        if phase == "tp_comm":
-            return self.flows.tp_allreduce(plan, g)
-        assert moe is not None
-        return self.flows.alltoall(plan, moe, g, phase)
-
-    def _join(self, key: tuple[Any, ...], g: int, members: np.ndarray,
-              make: Callable[[], Flows], step: int, layer: int) -> simpy.Event:
+    def _join(
+        self,
+        key: tuple[Any, ...],
+        g: int,
+        members: np.ndarray,
+        pre: tuple[Flows, np.ndarray | None],
+        step: int,
+        layer: int,
+    ) -> simpy.Event:
         rv = self._rv.get(key)
         if rv is None:
             rv = self._rv[key] = _Rendezvous(size=members.size)
@@ -187,9 +222,12 @@ class Engine:
         rv.arrived[g], rv.events[g] = self.env.now, ev
         if len(rv.arrived) == rv.size:
             del self._rv[key]
-            flows = make()
-            self.col.on_flows(step, layer, flows.src, flows.dst, flows.nbytes,
-                              self.r.gpus_per_node)
+            flows, finish = pre
+            self.col.on_flows(step, layer, flows.src, flows.dst, flows.nbytes, self.r.gpus_per_node)
             start = self.env.now
-            self.net.transfer(flows, members, lambda gpu, _t: rv.events[gpu].succeed(start))
+
+            def done(gpu: int, _at: float) -> None:
+                rv.events[gpu].succeed(start)
+
+            self.net.transfer(flows, members, done, finish)
         return ev

@@ -19,8 +19,9 @@ from moesim.timing.maxmin import SATURATED, max_min_rates
 SMALL = 256
 
 
-def _rates_small(cap: list[float], paths: list[list[int]], users: list[list[int]],
-                 alive: list[bool]) -> list[float]:
+def _rates_small(
+    cap: list[float], paths: list[list[int]], users: list[list[int]], alive: list[bool]
+) -> list[float]:
     """Max-min rates of the alive flows (progressive filling, plain Python lists).
 
     Links are numbered ``0..len(cap)-1``; ``users[link]`` lists the flows crossing it.
@@ -54,8 +55,9 @@ def _rates_small(cap: list[float], paths: list[list[int]], users: list[list[int]
     return rate
 
 
-def _schedule_small(cap: list[float], paths: list[list[int]], nbytes: list[float],
-                    window: float) -> list[float]:
+def _schedule_small(
+    cap: list[float], paths: list[list[int]], nbytes: list[float], window: float
+) -> list[float]:
     local: dict[int, int] = {}
     lpaths = [[local.setdefault(link, len(local)) for link in path] for path in paths]
     lcap = [0.0] * len(local)
@@ -72,8 +74,10 @@ def _schedule_small(cap: list[float], paths: list[list[int]], nbytes: list[float
     left, now = n, 0.0
     while left:
         rate = _rates_small(lcap, lpaths, users, alive)
-        ends = [now + (rem[f] if rem[f] > 0 else 0.0) / rate[f] if alive[f] else np.inf
-                for f in range(n)]
+        ends = [
+            now + (rem[f] if rem[f] > 0 else 0.0) / rate[f] if alive[f] else np.inf
+            for f in range(n)
+        ]
         nxt = min(ends)
         cut = nxt + window
         for f in range(n):
@@ -89,8 +93,9 @@ def _schedule_small(cap: list[float], paths: list[list[int]], nbytes: list[float
     return finish
 
 
-def _schedule_numpy(capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray,
-                    window: float) -> np.ndarray:
+def _schedule_numpy(
+    capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray, window: float
+) -> np.ndarray:
     rem = nbytes.astype(np.float64).copy()
     idx = np.arange(rem.size)
     finish = np.zeros(rem.size)
@@ -110,8 +115,9 @@ def _schedule_numpy(capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray,
     return finish
 
 
-def fluid_schedule(capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray,
-                   window: float) -> np.ndarray:
+def fluid_schedule(
+    capacity: np.ndarray, paths: np.ndarray, nbytes: np.ndarray, window: float
+) -> np.ndarray:
     """Seconds after the start at which each flow's last byte leaves (latency not included).
 
     Args:

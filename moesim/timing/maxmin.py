@@ -27,7 +27,7 @@ def max_min_rates(
     Returns:
         ``[n_flows]`` float64 rates in bytes per second.
     """
-    links, l = np.unique(link_of, return_inverse=True)
+    links, link_idx = np.unique(link_of, return_inverse=True)
     cap = capacity[links].astype(np.float64)
     remaining = cap.copy()
     rate = np.zeros(n_flows)
@@ -35,7 +35,7 @@ def max_min_rates(
     f = flow_of
     level = 0.0
     while f.size:
-        count = np.bincount(l, minlength=links.size)
+        count = np.bincount(link_idx, minlength=links.size)
         used = count > 0
         share = np.full(links.size, np.inf)
         share[used] = remaining[used] / count[used]
@@ -43,9 +43,9 @@ def max_min_rates(
         level += step
         remaining -= step * count
         full = used & (remaining <= SATURATED * cap)
-        hit = f[full[l]]
+        hit = f[full[link_idx]]
         rate[hit] = level
         frozen[hit] = True
         keep = ~frozen[f]
-        f, l = f[keep], l[keep]
+        f, link_idx = f[keep], link_idx[keep]
     return rate

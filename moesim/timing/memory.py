@@ -35,9 +35,14 @@ class HBMUsage:
 
     def as_dict(self) -> dict[str, float]:
         """Breakdown plus total, in bytes."""
-        return {"weights": self.weights, "kv_cache": self.kv_cache,
-                "activations": self.activations, "optimizer": self.optimizer,
-                "workspace": self.workspace, "total": self.total}
+        return {
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "activations": self.activations,
+            "optimizer": self.optimizer,
+            "workspace": self.workspace,
+            "total": self.total,
+        }
 
 
 def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
@@ -57,8 +62,11 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     acts, optim = 0.0, 0.0
     if w.mode == "train":
         h, f, k = m.hidden_size, m.moe.expert_intermediate_size, m.moe.top_k
-        per_token = 15 * h + k * (2 * h + 6 * f) + (2 * h + 6 * m.moe.shared_intermediate_size
-                                                     if m.moe.shared_intermediate_size else 0)
+        per_token = (
+            15 * h
+            + k * (2 * h + 6 * f)
+            + (2 * h + 6 * m.moe.shared_intermediate_size if m.moe.shared_intermediate_size else 0)
+        )
         acts = seqs * w.seq_len * m.num_layers * per_token / tp
         optim = params * (2 + 12)
     return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)

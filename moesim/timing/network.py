@@ -35,6 +35,7 @@ import simpy
 from moesim.comm.alltoall import Flows
 from moesim.hardware.topology import Topology
 from moesim.timing.fluid import fluid_schedule
+from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.maxmin import max_min_rates
 
 DoneFn = Callable[[int, float], None]
@@ -77,7 +78,9 @@ class FlowNetwork:
         self.rate_updates = 0
         self.isolated_transfers = 0
 
-    def transfer(self, flows: Flows, gpus: np.ndarray, on_done: DoneFn) -> None:
+    def transfer(
+        self, flows: Flows, gpus: np.ndarray, on_done: DoneFn, finish: np.ndarray | None = None
+    ) -> None:
         """Start the flows of one phase now; call ``on_done(gpu, time)`` per participant.
 
         A GPU is done when every flow it sends or receives has arrived; a GPU with no flow is
@@ -87,6 +90,8 @@ class FlowNetwork:
             flows: The phase's point-to-point flows (positive bytes, src != dst).
             gpus: ``[n]`` GPUs taking part.
             on_done: Called at the simulated time each GPU is done.
+            finish: Precomputed fluid finish times of the flows (seconds after the start,
+                :meth:`plan_isolated`); only used when the transfer is isolated.
         """
         now = self.env.now
         tid, self._next_tid = self._next_tid, self._next_tid + 1
@@ -104,28 +109,60 @@ class FlowNetwork:
         paths = self.topology.paths(flows.src, flows.dst)
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
-        window = self.tolerance * self._lower_bound(flows.src, flows.dst, paths, nbytes)
         lat = self.topology.latency_of(flows.src, flows.dst, paths)
         if self.topology.private(flows.src, flows.dst, paths):
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             self.isolated_transfers += 1
-            finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
+            if finish is None:
+                window = self.window(flows, paths)
+                finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
+        window = self.window(flows, paths)
         self._advance(now)
-        self._append(paths=paths, rem=nbytes, rate=np.zeros(n), window=np.full(n, window),
-                     lat=lat, src=flows.src, dst=flows.dst, tid=np.full(n, tid))
+        self._append(
+            paths=paths,
+            rem=nbytes,
+            rate=np.zeros(n),
+            window=np.full(n, window),
+            lat=lat,
+            src=flows.src,
+            dst=flows.dst,
+            tid=np.full(n, tid),
+        )
         self._reschedule()
 
-    def _lower_bound(self, src: np.ndarray, dst: np.ndarray, paths: np.ndarray,
-                     nbytes: np.ndarray) -> float:
-        """Seconds this transfer needs at least: its busiest link's bytes alone, plus the
-        longest path latency."""
+    def window(self, flows: Flows, paths: np.ndarray) -> float:
+        """The batching window of a transfer: ``tolerance`` times the seconds it needs at
+        least (its busiest link's bytes alone, plus the longest path latency)."""
         live = paths >= 0
-        load = np.bincount(paths[live], weights=np.repeat(nbytes, live.sum(axis=1)),
-                           minlength=self.topology.capacity.size)
-        latency = float(self.topology.latency_of(src, dst, paths).max())
-        return float((load / self.topology.capacity).max()) + latency
+        load = np.bincount(
+            paths[live],
+            weights=np.repeat(flows.nbytes, live.sum(axis=1)),
+            minlength=self.topology.capacity.size,
+        )
+        latency = float(self.topology.latency_of(flows.src, flows.dst, paths).max())
+        return self.tolerance * (float((load / self.topology.capacity).max()) + latency)
+
+    def plan_isolated(self, transfers: list[Flows]) -> list[np.ndarray | None]:
+        """Fluid finish times of the isolated ones among ``transfers``, computed together
+        (:func:`batched_fluid_schedule`); None for transfers that are not isolated."""
+        picked, paths, sizes, windows = [], [], [], []
+        for i, f in enumerate(transfers):
+            if not f.src.size:
+                continue
+            p = self.topology.paths(f.src, f.dst)
+            if self.topology.private(f.src, f.dst, p):
+                picked.append(i)
+                paths.append(p)
+                sizes.append(f.nbytes.astype(np.float64))
+                windows.append(self.window(f, p))
+        out: list[np.ndarray | None] = [None] * len(transfers)
+        if picked:
+            finish = batched_fluid_schedule(self.topology.capacity, paths, sizes, np.array(windows))
+            for i, fin in zip(picked, finish, strict=True):
+                out[i] = fin
+        return out
 
     def _append(self, **arrays: np.ndarray) -> None:
         for name, value in arrays.items():
@@ -146,16 +183,18 @@ class FlowNetwork:
             return
         now = self.env.now
         live = self._paths >= 0
-        self._rate = max_min_rates(self.topology.capacity, np.nonzero(live)[0],
-                                   self._paths[live], self._rem.size)
+        self._rate = max_min_rates(
+            self.topology.capacity, np.nonzero(live)[0], self._paths[live], self._rem.size
+        )
         self.rate_updates += 1
         finish = now + np.maximum(self._rem, 0.0) / self._rate
         first = float(finish.min())
         ev = self.env.timeout(first - now)
         ev.callbacks.append(partial(self._on_timer, self._generation, finish, first))
 
-    def _on_timer(self, generation: int, finish: np.ndarray, first: float,
-                  _event: simpy.Event) -> None:
+    def _on_timer(
+        self, generation: int, finish: np.ndarray, first: float, _event: simpy.Event
+    ) -> None:
         """Book the earliest flow and those due within their window, then update rates.
 
         A transfer arriving before this timer cancels it (the generation changes), so
@@ -200,4 +239,8 @@ class FlowNetwork:
             t.on_done(gpu, now)
         else:
             ev = self.env.timeout(at - now)
-            ev.callbacks.append(lambda _e, g=gpu, a=at: t.on_done(g, a))
+            ev.callbacks.append(partial(_fire, t.on_done, gpu, at))
+
+
+def _fire(on_done: DoneFn, gpu: int, at: float, _event: simpy.Event) -> None:
+    on_done(gpu, at)

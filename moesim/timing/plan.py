@@ -39,11 +39,19 @@ class Layout:
         par = r.scenario.parallelism
         g = np.arange(par.world)
         replica, tp_rank = g // (par.ep * par.tp), g % par.tp
-        ep_groups = [replica[i] * par.ep * par.tp + tp_rank[i] + np.arange(par.ep) * par.tp
-                     for i in g]
+        ep_groups = [
+            replica[i] * par.ep * par.tp + tp_rank[i] + np.arange(par.ep) * par.tp for i in g
+        ]
         tp_groups = [i - tp_rank[i] + np.arange(par.tp) for i in g]
-        return cls(replica=replica, rank=(g // par.tp) % par.ep, tp_rank=tp_rank, ep=par.ep,
-                   tp=par.tp, ep_groups=ep_groups, tp_groups=tp_groups)
+        return cls(
+            replica=replica,
+            rank=(g // par.tp) % par.ep,
+            tp_rank=tp_rank,
+            ep=par.ep,
+            tp=par.tp,
+            ep_groups=ep_groups,
+            tp_groups=tp_groups,
+        )
 
     def ep_group(self, gpu: int) -> np.ndarray:
         """GPUs of ``gpu``'s EP group (same replica and tp rank), in rank order."""
@@ -77,8 +85,9 @@ class StepPlan:
     tokens_per_rank: int
 
 
-def make_plan(r: ResolvedScenario, layout: Layout, costs: CostModel, routing: StepRouting,
-              step: int) -> StepPlan:
+def make_plan(
+    r: ResolvedScenario, layout: Layout, costs: CostModel, routing: StepRouting, step: int
+) -> StepPlan:
     """Price one step's compute for every GPU."""
     m, w = r.model, r.scenario.workload
     batch = routing.batch
@@ -95,7 +104,8 @@ def make_plan(r: ResolvedScenario, layout: Layout, costs: CostModel, routing: St
         attention=costs.attention(tokens, seqs, context, kv_tokens),
         gate=float(costs.gemm(np.float64(tokens), m.gate_params)),
         shared=float(costs.gemm(np.float64(tokens), m.shared_params)) if m.shared_params else 0.0,
-        dense=float(costs.gemm(np.float64(tokens), m.dense_ffn_params)) if m.dense_ffn_params
+        dense=float(costs.gemm(np.float64(tokens), m.dense_ffn_params))
+        if m.dense_ffn_params
         else 0.0,
         experts=costs.experts(per_gpu),
         gpu_tokens=per_gpu.sum(axis=-1),

@@ -26,16 +26,18 @@ def test_run_json_prints_the_summary(write_scenario, tmp_path: Path) -> None:
 
 def test_run_table_names_the_folder(write_scenario, tmp_path: Path) -> None:
     path = write_scenario(small_scenario())
-    res = runner.invoke(app, ["run", str(path), "--out", str(tmp_path), "--set",
-                              "workload.steps=1"])
+    res = runner.invoke(
+        app, ["run", str(path), "--out", str(tmp_path), "--set", "workload.steps=1"]
+    )
     assert res.exit_code == 0, res.output
     assert "step time" in res.stdout and "run folder" in res.stdout
 
 
 def test_bad_scenario_is_a_message_not_a_traceback(write_scenario) -> None:
     path = write_scenario(small_scenario(**{"workload.batch_size": "lots"}))
-    proc = subprocess.run([sys.executable, "-m", "moesim", "run", str(path)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesim", "run", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{path}: workload.batch_size:" in proc.stderr
@@ -59,8 +61,10 @@ def test_catalog_commands() -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, moesim, moesim.cli; "
-            "heavy = [m for m in ('simpy', 'plotly', 'pandas', 'torch', 'pyarrow') "
-            "if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, moesim, moesim.cli; "
+        "heavy = [m for m in ('simpy', 'plotly', 'pandas', 'torch', 'pyarrow') "
+        "if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

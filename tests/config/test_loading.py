@@ -27,34 +27,63 @@ def test_shipped_scenarios_load(path: Path) -> None:
 BAD = [
     # (description, scenario overrides or raw text, expected field, expected words)
     ("unknown top-level key", {"worklod": {}}, "worklod", "did you mean 'workload'"),
-    ("unknown nested key", {"workload.batchsize": 4}, "workload.batchsize",
-     "did you mean 'batch_size'"),
+    (
+        "unknown nested key",
+        {"workload.batchsize": 4},
+        "workload.batchsize",
+        "did you mean 'batch_size'",
+    ),
     ("wrong type", {"workload.batch_size": "many"}, "workload.batch_size", "valid integer"),
     ("negative number", {"workload.steps": -1}, "workload.steps", "greater than or equal to 1"),
     ("bad mode", {"workload.mode": "serve"}, "workload.mode", "'decode', 'prefill' or 'train'"),
     ("unknown model preset", {"model": "mixtral-8x8b"}, "model", "did you mean 'mixtral-8x7b'"),
     ("unknown hardware", {"hardware": "h100"}, "hardware", "unknown hardware profile"),
-    ("unknown placement", {"policies.placement.type": "roundrobin"}, "policies.placement.type",
-     "valid: contiguous"),
-    ("capacity without factor", {"policies.capacity.type": "capacity"}, "policies.capacity",
-     "needs a factor"),
+    (
+        "unknown placement",
+        {"policies.placement.type": "roundrobin"},
+        "policies.placement.type",
+        "valid: contiguous",
+    ),
+    (
+        "capacity without factor",
+        {"policies.capacity.type": "capacity"},
+        "policies.capacity",
+        "needs a factor",
+    ),
     ("world size mismatch", {"parallelism.ep": 4}, "parallelism", "but the cluster has"),
-    ("ep does not divide experts", {"parallelism.ep": 16, "cluster.nodes": 2},
-     "parallelism.ep", "must divide the 8 experts"),
-    ("batch not multiple of ep", {"workload.batch_size": 60}, "workload.batch_size",
-     "multiple of ep"),
+    (
+        "ep does not divide experts",
+        {"parallelism.ep": 16, "cluster.nodes": 2},
+        "parallelism.ep",
+        "must divide the 8 experts",
+    ),
+    (
+        "batch not multiple of ep",
+        {"workload.batch_size": 60},
+        "workload.batch_size",
+        "multiple of ep",
+    ),
     ("decode without context", {"workload.context_len": 0}, "workload", "needs context_len"),
-    ("fp8 on a GPU without fp8", {"hardware": "a100-sxm-80g", "workload.dtype": "fp8"},
-     "workload.dtype", "no fp8"),
-    ("unknown drop policy", {"policies.capacity.drop": "oldest"}, "policies.capacity.drop",
-     "unknown drop policy 'oldest'"),
+    (
+        "fp8 on a GPU without fp8",
+        {"hardware": "a100-sxm-80g", "workload.dtype": "fp8"},
+        "workload.dtype",
+        "no fp8",
+    ),
+    (
+        "unknown drop policy",
+        {"policies.capacity.drop": "oldest"},
+        "policies.capacity.drop",
+        "unknown drop policy 'oldest'",
+    ),
     ("bad skew", {"routing.skew": 9}, "routing.skew", "less than or equal to 4"),
 ]
 
 
 @pytest.mark.parametrize(("what", "change", "field", "words"), BAD, ids=[b[0] for b in BAD])
-def test_bad_scenarios_name_file_field_and_expectation(write_scenario, what, change, field,
-                                                       words) -> None:
+def test_bad_scenarios_name_file_field_and_expectation(
+    write_scenario, what, change, field, words
+) -> None:
     path = write_scenario(small_scenario(**change))
     errs = errors_of(path)
     assert any(e.field == field and words in e.message for e in errs), [str(e) for e in errs]
@@ -81,9 +110,16 @@ def test_several_errors_reported_together(write_scenario) -> None:
 
 def test_overrides_change_fields_and_types(write_scenario) -> None:
     path = write_scenario(small_scenario())
-    r = load_scenario(path, ["workload.batch_size=128", "routing.generator=zipf",
-                             "routing.skew=1.5", "policies.capacity.type=capacity",
-                             "policies.capacity.factor=1.0"])
+    r = load_scenario(
+        path,
+        [
+            "workload.batch_size=128",
+            "routing.generator=zipf",
+            "routing.skew=1.5",
+            "policies.capacity.type=capacity",
+            "policies.capacity.factor=1.0",
+        ],
+    )
     assert r.scenario.workload.batch_size == 128
     assert r.scenario.routing.skew == 1.5
     assert r.scenario.policies.capacity.factor == 1.0

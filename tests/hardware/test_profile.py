@@ -13,7 +13,7 @@ REQUIRED = {"h100-sxm", "h800", "a100-sxm-80g", "h200", "b200", "mi300x", "l40s-
 
 
 def test_required_profiles_ship() -> None:
-    assert REQUIRED <= set(profile_names())
+    assert set(profile_names()) >= REQUIRED
 
 
 @pytest.mark.parametrize("name", sorted(REQUIRED))
@@ -27,7 +27,7 @@ def test_uncited_figure_is_refused(tmp_path) -> None:
     del data["sources"]["gpu.hbm_bandwidth_gb_per_s"]
     path = tmp_path / "uncited.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigErrors, match="gpu.hbm_bandwidth_gb_per_s"):
+    with pytest.raises(ConfigErrors, match=r"gpu\.hbm_bandwidth_gb_per_s"):
         load_profile(str(path))
 
 

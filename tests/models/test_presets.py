@@ -25,8 +25,13 @@ PUBLISHED_TOTAL_B = {
     "grok-1": 314.0,  # xAI grok-1 release
     "qwen1.5-moe-a2.7b": 14.3,  # Qwen1.5-MoE model card
 }
-PUBLISHED_ACTIVE_B = {"mixtral-8x7b": 12.9, "deepseek-v3": 37.0, "qwen3-30b-a3b": 3.3,
-                      "olmoe-1b-7b": 1.3, "gpt-oss-120b": 5.1}
+PUBLISHED_ACTIVE_B = {
+    "mixtral-8x7b": 12.9,
+    "deepseek-v3": 37.0,
+    "qwen3-30b-a3b": 3.3,
+    "olmoe-1b-7b": 1.3,
+    "gpt-oss-120b": 5.1,
+}
 
 
 def test_all_twelve_presets_ship() -> None:
@@ -58,31 +63,65 @@ def test_moe_layer_layouts() -> None:
 
 
 DEEPSEEK_V3_CONFIG = {
-    "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
-    "vocab_size": 129280, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
-    "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
-    "moe_layer_freq": 1, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
-    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "tie_word_embeddings": False,
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_hidden_layers": 61,
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "tie_word_embeddings": False,
 }
 MIXTRAL_CONFIG = {
-    "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
 }
 QWEN2_MOE_CONFIG = {
-    "model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
-    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
-    "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
-    "num_experts": 60, "num_experts_per_tok": 4, "decoder_sparse_step": 1, "vocab_size": 151936,
+    "model_type": "qwen2_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "decoder_sparse_step": 1,
+    "vocab_size": 151936,
     "norm_topk_prob": False,
 }
 
 
-@pytest.mark.parametrize(("cfg", "preset"), [(DEEPSEEK_V3_CONFIG, "deepseek-v3"),
-                                              (MIXTRAL_CONFIG, "mixtral-8x7b"),
-                                              (QWEN2_MOE_CONFIG, "qwen1.5-moe-a2.7b")])
+@pytest.mark.parametrize(
+    ("cfg", "preset"),
+    [
+        (DEEPSEEK_V3_CONFIG, "deepseek-v3"),
+        (MIXTRAL_CONFIG, "mixtral-8x7b"),
+        (QWEN2_MOE_CONFIG, "qwen1.5-moe-a2.7b"),
+    ],
+)
 def test_hf_config_imports_like_the_preset(cfg, preset, tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg), encoding="utf-8")

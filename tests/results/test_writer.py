@@ -23,11 +23,24 @@ def test_run_folder_has_every_file(result, tmp_path: Path) -> None:
     folder = write_run(result, tmp_path / "results")
     assert folder.parent == tmp_path / "results" / "tiny"
     names = {p.name for p in folder.iterdir()}
-    assert names == {"scenario.yaml", "summary.json", "layers.parquet", "timeline.json",
-                     "report.html"}
+    assert names == {
+        "scenario.yaml",
+        "summary.json",
+        "layers.parquet",
+        "timeline.json",
+        "report.html",
+    }
     summary = json.loads((folder / "summary.json").read_text())
-    for key in ("step_time_s", "tokens_per_s", "breakdown_s", "imbalance_max_over_mean",
-                "drop_rate", "bytes_intra_node", "bytes_inter_node", "hbm_peak_bytes"):
+    for key in (
+        "step_time_s",
+        "tokens_per_s",
+        "breakdown_s",
+        "imbalance_max_over_mean",
+        "drop_rate",
+        "bytes_intra_node",
+        "bytes_inter_node",
+        "hbm_peak_bytes",
+    ):
         assert key in summary
     for key in ("attention", "dispatch", "expert_compute", "combine", "exposed_comm"):
         assert key in summary["breakdown_s"]

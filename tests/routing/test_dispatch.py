@@ -10,15 +10,26 @@ from moesim.routing.dispatch import CapacityRule, count_layers, first_of_kind
 from moesim.routing.sources import RoutingDraw
 
 
-def _count(experts: np.ndarray, ranks: int, factor: float | None = None,
-           rank_node: np.ndarray | None = None):
+def _count(
+    experts: np.ndarray,
+    ranks: int,
+    factor: float | None = None,
+    rank_node: np.ndarray | None = None,
+):
     layers, _, _, k = experts.shape
     num_experts = 8
     placement = make_placement("contiguous", np.ones((layers, num_experts)), ranks)
     rule = CapacityRule(factor=factor, drop="position", num_experts=num_experts, top_k=k)
     nodes = rank_node if rank_node is not None else np.zeros(ranks, dtype=np.int64)
-    return count_layers(RoutingDraw(experts, None), np.arange(layers), placement,
-                        placement.log2phy(num_experts), placement.logcnt(num_experts), rule, nodes)
+    return count_layers(
+        RoutingDraw(experts, None),
+        np.arange(layers),
+        placement,
+        placement.log2phy(num_experts),
+        placement.logcnt(num_experts),
+        rule,
+        nodes,
+    )
 
 
 def test_first_of_kind() -> None:
@@ -47,8 +58,9 @@ def test_node_dedup_counts_a_node_once() -> None:
 
 def test_tokens_conserved_with_drops() -> None:
     rng = np.random.default_rng(0)
-    experts = np.stack([np.stack([rng.permutation(8)[:2] for _ in range(64)])
-                        for _ in range(4)])[None]  # [1 layer, 4 ranks, 64 tokens, 2]
+    experts = np.stack([np.stack([rng.permutation(8)[:2] for _ in range(64)]) for _ in range(4)])[
+        None
+    ]  # [1 layer, 4 ranks, 64 tokens, 2]
     experts[..., 0] = 0  # everyone wants expert 0 first
     c = _count(experts, ranks=4, factor=1.0)
     computed = c.slot_tokens.sum()

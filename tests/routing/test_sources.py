@@ -27,8 +27,9 @@ def test_same_seed_same_draw() -> None:
 def test_uniform_loads_are_even_and_zipf_loads_are_skewed() -> None:
     rng = np.random.default_rng(1)
     uni = np.bincount(distinct_topk(np.full((1, 32), 1 / 32), 20000, 4, rng).ravel(), minlength=32)
-    zipf = np.bincount(distinct_topk(zipf_popularity(1, 32, 1.2, rng), 20000, 4, rng).ravel(),
-                       minlength=32)
+    zipf = np.bincount(
+        distinct_topk(zipf_popularity(1, 32, 1.2, rng), 20000, 4, rng).ravel(), minlength=32
+    )
     assert uni.max() / uni.mean() < 1.1
     assert zipf.max() / zipf.mean() > 3.0
 

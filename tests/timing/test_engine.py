@@ -25,8 +25,9 @@ class _AllToExpertZero:
     def expected_loads(self) -> np.ndarray:
         return np.ones((len(self.model.moe_layers), self.model.moe.num_experts))
 
-    def draw(self, step: int, layers: np.ndarray, batch: TokenBatch, rng: Any,
-             with_weights: bool) -> RoutingDraw:
+    def draw(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: Any, with_weights: bool
+    ) -> RoutingDraw:
         k = self.model.moe.top_k
         shape = (len(layers), batch.ranks, batch.tokens_per_rank, k)
         experts = np.broadcast_to(np.arange(k), shape).copy()
@@ -55,8 +56,14 @@ def test_hot_expert_gpu_is_the_critical_path(write_scenario) -> None:
 
 
 def test_tokens_conserved_per_layer_and_step(write_scenario) -> None:
-    res = run(write_scenario, **{"policies.capacity": {"type": "capacity", "factor": 0.8},
-                                 "routing.generator": "zipf", "routing.skew": 1.5})
+    res = run(
+        write_scenario,
+        **{
+            "policies.capacity": {"type": "capacity", "factor": 0.8},
+            "routing.generator": "zipf",
+            "routing.skew": 1.5,
+        },
+    )
     col = res.collector
     computed = col.gpu_tokens.sum(axis=2)  # [steps, moe layers]
     assert (computed + col.dropped == col.routed).all()
@@ -76,12 +83,20 @@ def test_step_never_beats_physical_bounds(write_scenario) -> None:
 
 
 def test_train_step_costs_about_three_forward_passes(write_scenario) -> None:
-    fwd = run(write_scenario, model="olmoe-1b-7b", **{"workload": {
-        "mode": "prefill", "batch_size": 8, "seq_len": 1024, "steps": 1}})
-    train = run(write_scenario, model="olmoe-1b-7b", **{"workload": {
-        "mode": "train", "batch_size": 8, "seq_len": 1024, "steps": 1}})
-    ratio = (train.summary["breakdown_s"]["expert_compute"]
-             / fwd.summary["breakdown_s"]["expert_compute"])
+    fwd = run(
+        write_scenario,
+        model="olmoe-1b-7b",
+        **{"workload": {"mode": "prefill", "batch_size": 8, "seq_len": 1024, "steps": 1}},
+    )
+    train = run(
+        write_scenario,
+        model="olmoe-1b-7b",
+        **{"workload": {"mode": "train", "batch_size": 8, "seq_len": 1024, "steps": 1}},
+    )
+    ratio = (
+        train.summary["breakdown_s"]["expert_compute"]
+        / fwd.summary["breakdown_s"]["expert_compute"]
+    )
     assert ratio == pytest.approx(3.0, rel=1e-6)
 
 

@@ -32,6 +32,8 @@ def test_no_link_over_capacity_and_each_flow_bottlenecked() -> None:
     saturated = load >= cap * (1 - 1e-9)
     for f in range(30):  # every flow crosses a saturated link where it has a maximal rate
         links = link_of[flow_of == f]
-        ok = [saturated[link] and rates[f] >= rates[flow_of[link_of == link]].max() - 1e-9
-              for link in links]
+        ok = [
+            saturated[link] and rates[f] >= rates[flow_of[link_of == link]].max() - 1e-9
+            for link in links
+        ]
         assert any(ok)

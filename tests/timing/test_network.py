@@ -13,15 +13,15 @@ from moesim.timing.fluid import _schedule_numpy, _schedule_small
 from moesim.timing.network import FlowNetwork
 
 
-def run_transfer(copies: np.ndarray, profile: str, nodes: int, tol: float,
-                 token_bytes: float = 14336.0) -> np.ndarray:
+def run_transfer(
+    copies: np.ndarray, profile: str, nodes: int, tol: float, token_bytes: float = 14336.0
+) -> np.ndarray:
     topo = Topology(load_profile(profile), nodes)
     env = simpy.Environment()
     net = FlowNetwork(env, topo, tol)
     gpus = np.arange(copies.shape[0])
     done = np.full(gpus.size, np.nan)
-    net.transfer(direct(copies, gpus, token_bytes), gpus,
-                 lambda g, t: done.__setitem__(g, t))
+    net.transfer(direct(copies, gpus, token_bytes), gpus, lambda g, t: done.__setitem__(g, t))
     env.run()
     return done
 
@@ -41,8 +41,11 @@ def test_isolated_flow_takes_bytes_over_bottleneck_plus_latency() -> None:
     net = FlowNetwork(env, topo, 0.0)
     done = {}
     # GPU 0 -> GPU 8: same rail in two nodes, NIC to NIC.
-    net.transfer(Flows(np.array([0]), np.array([8]), np.array([1e9])), np.array([0, 8]),
-                 lambda g, t: done.__setitem__(g, t))
+    net.transfer(
+        Flows(np.array([0]), np.array([8]), np.array([1e9])),
+        np.array([0, 8]),
+        lambda g, t: done.__setitem__(g, t),
+    )
     env.run()
     p = load_profile("h800")
     nic = p.node.nic_gb_per_s * 1e9 * p.node.nic_efficiency
@@ -61,9 +64,15 @@ def test_python_and_numpy_schedules_agree() -> None:
         assert np.allclose(a, b, rtol=1e-12)
 
 
-@pytest.mark.parametrize(("name", "profile", "nodes", "gpus"), [
-    ("uniform8", "h100-sxm", 1, 8), ("skewed8", "h100-sxm", 1, 8),
-    ("internode16", "h800", 2, 16), ("pcie8", "l40s-pcie", 1, 8)])
+@pytest.mark.parametrize(
+    ("name", "profile", "nodes", "gpus"),
+    [
+        ("uniform8", "h100-sxm", 1, 8),
+        ("skewed8", "h100-sxm", 1, 8),
+        ("internode16", "h800", 2, 16),
+        ("pcie8", "l40s-pcie", 1, 8),
+    ],
+)
 def test_default_tolerance_stays_close_to_exact(name, profile, nodes, gpus) -> None:
     rng = np.random.default_rng(1)
     copies = rng.poisson(300, (gpus, gpus))
@@ -80,16 +89,18 @@ def _finish_times(topo: Topology, transfers: list[Flows]) -> dict[int, float]:
     net = FlowNetwork(env, topo, 0.0)
     done: dict[int, float] = {}
     for f in transfers:
-        net.transfer(f, np.unique(np.concatenate([f.src, f.dst])),
-                     lambda g, t: done.__setitem__(g, t))
+        net.transfer(
+            f, np.unique(np.concatenate([f.src, f.dst])), lambda g, t: done.__setitem__(g, t)
+        )
     env.run()
     return done
 
 
 def test_concurrent_transfers_share_an_oversubscribed_spine() -> None:
     base = load_profile("h100-sxm")
-    prof = base.model_copy(update={"fabric": base.fabric.model_copy(
-        update={"oversubscription": 8.0})})
+    prof = base.model_copy(
+        update={"fabric": base.fabric.model_copy(update={"oversubscription": 8.0})}
+    )
     topo = Topology(prof, 2)
     # GPU 0 (node 0, rail 0) -> GPU 9 (node 1, rail 1) and GPU 8 (node 1, rail 0) -> GPU 1
     # (node 0, rail 1) both climb leaf 0 and descend leaf 1: they share two spine links.
