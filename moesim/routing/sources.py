@@ -71,7 +71,7 @@ def zipf_popularity(layers: int, experts: int, skew: float, rng: np.random.Gener
     return np.stack([base[rng.permutation(experts)] for _ in range(layers)])
 
 
-def _sampler(p: np.ndarray, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+def _sampler(p: np.ndarray, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
     """A function drawing one expert id per entry of a layer-index array, from ``p``."""
     layers, experts = p.shape
     if np.all(p == p[:, :1]):  # uniform in every layer
