@@ -29,6 +29,14 @@ from moesim.config.validation import validate
 from moesim.errors import ConfigError
 from moesim.models.spec import ModelSpec
 
+EXPERT_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "ffn_config.moe_num_experts",
+)
+
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     for key in keys:
@@ -58,14 +66,7 @@ def _attention(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
 
 
 def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
-    experts = _first(
-        cfg,
-        "num_local_experts",
-        "num_experts",
-        "n_routed_experts",
-        "moe_num_experts",
-        "ffn_config.moe_num_experts",
-    )
+    experts = _first(cfg, *EXPERT_KEYS)
     top_k = _first(
         cfg,
         "num_experts_per_tok",
@@ -102,14 +103,7 @@ def from_hf_config(cfg: dict[str, Any], path: Path | str = "config.json") -> Mod
         ConfigError / ConfigErrors: the config is not an MoE model or lacks a needed field.
     """
     hidden = _first(cfg, "hidden_size", "d_model", "n_embd")
-    if not _first(
-        cfg,
-        "num_local_experts",
-        "num_experts",
-        "n_routed_experts",
-        "moe_num_experts",
-        "ffn_config.moe_num_experts",
-    ):
+    if not _first(cfg, *EXPERT_KEYS):
         raise ConfigError(
             path,
             "num_local_experts",
