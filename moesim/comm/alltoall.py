@@ -1,12 +1,15 @@
 """All-to-all algorithms: from deduplicated token counts to point-to-point flows.
 
-An algorithm is a pure function::
+An algorithm is a pure function ``(exchange: Exchange, token_bytes: float) -> Flows`` giving the
+flows of the *dispatch* direction (tokens to their experts); the combine direction sends the
+same amounts back, so callers reverse each flow (:meth:`Flows.reversed`).
 
-    (copies [ranks, ranks] int, rank_gpu [ranks] int, token_bytes float) -> Flows
-
-``copies[s, d]`` is the number of tokens rank ``s`` sends to rank ``d`` (for dispatch; the
-combine phase passes the transpose). ``direct`` is NCCL's pairwise exchange: one flow per
-ordered pair of distinct GPUs that exchange tokens; tokens that stay on their GPU move nothing.
+- ``direct``: NCCL's pairwise exchange, one flow per ordered pair of GPUs that exchange tokens;
+  a token goes once to every GPU holding one of its experts.
+- ``hierarchical``: DeepEP's normal kernels. A token crosses the network once per destination
+  node, to the GPU of the same local rank there (same rail), which forwards it over NVLink to
+  the GPUs of that node that hold its experts; tokens for GPUs of the own node go straight over
+  NVLink. The two stages are pipelined by DeepEP, so their flows run concurrently here.
 """
 
 from __future__ import annotations
@@ -33,21 +36,89 @@ class Flows:
     dst: np.ndarray
     nbytes: np.ndarray
 
+    def reversed(self, scale: float = 1.0) -> Flows:
+        """The same flows in the opposite direction, bytes times ``scale``."""
+        return Flows(src=self.dst, dst=self.src, nbytes=self.nbytes * scale)
 
-AllToAllFn = Callable[[np.ndarray, np.ndarray, float], Flows]
+
+@dataclass(frozen=True)
+class Exchange:
+    """Who sends how many tokens to whom in one EP group.
+
+    Attributes:
+        copies: ``[ranks, ranks]`` int, tokens rank ``s`` sends to rank ``d`` (deduplicated
+            per destination rank; the diagonal stays local).
+        node_copies: ``[ranks, nodes]`` int, tokens rank ``s`` sends to node ``n``
+            (deduplicated per destination node).
+        rank_gpu: ``[ranks]`` GPU of each rank.
+        rank_node: ``[ranks]`` node index (the columns of ``node_copies``) of each rank.
+    """
+
+    copies: np.ndarray
+    node_copies: np.ndarray
+    rank_gpu: np.ndarray
+    rank_node: np.ndarray
+
+
+AllToAllFn = Callable[[Exchange, float], Flows]
 ALL_TO_ALL: Registry[AllToAllFn] = Registry("all-to-all")
 
 
-@ALL_TO_ALL.register("direct")
-def direct(copies: np.ndarray, rank_gpu: np.ndarray, token_bytes: float) -> Flows:
-    """Pairwise exchange: rank ``s`` sends ``copies[s, d] * token_bytes`` straight to rank ``d``.
-
-    Args:
-        copies: ``[ranks, ranks]`` int token copies.
-        rank_gpu: ``[ranks]`` GPU of each rank.
-        token_bytes: Bytes per token on the wire.
-    """
-    s, d = np.nonzero(copies)
-    off = s != d
+def _pairs(counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float) -> Flows:
+    """Flows for the non-zero, off-diagonal entries of a ``[src, dst]`` count matrix."""
+    s, d = np.nonzero(counts)
+    off = src_gpu[s] != dst_gpu[d]
     s, d = s[off], d[off]
-    return Flows(src=rank_gpu[s], dst=rank_gpu[d], nbytes=copies[s, d] * float(token_bytes))
+    return Flows(src=src_gpu[s], dst=dst_gpu[d], nbytes=counts[s, d] * float(tb))
+
+
+def _concat(parts: list[Flows]) -> Flows:
+    return Flows(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "nbytes"))
+    )
+
+
+@ALL_TO_ALL.register("direct")
+def direct(ex: Exchange, token_bytes: float) -> Flows:
+    """Pairwise exchange: rank ``s`` sends ``copies[s, d]`` tokens straight to rank ``d``."""
+    return _pairs(ex.copies, ex.rank_gpu, ex.rank_gpu, token_bytes)
+
+
+def rdma_peer(rank_node: np.ndarray) -> np.ndarray:
+    """``[ranks, nodes]`` the rank on node ``n`` that receives rank ``s``'s RDMA traffic: the
+    one with the same position inside its node (same rail)."""
+    nodes = int(rank_node.max()) + 1
+    members = [np.nonzero(rank_node == n)[0] for n in range(nodes)]
+    pos = np.zeros(rank_node.size, dtype=np.int64)
+    for m in members:
+        pos[m] = np.arange(m.size)
+    peer = np.empty((rank_node.size, nodes), dtype=np.int64)
+    for n, m in enumerate(members):
+        peer[:, n] = m[pos % m.size]
+    return peer
+
+
+@ALL_TO_ALL.register("hierarchical")
+def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
+    """DeepEP normal kernels: RDMA once per destination node, then NVLink forwarding."""
+    node = ex.rank_node
+    same = node[:, None] == node[None, :]
+    local = _pairs(np.where(same, ex.copies, 0), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    peer = rdma_peer(node)  # [ranks, nodes]
+    remote_nodes = np.where(
+        np.arange(ex.node_copies.shape[1])[None, :] == node[:, None], 0, ex.node_copies
+    )
+    s, n = np.nonzero(remote_nodes)
+    rdma = Flows(
+        src=ex.rank_gpu[s],
+        dst=ex.rank_gpu[peer[s, n]],
+        nbytes=remote_nodes[s, n] * float(token_bytes),
+    )
+    # Forwarding inside each destination node: the peer relays s's tokens to every rank d.
+    fwd = np.where(same, 0, ex.copies)  # [s, d] tokens crossing nodes
+    s, d = np.nonzero(fwd)
+    relay = peer[s, node[d]]
+    ranks = ex.copies.shape[0]
+    per_pair = np.bincount(relay * ranks + d, weights=fwd[s, d], minlength=ranks * ranks)
+    forward = _pairs(per_pair.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    return _concat([local, rdma, forward])

@@ -59,6 +59,10 @@ class Parallelism(_Section):
         """GPUs in the scenario."""
         return self.dp * self.ep * self.tp
 
+    def rank_nodes(self, gpus_per_node: int) -> list[int]:
+        """Node of each EP rank, counted from the first node of its replica."""
+        return [(rank * self.tp) // gpus_per_node for rank in range(self.ep)]
+
 
 class Workload(_Section):
     """What the cluster runs."""

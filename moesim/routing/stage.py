@@ -60,7 +60,7 @@ class RoutingStage:
             num_experts=model.moe.num_experts,
             top_k=model.moe.top_k,
         )
-        self.rank_node = (np.arange(par.ep) * par.tp) // gpus_per_node
+        self.rank_node = np.array(par.rank_nodes(gpus_per_node))
 
     def batch(self, step: int) -> TokenBatch:
         """The tokens of ``step`` on each EP rank of a replica."""

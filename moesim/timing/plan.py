@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.comm.alltoall import ALL_TO_ALL, Flows
+from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import token_bytes
 from moesim.routing.stage import StepRouting
@@ -124,22 +124,25 @@ class FlowBuilder:
         self.dispatch_bytes = token_bytes(h, w.dispatch_dtype)
         self.combine_bytes = token_bytes(h, w.combine_dtype)
         self.hidden = h
+        self.rank_node = np.array(r.scenario.parallelism.rank_nodes(r.gpus_per_node))
 
     def alltoall(self, plan: StepPlan, moe_idx: int, gpu: int, phase: str) -> Flows:
         """Flows of ``phase`` (dispatch, combine, or their backward) in ``gpu``'s EP group.
 
-        Forward dispatch sends ``copies``, combine its transpose; backward reverses the
-        direction and carries bf16 gradients in both.
+        Forward dispatch sends tokens to their experts and combine sends them back; backward
+        reverses both directions and carries bf16 gradients in each.
         """
-        copies = plan.routing.replicas[self.layout.replica[gpu]].rank_copies[moe_idx]
-        group = self.layout.ep_group(gpu)
+        counts = plan.routing.replicas[self.layout.replica[gpu]]
+        ex = Exchange(
+            copies=counts.rank_copies[moe_idx],
+            node_copies=counts.node_copies[moe_idx],
+            rank_gpu=self.layout.ep_group(gpu),
+            rank_node=self.rank_node,
+        )
         if phase == "dispatch":
-            return self.algorithm(copies, group, self.dispatch_bytes)
-        if phase == "combine":
-            return self.algorithm(copies.T, group, self.combine_bytes)
-        if phase == "combine_bwd":
-            return self.algorithm(copies, group, self.combine_bytes)
-        return self.algorithm(copies.T, group, self.combine_bytes)  # dispatch_bwd
+            return self.algorithm(ex, self.dispatch_bytes)
+        to_experts = self.algorithm(ex, self.combine_bytes)
+        return to_experts if phase == "combine_bwd" else to_experts.reversed()
 
     def tp_allreduce(self, plan: StepPlan, gpu: int) -> Flows:
         """Ring all-reduce of the TP group: each GPU sends 2(tp-1)/tp of the activations."""

@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 import simpy
 
-from moesim.comm.alltoall import Flows, direct
+from moesim.comm.alltoall import Exchange, Flows, direct
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.topology import Topology
 from moesim.timing.fluid import _schedule_numpy, _schedule_small
 from moesim.timing.network import FlowNetwork
+
+
+def flows_of(copies: np.ndarray, gpus: np.ndarray, token_bytes: float) -> Flows:
+    n = gpus.size
+    ex = Exchange(copies, np.zeros((n, 1), dtype=int), gpus, np.zeros(n, dtype=int))
+    return direct(ex, token_bytes)
 
 
 def run_transfer(
@@ -21,7 +27,7 @@ def run_transfer(
     net = FlowNetwork(env, topo, tol)
     gpus = np.arange(copies.shape[0])
     done = np.full(gpus.size, np.nan)
-    net.transfer(direct(copies, gpus, token_bytes), gpus, lambda g, t: done.__setitem__(g, t))
+    net.transfer(flows_of(copies, gpus, token_bytes), gpus, lambda g, t: done.__setitem__(g, t))
     env.run()
     return done
 
@@ -55,7 +61,7 @@ def test_isolated_flow_takes_bytes_over_bottleneck_plus_latency() -> None:
 def test_python_and_numpy_schedules_agree() -> None:
     topo = Topology(load_profile("h800"), 2)
     rng = np.random.default_rng(0)
-    f = direct(rng.poisson(40, (16, 16)), np.arange(16), 7000.0)
+    f = flows_of(rng.poisson(40, (16, 16)), np.arange(16), 7000.0)
     paths = topo.paths(f.src, f.dst)
     for window in (0.0, 2e-6):
         plist = [[link for link in row if link >= 0] for row in paths.tolist()]
