@@ -91,6 +91,25 @@ def check(
         print_check(r, usage)
 
 
+@app.command()
+def validate(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the benchmark routing.")] = 0,
+) -> None:
+    """Predict published measurements (DeepEP normal kernels) and print the errors."""
+    import json
+
+    from moesim.cli.render import print_validation
+    from moesim.validation.deepep import validate_deepep
+
+    with reported():
+        rows = validate_deepep(seed=seed)
+        if json_out:
+            typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        else:
+            print_validation(rows)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -13,6 +13,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from moesim.config.loading import ResolvedScenario
     from moesim.timing.memory import HBMUsage
+    from moesim.validation.deepep import Row
 
 GiB = 1024**3
 
@@ -82,3 +83,30 @@ def print_check(r: ResolvedScenario, usage: HBMUsage) -> None:
         f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
         f" GiB ({parts} GiB)"
     )
+
+
+def print_validation(rows: list[Row]) -> None:
+    """Predicted vs published, with the relative error of each row."""
+    t = Table(title="DeepEP normal kernels, H800 (published: deepseek-ai/DeepEP README)")
+    for col in (
+        "case",
+        "phase",
+        "counted as",
+        "published GB/s",
+        "predicted GB/s",
+        "error",
+        "phase time",
+    ):
+        t.add_column(col, justify="right" if col[0] in "ppe" and col != "phase" else "left")
+    for r in rows:
+        colour = "green" if abs(r.error) <= 0.15 else "yellow"
+        t.add_row(
+            f"{r.kind} EP{r.ep}",
+            r.phase,
+            r.bottleneck,
+            f"{r.published_gb_per_s:.0f}",
+            f"{r.predicted_gb_per_s:.1f}",
+            f"[{colour}]{r.error:+.1%}[/]",
+            f"{r.predicted_time_us:,.0f} us",
+        )
+    Console().print(t)

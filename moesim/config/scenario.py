@@ -97,7 +97,11 @@ class Routing(_Section):
     """Where token-to-expert assignments come from."""
 
     source: str = Field("synthetic", description="Routing source (registry name).")
-    generator: Literal["uniform", "zipf"] = Field("uniform", description="Synthetic generator.")
+    generator: Literal["uniform", "zipf", "group_limited"] = Field(
+        "uniform",
+        description="Synthetic generator; group_limited uses the model's n_group/topk_group "
+        "on DeepEP's benchmark scores.",
+    )
     skew: float = Field(
         1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only)."
     )

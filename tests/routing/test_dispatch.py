@@ -81,3 +81,34 @@ def test_capacity_formula_is_megatrons() -> None:
     assert get_capacity(4096, 8, 1.25, 256) == 160
     assert get_capacity(100, 2, 1.0, 8) == 25
     assert get_capacity(101, 2, 1.0, 8) == 26
+
+
+def test_hierarchical_crosses_rdma_once_per_node() -> None:
+    from moesim.comm.alltoall import Exchange, Flows, direct, hierarchical
+
+    def rows(f: Flows) -> list[tuple[int, int, float]]:
+        return sorted(zip(f.src.tolist(), f.dst.tolist(), f.nbytes.tolist(), strict=True))
+
+    # 4 ranks on 2 nodes (ranks 0,1 on node 0; 2,3 on node 1). Rank 0 sends 10 tokens that
+    # each need both GPUs of node 1: direct sends 10 to rank 2 and 10 to rank 3 over the
+    # network; hierarchical sends 10 once to rank 2 (same rail) which forwards 10 to rank 3.
+    copies = np.zeros((4, 4), dtype=np.int64)
+    copies[0, 2] = copies[0, 3] = 10
+    node_copies = np.zeros((4, 2), dtype=np.int64)
+    node_copies[0, 1] = 10
+    ex = Exchange(copies, node_copies, np.array([0, 1, 8, 9]), np.array([0, 0, 1, 1]))
+    d = direct(ex, 1.0)
+    assert rows(d) == [
+        (0, 8, 10.0),
+        (0, 9, 10.0),
+    ]
+    h = hierarchical(ex, 1.0)
+    assert rows(h) == [
+        (0, 8, 10.0),
+        (8, 9, 10.0),
+    ]
+    back = h.reversed(2.0)
+    assert rows(back) == [
+        (8, 0, 20.0),
+        (9, 8, 20.0),
+    ]

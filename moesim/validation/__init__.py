@@ -1,0 +1,1 @@
+"""Validation against published measurements: predictions from profile facts, never fitted."""
