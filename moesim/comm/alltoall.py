@@ -6,6 +6,11 @@ same amounts back, so callers reverse each flow (:meth:`Flows.reversed`).
 
 - ``direct``: NCCL's pairwise exchange, one flow per ordered pair of GPUs that exchange tokens;
   a token goes once to every GPU holding one of its experts.
+- ``allgather``: Megatron's all-gather dispatcher: every rank gathers every other rank's
+  tokens (and reduce-scatters the outputs on combine), whatever their experts.
+- ``low_latency``: DeepEP's low-latency (decode) kernels: pure RDMA, one message per token and
+  expert (no deduplication), GPUs of the same node included; each flow pays the NIC path
+  latency.
 - ``hierarchical``: DeepEP's normal kernels. A token crosses the network once per destination
   node, to the GPU of the same local rank there (same rail), which forwards it over NVLink to
   the GPUs of that node that hold its experts; tokens for GPUs of the own node go straight over
@@ -35,10 +40,11 @@ class Flows:
     src: np.ndarray
     dst: np.ndarray
     nbytes: np.ndarray
+    via_nic: bool = False
 
     def reversed(self, scale: float = 1.0) -> Flows:
         """The same flows in the opposite direction, bytes times ``scale``."""
-        return Flows(src=self.dst, dst=self.src, nbytes=self.nbytes * scale)
+        return Flows(src=self.dst, dst=self.src, nbytes=self.nbytes * scale, via_nic=self.via_nic)
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,17 @@ class Exchange:
             (deduplicated per destination node).
         rank_gpu: ``[ranks]`` GPU of each rank.
         rank_node: ``[ranks]`` node index (the columns of ``node_copies``) of each rank.
+        assignments: ``[ranks, ranks]`` int, token-expert assignments from ``s`` to ``d``
+            (not deduplicated).
+        tokens_per_rank: Tokens each rank holds before the exchange.
     """
 
     copies: np.ndarray
     node_copies: np.ndarray
     rank_gpu: np.ndarray
     rank_node: np.ndarray
+    assignments: np.ndarray
+    tokens_per_rank: int
 
 
 AllToAllFn = Callable[[Exchange, float], Flows]
@@ -76,6 +87,20 @@ def _concat(parts: list[Flows]) -> Flows:
     return Flows(
         *(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "nbytes"))
     )
+
+
+@ALL_TO_ALL.register("allgather")
+def allgather(ex: Exchange, token_bytes: float) -> Flows:
+    """All-gather: every rank receives all ``tokens_per_rank`` tokens of every other rank."""
+    everyone = np.full(ex.copies.shape, ex.tokens_per_rank)
+    return _pairs(everyone, ex.rank_gpu, ex.rank_gpu, token_bytes)
+
+
+@ALL_TO_ALL.register("low_latency")
+def low_latency(ex: Exchange, token_bytes: float) -> Flows:
+    """Per-expert RDMA messages between every pair of ranks, over the NICs."""
+    f = _pairs(ex.assignments, ex.rank_gpu, ex.rank_gpu, token_bytes)
+    return Flows(f.src, f.dst, f.nbytes, via_nic=True)
 
 
 @ALL_TO_ALL.register("direct")

@@ -205,15 +205,34 @@ class Topology:
         self._intra_paths(src[intra], dst[intra], out, np.nonzero(intra)[0])
         inter = np.nonzero(~intra)[0]
         if inter.size:
-            if not self.inter_capable:
-                raise ValueError("inter-node traffic but the profile has no NIC bandwidth")
-            s, d = src[inter], dst[inter]
-            same_leaf = self._leaf_of[s] == self._leaf_of[d]
-            out[inter, 0] = self._tx[s]
-            out[inter, 1] = np.where(same_leaf, self._rx[d], self._leaf_up[self._leaf_of[s]])
-            out[inter, 2] = np.where(same_leaf, -1, self._leaf_down[self._leaf_of[d]])
-            out[inter, 3] = np.where(same_leaf, -1, self._rx[d])
+            out[inter] = self._nic_paths(src[inter], dst[inter])
         return out
+
+    def _nic_paths(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """``[n, MAX_HOPS]`` paths through the NICs: leaf, and the spine between leaves."""
+        if not self.inter_capable and (self.node_of(s) != self.node_of(d)).any():
+            raise ValueError("inter-node traffic but the profile has no NIC bandwidth")
+        if self.profile.node.nic_gb_per_s <= 0:
+            raise ValueError("traffic through the NICs but the profile has no NIC bandwidth")
+        out = np.full((s.size, self.MAX_HOPS), -1, dtype=np.int64)
+        same_leaf = self._leaf_of[s] == self._leaf_of[d]
+        out[:, 0] = self._tx[s]
+        out[:, 1] = np.where(same_leaf, self._rx[d], self._leaf_up[self._leaf_of[s]])
+        out[:, 2] = np.where(same_leaf, -1, self._leaf_down[self._leaf_of[d]])
+        out[:, 3] = np.where(same_leaf, -1, self._rx[d])
+        return out
+
+    def route(
+        self, src: np.ndarray, dst: np.ndarray, via_nic: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Paths, ``[n]`` latencies and privacy (:meth:`private`) of flows ``src -> dst``;
+        ``via_nic`` sends even same-node flows through the NICs (pure-RDMA kernels)."""
+        if via_nic:
+            paths = self._nic_paths(np.asarray(src), np.asarray(dst))
+            owned = bool((self.link_owner[paths[paths >= 0]] >= 0).all())
+            return paths, self.path_latency(paths), owned
+        paths = self.paths(src, dst)
+        return paths, self.latency_of(src, dst, paths), self.private(src, dst, paths)
 
     def _intra_paths(self, s: np.ndarray, d: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
         kind = self.profile.node.interconnect

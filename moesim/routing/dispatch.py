@@ -10,7 +10,9 @@ For one chunk of MoE layers of one replica:
   ``d``: a token is sent once to each distinct destination rank holding one of its kept
   experts (diagonal: tokens that stay on their rank);
 - ``node_copies``: ``[layers, ranks, nodes]`` int64, the same deduplicated per destination node
-  (what a hierarchical all-to-all sends over RDMA).
+  (what a hierarchical all-to-all sends over RDMA);
+- ``assignments``: ``[layers, ranks, ranks]`` int64, kept token-expert assignments from rank
+  ``s`` to rank ``d`` without deduplication (what per-expert messages carry).
 
 Bytes are these counts times the bytes of one token in the dispatch or combine dtype
 (:func:`moesim.dtypes.token_bytes`).
@@ -36,6 +38,7 @@ class LayerCounts:
     dropped: np.ndarray
     rank_copies: np.ndarray
     node_copies: np.ndarray
+    assignments: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,11 @@ def count_layers(
     slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
     routed = np.full((n_layers, ranks), tokens * experts.shape[3], dtype=np.int64)
     n_nodes = int(rank_node.max()) + 1
+    pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
+    pair = pair + dest_rank
+    assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks)
     return LayerCounts(
+        assignments=assignments.reshape(n_layers, ranks, ranks),
         slot_tokens=slot_tokens,
         routed=routed,
         dropped=dropped,

@@ -6,7 +6,7 @@ at most :data:`CHUNK_ASSIGNMENTS` assignments so memory stays bounded for 64-GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -103,8 +103,5 @@ def _concat(parts: list[LayerCounts]) -> LayerCounts:
     if len(parts) == 1:
         return parts[0]
     return LayerCounts(
-        *(
-            np.concatenate([getattr(p, f) for p in parts])
-            for f in ("slot_tokens", "routed", "dropped", "rank_copies", "node_copies")
-        )
+        **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(LayerCounts)}
     )

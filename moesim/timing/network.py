@@ -106,19 +106,18 @@ class FlowNetwork:
         if flows.src.size == 0:
             del self._transfers[tid]
             return
-        paths = self.topology.paths(flows.src, flows.dst)
+        paths, lat, private = self.topology.route(flows.src, flows.dst, flows.via_nic)
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
-        lat = self.topology.latency_of(flows.src, flows.dst, paths)
-        if self.topology.private(flows.src, flows.dst, paths):
+        if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             self.isolated_transfers += 1
             if finish is None:
-                window = self.window(flows, paths)
+                window = self.window(flows, paths, lat)
                 finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
-        window = self.window(flows, paths)
+        window = self.window(flows, paths, lat)
         self._advance(now)
         self._append(
             paths=paths,
@@ -132,7 +131,7 @@ class FlowNetwork:
         )
         self._reschedule()
 
-    def window(self, flows: Flows, paths: np.ndarray) -> float:
+    def window(self, flows: Flows, paths: np.ndarray, lat: np.ndarray) -> float:
         """The batching window of a transfer: ``tolerance`` times the seconds it needs at
         least (its busiest link's bytes alone, plus the longest path latency)."""
         live = paths >= 0
@@ -141,7 +140,7 @@ class FlowNetwork:
             weights=np.repeat(flows.nbytes, live.sum(axis=1)),
             minlength=self.topology.capacity.size,
         )
-        latency = float(self.topology.latency_of(flows.src, flows.dst, paths).max())
+        latency = float(lat.max())
         return self.tolerance * (float((load / self.topology.capacity).max()) + latency)
 
     def plan_isolated(self, transfers: list[Flows]) -> list[np.ndarray | None]:
@@ -151,12 +150,12 @@ class FlowNetwork:
         for i, f in enumerate(transfers):
             if not f.src.size:
                 continue
-            p = self.topology.paths(f.src, f.dst)
-            if self.topology.private(f.src, f.dst, p):
+            p, lat, private = self.topology.route(f.src, f.dst, f.via_nic)
+            if private:
                 picked.append(i)
                 paths.append(p)
                 sizes.append(f.nbytes.astype(np.float64))
-                windows.append(self.window(f, p))
+                windows.append(self.window(f, p, lat))
         out: list[np.ndarray | None] = [None] * len(transfers)
         if picked:
             finish = batched_fluid_schedule(self.topology.capacity, paths, sizes, np.array(windows))

@@ -138,6 +138,8 @@ class FlowBuilder:
             node_copies=counts.node_copies[moe_idx],
             rank_gpu=self.layout.ep_group(gpu),
             rank_node=self.rank_node,
+            assignments=counts.assignments[moe_idx],
+            tokens_per_rank=plan.tokens_per_rank,
         )
         if phase == "dispatch":
             return self.algorithm(ex, self.dispatch_bytes)

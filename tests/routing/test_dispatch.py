@@ -96,7 +96,7 @@ def test_hierarchical_crosses_rdma_once_per_node() -> None:
     copies[0, 2] = copies[0, 3] = 10
     node_copies = np.zeros((4, 2), dtype=np.int64)
     node_copies[0, 1] = 10
-    ex = Exchange(copies, node_copies, np.array([0, 1, 8, 9]), np.array([0, 0, 1, 1]))
+    ex = Exchange(copies, node_copies, np.array([0, 1, 8, 9]), np.array([0, 0, 1, 1]), copies, 10)
     d = direct(ex, 1.0)
     assert rows(d) == [
         (0, 8, 10.0),
@@ -112,3 +112,34 @@ def test_hierarchical_crosses_rdma_once_per_node() -> None:
         (8, 0, 20.0),
         (9, 8, 20.0),
     ]
+
+
+def test_allgather_and_low_latency_volumes() -> None:
+    from moesim.comm.alltoall import Exchange, allgather, low_latency
+
+    # Rank 0's 4 tokens each pick 2 experts on rank 1: 4 copies, 8 assignments.
+    copies = np.array([[0, 4], [0, 0]])
+    assignments = np.array([[0, 8], [0, 0]])
+    ex = Exchange(
+        copies,
+        np.zeros((2, 1), dtype=int),
+        np.array([0, 1]),
+        np.zeros(2, dtype=int),
+        assignments,
+        tokens_per_rank=4,
+    )
+    ag = allgather(ex, 1.0)
+    assert sorted(ag.nbytes.tolist()) == [4.0, 4.0] and not ag.via_nic  # both ways, all tokens
+    ll = low_latency(ex, 1.0)
+    assert ll.nbytes.tolist() == [8.0] and ll.via_nic  # one message per (token, expert)
+
+
+def test_low_latency_goes_through_the_nics() -> None:
+    from moesim.hardware.catalog import load_profile
+    from moesim.hardware.topology import Topology
+
+    topo = Topology(load_profile("h800"), 1)
+    paths, _lat, private = topo.route(np.array([0]), np.array([1]), via_nic=True)
+    names = [topo.link_names[i] for i in paths[0] if i >= 0]
+    assert names[0] == "gpu0->leaf0" and names[-1] == "leaf1->gpu1"
+    assert not private  # crosses the spine between rails

@@ -15,7 +15,7 @@ from moesim.timing.network import FlowNetwork
 
 def flows_of(copies: np.ndarray, gpus: np.ndarray, token_bytes: float) -> Flows:
     n = gpus.size
-    ex = Exchange(copies, np.zeros((n, 1), dtype=int), gpus, np.zeros(n, dtype=int))
+    ex = Exchange(copies, np.zeros((n, 1), dtype=int), gpus, np.zeros(n, dtype=int), copies, 0)
     return direct(ex, token_bytes)
 
 
