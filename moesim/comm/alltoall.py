@@ -85,7 +85,9 @@ def _pairs(counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: flo
 
 def _concat(parts: list[Flows]) -> Flows:
     return Flows(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "nbytes"))
+        src=np.concatenate([p.src for p in parts]),
+        dst=np.concatenate([p.dst for p in parts]),
+        nbytes=np.concatenate([p.nbytes for p in parts]),
     )
 
 

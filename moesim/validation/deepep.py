@@ -117,6 +117,8 @@ def predict(
         node_copies=counts.node_copies[0],
         rank_gpu=gpus,
         rank_node=gpus // 8,
+        assignments=counts.assignments[0],
+        tokens_per_rank=TOKENS,
     )
     algorithm = ALL_TO_ALL.get("direct" if kind == "intranode" else "hierarchical")
     if kind == "intranode":
