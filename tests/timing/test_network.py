@@ -119,3 +119,20 @@ def test_concurrent_transfers_share_an_oversubscribed_spine() -> None:
     assert alone == pytest.approx(1e9 / spine + lat, rel=1e-9)
     assert together[9] == pytest.approx(2e9 / spine + lat, rel=1e-9)
     assert together[1] == pytest.approx(together[9], rel=1e-9)
+
+
+@pytest.mark.parametrize("per_gpu_mb", [64, 512])
+def test_nccl_tests_busbw_relation_on_uniform_all_to_all(per_gpu_mb: int) -> None:
+    # nccl-tests (doc/PERFORMANCE.md): an all-to-all of S bytes per GPU has algbw = S / t and
+    # busbw = algbw * (n-1)/n, which should approach the per-GPU link bandwidth for large S.
+    n = 8
+    p = load_profile("h100-sxm")
+    size = per_gpu_mb * 1e6
+    per_peer = size / n  # S/n goes to every rank, the own share stays local
+    done = run_transfer(np.ones((n, n), dtype=int), "h100-sxm", 1, 0.0, token_bytes=per_peer)
+    algbw = size / done.max()
+    busbw = algbw * (n - 1) / n
+    link = p.node.nvlink_gb_per_s * 1e9 * p.node.nvlink_efficiency
+    expected = link * (1 - p.node.nvlink_latency_s / done.max())  # latency is not bandwidth
+    assert busbw == pytest.approx(expected, rel=1e-9)
+    assert busbw / link > (0.99 if per_gpu_mb >= 512 else 0.95)
