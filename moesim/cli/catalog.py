@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from moesim.cli.errors import reported
+
+if TYPE_CHECKING:
+    from moesim.hardware.profile import HardwareProfile
 
 models_app = typer.Typer(help="Model presets.", no_args_is_help=True)
 profiles_app = typer.Typer(help="Hardware profiles.", no_args_is_help=True)
@@ -87,14 +91,39 @@ def profiles_list() -> None:
 
 @profiles_app.command("show")
 def profiles_show(
-    name: Annotated[str, typer.Argument(help="Profile name or path.")], json_out: JsonOpt = False
+    name: Annotated[str, typer.Argument(help="Profile name or path.")],
+    json_out: JsonOpt = False,
+    topology: Annotated[bool, typer.Option("--topology", help="Draw the network to HTML.")] = False,
+    nodes: Annotated[int, typer.Option(help="Nodes to draw with --topology.")] = 2,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="HTML file for --topology (default: <profile>-topology.html)."),
+    ] = None,
 ) -> None:
-    """Show one profile with the source of every figure."""
+    """Show one profile with the source of every figure, or draw its network (--topology)."""
     from moesim.hardware.catalog import load_profile
 
     with reported():
-        data = load_profile(name).model_dump(mode="json")
+        profile = load_profile(name)
+        if topology:
+            _draw(profile, nodes, out or Path(f"{profile.name}-topology.html"))
+            return
+        data = profile.model_dump(mode="json")
         if json_out:
             typer.echo(json.dumps(data, indent=2))
             return
         Console().print_json(json.dumps(data))
+
+
+def _draw(profile: HardwareProfile, nodes: int, out: Path) -> None:
+    """Write the topology figure to ``out`` (refusing to overwrite a file)."""
+    from moesim.errors import MoesimError
+    from moesim.hardware.draw import topology_figure
+    from moesim.hardware.topology import Topology
+
+    if out.exists():
+        raise MoesimError(f"{out} exists; choose another --out")
+    if nodes < 1:
+        raise MoesimError(f"--nodes must be at least 1, got {nodes}")
+    topology_figure(Topology(profile, nodes)).write_html(out, include_plotlyjs=True)
+    Console().print(f"topology of {profile.name} ({nodes} nodes): [bold]{out}[/]")

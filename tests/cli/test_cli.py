@@ -68,3 +68,15 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_profiles_show_topology_draws_and_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "topo.html"
+    res = runner.invoke(
+        app, ["profiles", "show", "l40s-pcie", "--topology", "--nodes", "2", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "pcisw0" in html and "leaf0" in html and "spine" in html
+    again = runner.invoke(app, ["profiles", "show", "l40s-pcie", "--topology", "--out", str(out)])
+    assert again.exit_code == 2
