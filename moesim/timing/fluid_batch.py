@@ -4,7 +4,8 @@ Every isolated transfer of a step is known before the step runs (its flows follo
 routing), and the transfers never share a link. This module advances all of them together:
 each round runs one max-min progressive filling in which every transfer fills its own copy of
 the link set, then retires each transfer's earliest flow and those due within its window
-(the rule of :mod:`moesim.timing.fluid`, which gives the same result one transfer at a time).
+(the rule of the dynamic network, :mod:`moesim.timing.network`). One transfer alone is the
+same call with a list of one.
 """
 
 from __future__ import annotations

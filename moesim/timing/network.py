@@ -34,7 +34,6 @@ import simpy
 
 from moesim.comm.alltoall import Flows
 from moesim.hardware.topology import Topology
-from moesim.timing.fluid import fluid_schedule
 from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.maxmin import max_min_rates
 
@@ -114,7 +113,9 @@ class FlowNetwork:
             self.isolated_transfers += 1
             if finish is None:
                 window = self.window(flows, paths, lat)
-                finish = fluid_schedule(self.topology.capacity, paths, nbytes, window)
+                (finish,) = batched_fluid_schedule(
+                    self.topology.capacity, [paths], [nbytes], np.array([window])
+                )
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
         window = self.window(flows, paths, lat)

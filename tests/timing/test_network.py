@@ -9,7 +9,7 @@ import simpy
 from moesim.comm.alltoall import Exchange, Flows, direct
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.topology import Topology
-from moesim.timing.fluid import _schedule_numpy, _schedule_small
+from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.network import FlowNetwork
 
 
@@ -58,16 +58,18 @@ def test_isolated_flow_takes_bytes_over_bottleneck_plus_latency() -> None:
     assert done[8] == pytest.approx(1e9 / nic + p.fabric.latency_s, rel=1e-9)
 
 
-def test_python_and_numpy_schedules_agree() -> None:
+def test_batched_transfers_do_not_couple() -> None:
+    # Transfers scheduled together in lockstep get exactly the schedule each gets alone.
     topo = Topology(load_profile("h800"), 2)
     rng = np.random.default_rng(0)
-    f = flows_of(rng.poisson(40, (16, 16)), np.arange(16), 7000.0)
-    paths = topo.paths(f.src, f.dst)
+    flows = [flows_of(rng.poisson(lam, (16, 16)), np.arange(16), 7000.0) for lam in (5, 40, 300)]
+    paths = [topo.paths(f.src, f.dst) for f in flows]
+    sizes = [f.nbytes for f in flows]
     for window in (0.0, 2e-6):
-        plist = [[link for link in row if link >= 0] for row in paths.tolist()]
-        a = np.array(_schedule_small(topo.capacity.tolist(), plist, f.nbytes.tolist(), window))
-        b = _schedule_numpy(topo.capacity, paths, f.nbytes, window)
-        assert np.allclose(a, b, rtol=1e-12)
+        together = batched_fluid_schedule(topo.capacity, paths, sizes, np.full(3, window))
+        for p, b, got in zip(paths, sizes, together, strict=True):
+            (alone,) = batched_fluid_schedule(topo.capacity, [p], [b], np.array([window]))
+            assert np.allclose(got, alone, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
