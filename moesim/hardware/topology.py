@@ -46,17 +46,24 @@ class _Links:
         return len(self.names) - 1
 
     def add_array(
-        self, n: int, a: str, b: str, cap: float, lat: float, kind: str, private: bool
+        self,
+        n: int,
+        a: str,
+        b: str,
+        cap: float,
+        lat: float,
+        kind: str,
+        private: bool,
+        group: int = 1,
     ) -> np.ndarray:
-        """Add ``n`` links named with ``{i}`` formatted into ``a`` and ``b``; a private link
-        belongs to GPU ``i`` (only flows from or to that GPU use it)."""
-        return np.array(
-            [
-                self.add(a.format(i=i), b.format(i=i), cap, lat, kind, i if private else -1)
-                for i in range(n)
-            ],
-            dtype=np.int64,
-        )
+        """Add ``n`` links with ``{i}`` (the index) and ``{g}`` (``i // group``, e.g. the
+        switch or node) formatted into the end names ``a`` and ``b``; a private link belongs
+        to GPU ``i`` (only flows from or to that GPU use it)."""
+        ids = []
+        for i in range(n):
+            names = (a.format(i=i, g=i // group), b.format(i=i, g=i // group))
+            ids.append(self.add(*names, cap, lat, kind, i if private else -1))
+        return np.array(ids, dtype=np.int64)
 
 
 class Topology:
@@ -78,9 +85,9 @@ class Topology:
         g = self.gpus
         if node.interconnect == "nvswitch":
             cap, lat = node.nvlink_gb_per_s * GB * node.nvlink_efficiency, node.nvlink_latency_s / 2
-            self._up = links.add_array(g, "gpu{i}", "nvswitch", cap, lat, "nvlink", True)
-            self._down = links.add_array(g, "nvswitch", "gpu{i}", cap, lat, "nvlink", True)
-            self._fix_switch_names(links, self._up, self._down)
+            gpn = self.gpn
+            self._up = links.add_array(g, "gpu{i}", "nvswitch{g}", cap, lat, "nvlink", True, gpn)
+            self._down = links.add_array(g, "nvswitch{g}", "gpu{i}", cap, lat, "nvlink", True, gpn)
         elif node.interconnect == "mesh":
             per_peer = node.nvlink_gb_per_s * GB * node.nvlink_efficiency / max(self.gpn - 1, 1)
             self._mesh = np.full((g, self.gpn), -1, dtype=np.int64)
@@ -100,12 +107,15 @@ class Topology:
             cap = node.pcie_gb_per_s * GB * node.pcie_efficiency
             lat = node.pcie_latency_s / 2
             self._n_sw = g // node.gpus_per_pcie_switch
-            self._up = links.add_array(g, "gpu{i}", "pcisw", cap, lat, "pcie", True)
-            self._down = links.add_array(g, "pcisw", "gpu{i}", cap, lat, "pcie", True)
-            self._fix_pcie_names(links, node.gpus_per_pcie_switch)
-            self._sw_up = links.add_array(self._n_sw, "pcisw{i}", "host", cap, lat, "pcie", False)
-            self._sw_down = links.add_array(self._n_sw, "host", "pcisw{i}", cap, lat, "pcie", False)
-            self._fix_host_names(links, self.gpn // node.gpus_per_pcie_switch)
+            per_sw, sw_per_node = node.gpus_per_pcie_switch, self.gpn // node.gpus_per_pcie_switch
+            self._up = links.add_array(g, "gpu{i}", "pcisw{g}", cap, lat, "pcie", True, per_sw)
+            self._down = links.add_array(g, "pcisw{g}", "gpu{i}", cap, lat, "pcie", True, per_sw)
+            self._sw_up = links.add_array(
+                self._n_sw, "pcisw{i}", "host{g}", cap, lat, "pcie", False, sw_per_node
+            )
+            self._sw_down = links.add_array(
+                self._n_sw, "host{g}", "pcisw{i}", cap, lat, "pcie", False, sw_per_node
+            )
         self._build_fabric(links, fabric.topology, fabric.oversubscription)
         self.link_names = links.names
         self.link_kind = np.array(links.kind)
@@ -116,27 +126,6 @@ class Topology:
         self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # --- construction helpers -------------------------------------------------------------
-    def _fix_switch_names(self, links: _Links, up: np.ndarray, down: np.ndarray) -> None:
-        for i, (u, d) in enumerate(zip(up, down, strict=True)):
-            sw = f"nvswitch{i // self.gpn}"
-            links.ends[u] = (f"gpu{i}", sw)
-            links.ends[d] = (sw, f"gpu{i}")
-            links.names[u], links.names[d] = f"gpu{i}->{sw}", f"{sw}->gpu{i}"
-
-    def _fix_pcie_names(self, links: _Links, per_switch: int) -> None:
-        for i in range(self.gpus):
-            sw = f"pcisw{i // per_switch}"
-            u, d = self._up[i], self._down[i]
-            links.ends[u], links.ends[d] = (f"gpu{i}", sw), (sw, f"gpu{i}")
-            links.names[u], links.names[d] = f"gpu{i}->{sw}", f"{sw}->gpu{i}"
-
-    def _fix_host_names(self, links: _Links, switches_per_node: int) -> None:
-        for s in range(self._n_sw):
-            host = f"host{s // switches_per_node}"
-            u, d = self._sw_up[s], self._sw_down[s]
-            links.ends[u], links.ends[d] = (f"pcisw{s}", host), (host, f"pcisw{s}")
-            links.names[u], links.names[d] = f"pcisw{s}->{host}", f"{host}->pcisw{s}"
-
     def _build_fabric(self, links: _Links, kind: str, oversub: float) -> None:
         node, fabric = self.profile.node, self.profile.fabric
         nic = node.nic_gb_per_s * GB * node.nic_efficiency
