@@ -26,7 +26,7 @@ import numpy as np
 
 from moesim.policies.capacity import get_capacity, keep_mask
 from moesim.policies.placement import Placement
-from moesim.routing.sources import RoutingDraw
+from moesim.routing.sources import RoutingDraw, first_of_kind
 
 
 @dataclass(frozen=True)
@@ -55,23 +55,6 @@ class CapacityRule:
         if self.factor is None:
             return None
         return get_capacity(tokens_per_rank, self.top_k, self.factor, self.num_experts)
-
-
-def first_of_kind(x: np.ndarray) -> np.ndarray:
-    """``[..., k]`` bool: True where a slot's value does not occur in an earlier slot.
-
-    Works slot-major (one contiguous comparison per pair of slots), which is far faster in
-    numpy than reducing over a short last axis.
-    """
-    k = x.shape[-1]
-    cols = np.ascontiguousarray(np.moveaxis(x, -1, 0))
-    first = np.ones(cols.shape, dtype=bool)
-    for j in range(1, k):
-        seen = cols[j] == cols[0]
-        for i in range(1, j):
-            seen |= cols[j] == cols[i]
-        first[j] = ~seen
-    return np.moveaxis(first, 0, -1)
 
 
 def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:

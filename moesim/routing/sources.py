@@ -89,10 +89,25 @@ def _sampler(p: np.ndarray, rng: np.random.Generator) -> Callable[[np.ndarray], 
     return draw
 
 
+def first_of_kind(x: np.ndarray) -> np.ndarray:
+    """``[..., k]`` bool: True where a slot's value does not occur in an earlier slot.
+
+    Works slot-major (one contiguous comparison per pair of slots), which is far faster in
+    numpy than reducing over a short last axis.
+    """
+    k = x.shape[-1]
+    cols = np.ascontiguousarray(np.moveaxis(x, -1, 0))
+    first = np.ones(cols.shape, dtype=bool)
+    for j in range(1, k):
+        seen = cols[j] == cols[0]
+        for i in range(1, j):
+            seen |= cols[j] == cols[i]
+        first[j] = ~seen
+    return np.moveaxis(first, 0, -1)
+
+
 def _duplicate_slots(x: np.ndarray) -> np.ndarray:
     """``[n, k]`` bool: slot j repeats one of the slots before it in its row."""
-    from moesim.routing.dispatch import first_of_kind
-
     return ~first_of_kind(x)
 
 

@@ -74,8 +74,6 @@ class FlowNetwork:
         self._next_tid = 0
         self._last = 0.0
         self._generation = 0
-        self.rate_updates = 0
-        self.isolated_transfers = 0
 
     def transfer(
         self, flows: Flows, gpus: np.ndarray, on_done: DoneFn, finish: np.ndarray | None = None
@@ -110,7 +108,6 @@ class FlowNetwork:
         n = nbytes.size
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
-            self.isolated_transfers += 1
             if finish is None:
                 window = self.window(flows, paths, lat)
                 (finish,) = batched_fluid_schedule(
@@ -186,7 +183,6 @@ class FlowNetwork:
         self._rate = max_min_rates(
             self.topology.capacity, np.nonzero(live)[0], self._paths[live], self._rem.size
         )
-        self.rate_updates += 1
         finish = now + np.maximum(self._rem, 0.0) / self._rate
         first = float(finish.min())
         ev = self.env.timeout(first - now)

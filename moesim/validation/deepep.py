@@ -30,7 +30,6 @@ import simpy
 from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.dtypes import token_bytes
 from moesim.hardware.catalog import load_profile
-from moesim.hardware.profile import HardwareProfile
 from moesim.hardware.topology import Topology
 from moesim.policies.placement import make_placement
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
@@ -89,9 +88,8 @@ def routing_counts(ep: int, rng: np.random.Generator, tokens: int = TOKENS) -> L
     )
 
 
-def phase_times(hw: HardwareProfile, ep: int, flows: Flows, tolerance: float) -> np.ndarray:
+def phase_times(topo: Topology, ep: int, flows: Flows, tolerance: float) -> np.ndarray:
     """``[ep]`` seconds until each rank's last flow of the phase arrives."""
-    topo = Topology(hw, max(ep // 8, 1))
     env = simpy.Environment()
     net = FlowNetwork(env, topo, tolerance)
     done = np.zeros(ep)
@@ -109,7 +107,7 @@ def predict(
     profile: str = "h800",
 ) -> list[Row]:
     """Predicted dispatch and combine bottleneck bandwidth of one table row."""
-    hw = load_profile(profile)
+    topo = Topology(load_profile(profile), max(ep // 8, 1))
     counts = routing_counts(ep, np.random.default_rng(seed))
     gpus = np.arange(ep)
     ex = Exchange(
@@ -133,7 +131,7 @@ def predict(
         flows = algorithm(ex, tb)
         if phase == "combine":
             flows = flows.reversed()
-        times = phase_times(hw, ep, flows, tolerance)
+        times = phase_times(topo, ep, flows, tolerance)
         bw = float(np.mean(tokens_counted * tb / times)) / 1e9
         rows.append(Row(kind, ep, phase, bottleneck, pub, bw, float(times.max() * 1e6)))
     return rows

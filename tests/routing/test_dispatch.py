@@ -6,8 +6,8 @@ import numpy as np
 
 from moesim.policies.capacity import get_capacity, keep_mask
 from moesim.policies.placement import make_placement
-from moesim.routing.dispatch import CapacityRule, count_layers, first_of_kind
-from moesim.routing.sources import RoutingDraw
+from moesim.routing.dispatch import CapacityRule, count_layers
+from moesim.routing.sources import RoutingDraw, first_of_kind
 
 
 def _count(
