@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["Trace", "TraceMeta", "capture", "read_trace", "write_trace"]
 
 if TYPE_CHECKING:
-    from moesim.traces.recorder import capture
     from moesim.traces.format import Trace, TraceMeta, read_trace, write_trace
+    from moesim.traces.recorder import capture
 
 _LAZY = {
     "Trace": "moesim.traces.format",

@@ -115,9 +115,13 @@ class Trace:
         m = self.meta
         for name in ("layer", "seq", "pos"):
             if len(getattr(self, name)) != n:
-                raise TraceError(None, f"column {name} has {len(getattr(self, name))} rows, not {n}")
+                raise TraceError(
+                    None, f"column {name} has {len(getattr(self, name))} rows, not {n}"
+                )
         if self.experts.shape != (n, m.top_k):
-            raise TraceError(None, f"experts has shape {self.experts.shape}, expected ({n}, {m.top_k})")
+            raise TraceError(
+                None, f"experts has shape {self.experts.shape}, expected ({n}, {m.top_k})"
+            )
         for name, width in (("weights", m.top_k), ("dropped", m.top_k), ("logits", m.num_experts)):
             arr = getattr(self, name)
             if arr is not None and arr.shape != (n, width):
@@ -169,11 +173,44 @@ class Trace:
         """Write the trace to ``path`` (see :func:`write_trace`)."""
         return write_trace(self, path)
 
+    def dense(self) -> DenseRouting:
+        """The routing as ``[layers present, tokens, top_k]`` arrays (see :class:`DenseRouting`)."""
+        keys, token = np.unique(
+            np.stack([self.step, self.seq, self.pos], axis=1), axis=0, return_inverse=True
+        )
+        token = token.reshape(-1)
+        layers = self.layers()
+        slot = np.searchsorted(layers, self.layer)
+        experts = np.full((len(layers), len(keys), self.meta.top_k), -1, dtype=np.int16)
+        experts[slot, token] = self.experts
+        weights = None
+        if self.weights is not None:
+            weights = np.zeros(experts.shape, dtype=np.float32)
+            weights[slot, token] = self.weights
+        return DenseRouting(layers=layers, keys=keys, experts=experts, weights=weights)
+
     def kept(self) -> np.ndarray:
         """``[n, top_k]`` bool: the choice reached its expert (not dropped)."""
         if self.dropped is None:
             return np.ones(self.experts.shape, dtype=bool)
         return ~self.dropped
+
+
+@dataclass(frozen=True)
+class DenseRouting:
+    """A trace laid out per token, sorted by (step, seq, pos).
+
+    Attributes:
+        layers: ``[L]`` the MoE layers present.
+        keys: ``[T, 3]`` (step, seq, pos) of each token.
+        experts: ``[L, T, top_k]`` int16, -1 where a token was not recorded at a layer.
+        weights: ``[L, T, top_k]`` float32 gate weights (0 where missing), or None.
+    """
+
+    layers: np.ndarray
+    keys: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray | None
 
 
 def _fixed_list(values: np.ndarray, pa_type: Any) -> Any:

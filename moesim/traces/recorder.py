@@ -195,7 +195,9 @@ class RoutingRecorder:
             or getattr(first, "out_features", None)
             or _config_int(cfg, "num_local_experts", "num_experts", "n_routed_experts")
         )
-        self.model_name = model_name or str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
+        self.model_name = model_name or str(
+            getattr(cfg, "_name_or_path", "") or type(model).__name__
+        )
         self.settings = dict(settings or {})
         self.step = 0
         self._forwards = 0
@@ -210,9 +212,7 @@ class RoutingRecorder:
 
     def attach(self) -> RoutingRecorder:
         """Register the hooks (done by :func:`capture`)."""
-        self._handles.append(
-            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)
-        )
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         for layer, (_, mod) in enumerate(self.routers):
             self._handles.append(mod.register_forward_hook(self._router_hook(layer)))
         return self
@@ -264,7 +264,9 @@ class RoutingRecorder:
         n = len(got.experts)
         batch = max(len(self._seq_ids), 1)
         if n % batch:
-            raise TraceError(None, f"router of layer {layer} saw {n} tokens, not a multiple of {batch}")
+            raise TraceError(
+                None, f"router of layer {layer} saw {n} tokens, not a multiple of {batch}"
+            )
         length = n // batch
         seq = np.repeat(self._seq_ids if len(self._seq_ids) else np.zeros(1, np.int64), length)
         pos = np.tile(np.arange(length) + self._offset, batch)

@@ -1,0 +1,318 @@
+"""Routing generators fitted to real routing: to a trace, or to published per-expert counts.
+
+The fitted generator is a chain over the fitted layers. At the first layer a token takes the
+top-k of ``log w + Gumbel`` (sampling k distinct experts without replacement, Plackett-Luce);
+at a later layer the logits add ``log T[i, :]``, where ``i`` is the expert the token took first at
+the layer before and ``T`` the measured cross-layer affinity ``P(j | i)``. The weights ``w`` are
+then fitted (a fixed-point iteration on common random numbers) so that each expert's share of
+choices equals the measured one: sampling without replacement flattens a skewed popularity, so
+``w`` cannot simply be the measured shares.
+
+Sources:
+
+- a moesim trace (``.parquet``): loads per recorded layer, affinity between consecutive
+  recorded layers (slot-matched, as below);
+- published counts (``.json`` in the format of ``olmoe-routing-stats``: ``expert_counts[domain]
+  [layer]`` and ``crosslayer_counts[domain]["a-b"]``, the count of (expert at layer a, expert at
+  layer b) for the same token and the same top-k slot). ``domain`` picks one; by default all
+  domains are summed.
+
+Model layers map onto fitted layers by relative depth (nearest fitted layer). Consecutive model
+layers that map to the same fitted layer are drawn independently (the data says nothing about
+their affinity).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.traces.format import Trace, TraceError, TraceMeta
+
+FIT_TOKENS = 16384
+FIT_ITERATIONS = 60
+
+
+@dataclass(frozen=True)
+class FittedRouting:
+    """A fitted routing model.
+
+    Attributes:
+        model: What it was fitted to.
+        num_experts, top_k: Routing shape.
+        num_layers: MoE layers of the source model.
+        layer_ids: ``[F]`` source layers that were fitted.
+        shares: ``[F, E]`` measured share of choices per expert (rows sum to 1).
+        transitions: ``[F, E, E]`` ``P(j at layer f | i at layer f-1)`` (row 0 unused), or None
+            where no affinity was measured.
+        log_w: ``[F, E]`` fitted logits.
+        source: Description of the data.
+    """
+
+    model: str
+    num_experts: int
+    top_k: int
+    num_layers: int
+    layer_ids: np.ndarray
+    shares: np.ndarray
+    transitions: list[np.ndarray | None]
+    log_w: np.ndarray
+    source: str
+
+    def model_layer_map(self, model_layers: int) -> np.ndarray:
+        """``[model_layers]`` index into the fitted layers, by relative depth."""
+        if model_layers == 1:
+            return np.zeros(1, dtype=np.int64)
+        depth = np.arange(model_layers) * (self.num_layers - 1) / (model_layers - 1)
+        return np.abs(depth[:, None] - self.layer_ids[None, :]).argmin(axis=1)
+
+    def sample(
+        self,
+        n: int,
+        rng: np.random.Generator,
+        layers: np.ndarray | None = None,
+        prev: np.ndarray | None = None,
+        prev_fitted: int | None = None,
+    ) -> np.ndarray:
+        """Draw ``[len(layers), n, top_k]`` experts for fitted-layer indices ``layers``.
+
+        Args:
+            n: Tokens.
+            rng: The only source of randomness.
+            layers: Fitted-layer index per generated layer (default: each fitted layer once).
+            prev: ``[n, top_k]`` choices at the layer before ``layers[0]`` (to continue a
+                chain across calls), and ``prev_fitted`` the fitted layer they were drawn at.
+        """
+        layers = np.arange(len(self.layer_ids)) if layers is None else np.asarray(layers)
+        out = np.empty((len(layers), n, self.top_k), dtype=np.int16)
+        last = prev_fitted
+        for g, f in enumerate(layers):
+            noise = _gumbel((self.top_k, n, self.num_experts), rng)
+            cond = prev if last == f - 1 else None
+            out[g] = _draw_layer(self.log_w[f], self.transitions[f], cond, noise)
+            prev, last = out[g], int(f)
+        return out
+
+
+def _gumbel(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    u = np.maximum(rng.random(shape, dtype=np.float32), np.float32(1e-12))
+    return -np.log(-np.log(u))
+
+
+def _draw_layer(
+    log_w: np.ndarray, t: np.ndarray | None, prev: np.ndarray | None, noise: np.ndarray
+) -> np.ndarray:
+    """``[n, k]`` distinct experts, slot by slot (Gumbel-max without replacement).
+
+    Slot ``s`` adds ``log T[prev[:, s], :]`` when the layer before is known: the published
+    cross-layer counts pair the same slot at both layers.
+    """
+    k, n, e = noise.shape
+    out = np.empty((n, k), dtype=np.int16)
+    taken = np.zeros((n, e), dtype=bool)
+    rows = np.arange(n)
+    log_t = None if t is None or prev is None else np.log(t + 1e-6).astype(np.float32)
+    for s in range(k):
+        g = noise[s] + log_w.astype(np.float32)[None, :]
+        if log_t is not None and prev is not None:
+            g = g + log_t[prev[:, s]]
+        g[taken] = -np.inf
+        pick = g.argmax(axis=1)
+        out[:, s] = pick
+        taken[rows, pick] = True
+    return out
+
+
+def _fit_layer(
+    target: np.ndarray,
+    t: np.ndarray | None,
+    prev: np.ndarray | None,
+    noise: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``w`` so that the layer picks expert j with share ``target[j]``; and its draw."""
+    e = len(target)
+    goal = np.log(np.maximum(target, 1e-9))
+    log_w = goal.copy()
+    floor = 0.25 / noise.shape[0] / noise.shape[1]
+    for _ in range(FIT_ITERATIONS):
+        top = _draw_layer(log_w, t, prev, noise)
+        got = np.bincount(top.ravel().astype(np.int64), minlength=e) / top.size
+        log_w += 0.7 * (goal - np.log(np.maximum(got, floor)))
+        log_w -= log_w.max()
+    return log_w, _draw_layer(log_w, t, prev, noise)
+
+
+def fit_routing(
+    model: str,
+    num_experts: int,
+    top_k: int,
+    num_layers: int,
+    layer_ids: np.ndarray,
+    counts: np.ndarray,
+    transitions: list[np.ndarray | None],
+    source: str,
+    seed: int = 0,
+) -> FittedRouting:
+    """Fit the chain to per-layer counts ``[F, E]`` and transitions (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    log_w = np.zeros(shares.shape)
+    prev: np.ndarray | None = None
+    tokens = max(1024, FIT_TOKENS * 64 // max(num_experts, 64))
+    for f in range(len(layer_ids)):
+        noise = _gumbel((top_k, tokens, num_experts), rng)
+        log_w[f], prev = _fit_layer(shares[f], transitions[f], prev, noise)
+    return FittedRouting(
+        model=model,
+        num_experts=num_experts,
+        top_k=top_k,
+        num_layers=num_layers,
+        layer_ids=np.asarray(layer_ids),
+        shares=shares,
+        transitions=transitions,
+        log_w=log_w,
+        source=source,
+    )
+
+
+def _normalise_rows(co: np.ndarray) -> np.ndarray:
+    row = co.sum(axis=1, keepdims=True)
+    return np.divide(co, row, out=np.full_like(co, 1.0 / co.shape[1]), where=row > 0)
+
+
+def fit_trace(trace: Trace, seed: int = 0) -> FittedRouting:
+    """Fit to a trace: loads per recorded layer, slot-matched affinity between them."""
+    from moesim.traces.stats import load_counts
+
+    layers, counts = load_counts(trace)
+    dense = trace.dense()
+    e = trace.meta.num_experts
+    transitions: list[np.ndarray | None] = [None]
+    for i in range(1, len(layers)):
+        a, b = dense.experts[i - 1], dense.experts[i]
+        ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
+        pairs = (a[ok].astype(np.int64) * e + b[ok]).ravel()
+        co = np.bincount(pairs, minlength=e * e).reshape(e, e).astype(np.float64)
+        transitions.append(_normalise_rows(co))
+    m = trace.meta
+    return fit_routing(
+        m.model,
+        e,
+        m.top_k,
+        m.num_layers,
+        layers,
+        counts.astype(np.float64),
+        transitions,
+        f"trace of {m.model} ({m.source})",
+        seed,
+    )
+
+
+def fit_counts(path: str | Path, domain: str | None = None, seed: int = 0) -> FittedRouting:
+    """Fit to published counts (``olmoe-routing-stats`` JSON format)."""
+    path = Path(path)
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TraceError(path, f"cannot read counts JSON: {e}") from None
+    for key in ("num_experts", "top_k", "num_layers", "expert_counts"):
+        if key not in raw:
+            raise TraceError(path, f"counts JSON without '{key}'")
+    by_domain: dict[str, dict[str, list[int]]] = raw["expert_counts"]
+    domains = sorted(by_domain) if domain is None else [domain]
+    if domain is not None and domain not in by_domain:
+        raise TraceError(path, f"no domain '{domain}'; valid: {', '.join(sorted(by_domain))}")
+    layer_keys = sorted(by_domain[domains[0]], key=int)
+    layer_ids = np.array([int(x) for x in layer_keys])
+    counts = np.array(
+        [np.sum([by_domain[d][lk] for d in domains], axis=0) for lk in layer_keys], dtype=float
+    )
+    cross = raw.get("crosslayer_counts", {})
+    transitions: list[np.ndarray | None] = [None]
+    for a, b in zip(layer_keys[:-1], layer_keys[1:], strict=True):
+        mats = [cross[d][f"{a}-{b}"] for d in domains if f"{a}-{b}" in cross.get(d, {})]
+        transitions.append(
+            _normalise_rows(np.sum(mats, axis=0).astype(float))
+            if len(mats) == len(domains)
+            else None
+        )
+    label = f"counts {path.name}" + (f" domain {domain}" if domain else " (all domains)")
+    return fit_routing(
+        str(raw.get("model", path.stem)),
+        int(raw["num_experts"]),
+        int(raw["top_k"]),
+        int(raw["num_layers"]),
+        layer_ids,
+        counts,
+        transitions,
+        label,
+        seed,
+    )
+
+
+def load_fit(path: str | Path, domain: str | None = None, seed: int = 0) -> FittedRouting:
+    """Fit to ``path``: a moesim trace (``.parquet``) or published counts (``.json``)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return fit_counts(path, domain, seed)
+    from moesim.traces.format import read_trace
+
+    return fit_trace(read_trace(path), seed)
+
+
+def synthesize(fit: FittedRouting, tokens: int, seq_len: int, seed: int) -> Trace:
+    """A trace of ``tokens`` tokens drawn from ``fit`` (its fitted layers, step 0)."""
+    rng = np.random.default_rng(seed)
+    experts = fit.sample(tokens, rng)
+    n_layers = len(fit.layer_ids)
+    t = np.arange(tokens)
+    return Trace(
+        meta=TraceMeta(
+            model=fit.model,
+            num_experts=fit.num_experts,
+            top_k=fit.top_k,
+            num_layers=fit.num_layers,
+            source="synthetic",
+            capture={"generator": "fitted", "fitted_to": fit.source, "seed": seed},
+        ),
+        step=np.zeros(tokens * n_layers, dtype=np.int32),
+        layer=np.repeat(fit.layer_ids, tokens).astype(np.int16),
+        seq=np.tile(t // seq_len, n_layers).astype(np.int32),
+        pos=np.tile(t % seq_len, n_layers).astype(np.int32),
+        experts=experts.reshape(-1, fit.top_k),
+    )
+
+
+def sorted_load_tv(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance between the sorted (descending) load shares of ``a`` and ``b``."""
+    pa = np.sort(a / a.sum())[::-1]
+    pb = np.sort(b / b.sum())[::-1]
+    return float(0.5 * np.abs(pa - pb).sum())
+
+
+def slot_matched_counts(trace: Trace, layer_a: int, layer_b: int) -> np.ndarray:
+    """``[E, E]`` count of (expert at ``layer_a``, expert at ``layer_b``), same token and slot.
+
+    The measure of ``crosslayer_counts`` in the published OLMoE / Mixtral data.
+    """
+    dense = trace.dense()
+    ia, ib = np.searchsorted(dense.layers, [layer_a, layer_b])
+    e = trace.meta.num_experts
+    a, b = dense.experts[ia], dense.experts[ib]
+    ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
+    pairs = (a[ok].astype(np.int64) * e + b[ok]).ravel()
+    return np.bincount(pairs, minlength=e * e).reshape(e, e).astype(np.float64)
+
+
+def affinity_tv(real: np.ndarray, other: np.ndarray) -> float:
+    """Mean total-variation distance between the rows ``P(. | i)`` of two co-count matrices.
+
+    Rows are weighted by how often ``i`` occurs in ``real``.
+    """
+    pr, po = _normalise_rows(real.astype(float)), _normalise_rows(other.astype(float))
+    w = real.sum(axis=1) / real.sum()
+    return float(w @ (0.5 * np.abs(pr - po).sum(axis=1)))
