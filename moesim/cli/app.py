@@ -13,6 +13,7 @@ import typer
 
 from moesim.cli import catalog
 from moesim.cli.errors import reported
+from moesim.cli.trace import trace_app
 
 app = typer.Typer(
     name="moesim",
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.profiles_app, name="profiles")
+app.add_typer(trace_app, name="trace")
 
 SetOpt = Annotated[
     list[str] | None,

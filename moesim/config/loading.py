@@ -130,11 +130,51 @@ def resolve(scenario: Scenario, path: Path | None = None) -> ResolvedScenario:
         errors += _flatten(_with_file(exc, path))
     if model is None or hardware is None:
         raise ConfigErrors(errors)
+    scenario, routing_errors = _resolve_routing_files(scenario, model, base, path)
+    errors += routing_errors
     resolved = ResolvedScenario(scenario, model, hardware, path)
     errors += check_consistency(resolved)
     if errors:
         raise ConfigErrors(errors)
     return resolved
+
+
+def _resolve_routing_files(
+    scenario: Scenario, model: ModelSpec, base: Path | None, path: Path | None
+) -> tuple[Scenario, list[ConfigError]]:
+    """Make ``routing.path`` / ``routing.fit`` absolute and check they fit the model."""
+    from moesim.traces.format import TraceError
+
+    routing, update, errors = scenario.routing, {}, []
+    wanted = {"path": routing.source == "trace", "fit": routing.generator == "fitted"}
+    for name, needed in wanted.items():
+        ref = getattr(routing, name)
+        if ref is None or not needed:
+            continue
+        file = Path(ref)
+        if not file.is_absolute() and base is not None:
+            file = base / file
+        if not file.is_file():
+            errors.append(
+                ConfigError(
+                    path, f"routing.{name}", f"'{ref}' not found (relative to the scenario)"
+                )
+            )
+            continue
+        update[name] = str(file.resolve())
+        if file.suffix != ".parquet":
+            continue
+        from moesim.routing.replay import read_meta, trace_mismatch
+
+        try:
+            why = trace_mismatch(read_meta(file), model, routing.layer_map)
+        except TraceError as e:
+            why = str(e)
+        if why:
+            errors.append(ConfigError(path, f"routing.{name}", why))
+    if update:
+        scenario = scenario.model_copy(update={"routing": routing.model_copy(update=update)})
+    return scenario, errors
 
 
 def _flatten(exc: ConfigError | ConfigErrors) -> list[ConfigError]:

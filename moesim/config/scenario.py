@@ -96,15 +96,48 @@ class Workload(_Section):
 class Routing(_Section):
     """Where token-to-expert assignments come from."""
 
-    source: str = Field("synthetic", description="Routing source (registry name).")
-    generator: Literal["uniform", "zipf", "group_limited"] = Field(
+    source: str = Field(
+        "synthetic", description="Routing source (registry name): synthetic, or trace (replay)."
+    )
+    generator: Literal["uniform", "zipf", "dirichlet", "group_limited", "fitted"] = Field(
         "uniform",
         description="Synthetic generator; group_limited uses the model's n_group/topk_group "
-        "on DeepEP's benchmark scores.",
+        "on DeepEP's benchmark scores; fitted reproduces the loads and cross-layer affinity "
+        "of `fit`.",
     )
     skew: float = Field(
         1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only)."
     )
+    alpha: float = Field(
+        1.0, gt=0, description="Dirichlet concentration of expert popularity (dirichlet only)."
+    )
+    path: str | None = Field(
+        None, description="Trace to replay (source trace), relative to the scenario file."
+    )
+    fit: str | None = Field(
+        None,
+        description="Trace (.parquet) or published counts (.json) the fitted generator is "
+        "fitted to, relative to the scenario file.",
+    )
+    trace_steps: tuple[int, int] | None = Field(
+        None,
+        description="Replay only trace rows whose step is in [first, last] (e.g. the "
+        "after-training rows of a trace captured during training).",
+    )
+    domain: str | None = Field(None, description="Domain of the counts file (fitted only).")
+    layer_map: Literal["exact", "stretch"] = Field(
+        "exact",
+        description="exact: the trace is of a model with as many MoE layers as this one; "
+        "stretch: map the trace's layers onto the model's by relative depth.",
+    )
+
+    @model_validator(mode="after")
+    def _needs_file(self) -> Routing:
+        if self.source == "trace" and not self.path:
+            raise ValueError("source trace needs path: (the trace file to replay)")
+        if self.generator == "fitted" and self.source == "synthetic" and not self.fit:
+            raise ValueError("generator fitted needs fit: (a trace or a counts JSON)")
+        return self
 
     @field_validator("source")
     @classmethod

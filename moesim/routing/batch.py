@@ -36,7 +36,7 @@ class TokenBatch:
 
 
 def make_batch(
-    ranks: int, seqs_per_rank: int, tokens_per_seq: int, first_position: int
+    ranks: int, seqs_per_rank: int, tokens_per_seq: int, first_position: int, first_seq: int = 0
 ) -> TokenBatch:
     """Build the batch of one step.
 
@@ -45,8 +45,10 @@ def make_batch(
         seqs_per_rank: Sequences each rank holds.
         tokens_per_seq: Tokens of each sequence in this step (1 in decode).
         first_position: Position of the first token (the context length in decode).
+        first_seq: Global id of the batch's first sequence (decode keeps its sequences from
+            step to step; prefill and training take new ones every step).
     """
     pos = np.repeat(np.arange(tokens_per_seq), seqs_per_rank) + first_position
     local_seq = np.tile(np.arange(seqs_per_rank), tokens_per_seq)
-    seq = np.arange(ranks)[:, None] * seqs_per_rank + local_seq[None, :]
+    seq = first_seq + np.arange(ranks)[:, None] * seqs_per_rank + local_seq[None, :]
     return TokenBatch(seq_id=seq, position=np.broadcast_to(pos, seq.shape).copy())

@@ -6,11 +6,14 @@ and draws, for every MoE layer, ``top_k`` distinct experts per token::
     experts: [moe_layers, ranks, tokens, top_k] int64
     weights: [moe_layers, ranks, tokens, top_k] float64 (gate weights, rows sum to 1)
 
-``synthetic`` draws from a per-layer expert popularity: ``uniform`` (all equal) or ``zipf``
+``synthetic`` draws from a per-layer expert popularity: ``uniform`` (all equal), ``zipf``
 (popularity of the expert of rank ``i`` proportional to ``1 / i**skew``, ranks shuffled per layer
-so that each layer has different hot experts). ``group_limited`` reproduces DeepEP's benchmark
-routing for models with expert groups (DeepSeek-V3: 8 groups, a token reaches at most 4): see
-:func:`group_limited_topk`; it costs about a second per million tokens per layer.
+so that each layer has different hot experts) or ``dirichlet`` (popularity drawn per layer from a
+symmetric Dirichlet of concentration ``alpha``); ``fitted`` is fitted to a trace or to published
+counts (:mod:`moesim.routing.replay`). ``trace`` replays a trace. ``group_limited`` reproduces
+DeepEP's benchmark routing for models with expert groups (DeepSeek-V3: 8 groups, a token
+reaches at most 4): see :func:`group_limited_topk`; it costs about a second per million tokens
+per layer.
 """
 
 from __future__ import annotations
@@ -187,8 +190,11 @@ class SyntheticSource:
 
     def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
         layers, experts = len(model.moe_layers), model.moe.num_experts
-        skew = cfg.skew if cfg.generator == "zipf" else 0.0
-        self.popularity = zipf_popularity(layers, experts, skew, rng)
+        if cfg.generator == "dirichlet":
+            self.popularity = rng.dirichlet(np.full(experts, cfg.alpha), size=layers)
+        else:
+            skew = cfg.skew if cfg.generator == "zipf" else 0.0
+            self.popularity = zipf_popularity(layers, experts, skew, rng)
         self.top_k = model.moe.top_k
         self.model, self.generator = model, cfg.generator
 
@@ -227,4 +233,16 @@ class SyntheticSource:
         return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))
 
 
-SOURCES.register("synthetic")(SyntheticSource)
+@SOURCES.register("synthetic")
+def synthetic(cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> RoutingSource:
+    """The synthetic source: a fixed-popularity generator, or one fitted to real routing."""
+    if cfg.generator == "fitted":
+        from moesim.routing.replay import FittedSource
+
+        return FittedSource(cfg, model, rng)
+    return SyntheticSource(cfg, model, rng)
+
+
+from moesim.routing import replay as _replay  # noqa: E402  (registers "trace")
+
+del _replay

@@ -62,13 +62,18 @@ class RoutingStage:
         )
         self.rank_node = np.array(par.rank_nodes(gpus_per_node))
 
-    def batch(self, step: int) -> TokenBatch:
-        """The tokens of ``step`` on each EP rank of a replica."""
-        w = self.scenario.workload
-        seqs = w.batch_size // self.scenario.parallelism.ep
+    def batch(self, step: int, replica: int = 0) -> TokenBatch:
+        """The tokens of ``step`` on each EP rank of data-parallel replica ``replica``.
+
+        Sequence ids are global: decode keeps a replica's sequences from step to step, prefill
+        and training take new sequences every step.
+        """
+        w, par = self.scenario.workload, self.scenario.parallelism
+        seqs = w.batch_size // par.ep
         if w.mode == "decode":
-            return make_batch(self.scenario.parallelism.ep, seqs, 1, w.context_len + step)
-        return make_batch(self.scenario.parallelism.ep, seqs, w.seq_len, 0)
+            return make_batch(par.ep, seqs, 1, w.context_len + step, replica * w.batch_size)
+        first = (step * par.dp + replica) * w.batch_size
+        return make_batch(par.ep, seqs, w.seq_len, 0, first)
 
     def step(self, step: int) -> StepRouting:
         """Draw and count step ``step`` for every replica."""
@@ -77,7 +82,8 @@ class RoutingStage:
         per_layer = batch.ranks * batch.tokens_per_rank * self.model.moe.top_k
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
         replicas = []
-        for _ in range(self.scenario.parallelism.dp):
+        for replica in range(self.scenario.parallelism.dp):
+            batch = self.batch(step, replica)
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
@@ -96,7 +102,7 @@ class RoutingStage:
                     )
                 )
             replicas.append(_concat(parts))
-        return StepRouting(batch=batch, replicas=replicas)
+        return StepRouting(batch=self.batch(step), replicas=replicas)
 
 
 def _concat(parts: list[LayerCounts]) -> LayerCounts:

@@ -24,6 +24,7 @@ their affinity).
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,7 @@ def fit_counts(path: str | Path, domain: str | None = None, seed: int = 0) -> Fi
     )
     cross = raw.get("crosslayer_counts", {})
     transitions: list[np.ndarray | None] = [None]
-    for a, b in zip(layer_keys[:-1], layer_keys[1:], strict=True):
+    for a, b in itertools.pairwise(layer_keys):
         mats = [cross[d][f"{a}-{b}"] for d in domains if f"{a}-{b}" in cross.get(d, {})]
         transitions.append(
             _normalise_rows(np.sum(mats, axis=0).astype(float))

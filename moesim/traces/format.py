@@ -155,7 +155,7 @@ class Trace:
 
     def select(self, mask: np.ndarray) -> Trace:
         """The rows where ``mask`` is True."""
-        opt = {
+        opt: dict[str, Any] = {
             name: None if getattr(self, name) is None else getattr(self, name)[mask]
             for name in ("weights", "dropped", "logits")
         }

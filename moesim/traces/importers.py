@@ -215,8 +215,8 @@ def import_megatron(
                 src, f"step {rec['step']} layer {rec['layer']}: top_indices is not 2-D"
             )
         t = np.arange(len(idx))
-        key = (int(rec["step"]), int(rec.get("rank", 0)))
-        base = seq_base.setdefault(key, micro_batch * len(seq_base))
+        sr = (int(rec["step"]), int(rec.get("rank", 0)))
+        base = seq_base.setdefault(sr, micro_batch * len(seq_base))
         parts["step"].append(np.full(len(idx), rec["step"]))
         parts["layer"].append(np.full(len(idx), layer_of[int(rec["layer"])]))
         parts["seq"].append(base + t % micro_batch)

@@ -47,7 +47,7 @@ MOE_BLOCK = re.compile(r"moe|sparse", re.IGNORECASE)
 
 @dataclass
 class RouterOutput:
-    """One router call, as numpy: ``experts``/``weights``/``dropped`` ``[n, k]``, logits ``[n, E]``."""
+    """One router call as numpy: experts, weights, dropped ``[n, k]``; logits ``[n, E]``."""
 
     experts: np.ndarray
     weights: np.ndarray | None
@@ -149,7 +149,8 @@ def find_routers(model: Any) -> list[tuple[str, Any]]:
         for child_name in ("gate", "router"):
             child = getattr(mod, child_name, None)
             if isinstance(child, torch.nn.Linear) and child.out_features == n_exp:
-                child._moesim_norm_topk = bool(getattr(cfg, "norm_topk_prob", False))
+                norm = bool(getattr(cfg, "norm_topk_prob", False))
+                object.__setattr__(child, "_moesim_norm_topk", norm)
                 found.append((f"{name}.{child_name}", child))
     return found
 
@@ -166,6 +167,7 @@ class RoutingRecorder:
         logits: Record the full router logits too.
         model_name: Name for the trace metadata (default: the config's ``_name_or_path``).
         settings: Extra capture settings for the metadata (text, dtype, ...).
+        first_seq: Id of the first sequence recorded (to continue numbering across captures).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class RoutingRecorder:
         logits: bool = False,
         model_name: str | None = None,
         settings: dict[str, Any] | None = None,
+        first_seq: int = 0,
     ) -> None:
         self.model = model
         self.routers = routers if routers is not None else find_routers(model)
@@ -201,7 +204,7 @@ class RoutingRecorder:
         self.settings = dict(settings or {})
         self.step = 0
         self._forwards = 0
-        self._next_seq = 0
+        self.next_seq = first_seq
         self._seq_ids: np.ndarray = np.zeros(0, dtype=np.int64)
         self._offset = 0
         self._mask: np.ndarray | None = None
@@ -242,8 +245,8 @@ class RoutingRecorder:
             past = kwargs["past_key_values"]
             offset = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
         if offset == 0 or len(self._seq_ids) != batch:
-            self._seq_ids = np.arange(self._next_seq, self._next_seq + batch)
-            self._next_seq += batch
+            self._seq_ids = np.arange(self.next_seq, self.next_seq + batch)
+            self.next_seq += batch
         self._offset = offset
         mask = kwargs.get("attention_mask")
         self._mask = None
@@ -334,7 +337,10 @@ class RoutingRecorder:
 
 @contextmanager
 def capture(model: Any, **kwargs: Any) -> Iterator[RoutingRecorder]:
-    """Record the routing of ``model`` inside the ``with`` block (arguments: :class:`RoutingRecorder`)."""
+    """Record the routing of ``model`` inside the ``with`` block.
+
+    Arguments are those of :class:`RoutingRecorder`.
+    """
     rec = RoutingRecorder(model, **kwargs).attach()
     try:
         yield rec

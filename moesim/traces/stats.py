@@ -16,8 +16,9 @@ Per layer (loads count every choice the router made, dropped or not):
 - ``drop_rate``: share of choices the router dropped (Switch Transformers' capacity).
 
 Cross-layer affinity between consecutive recorded layers: ``P(j at l' | i at l)`` for the same
-token; ``top1_conditional`` is the mean over i of ``max_j P(j | i)`` and ``lift`` that maximum over
-the unconditional ``P(j)`` (1.0 when layers are independent).
+token; ``top1_conditional`` is the mean over i of ``max_j P(j | i)``, and ``dependence`` the
+total-variation distance between ``P(. | i) / k`` and the unconditional shares at ``l'``,
+averaged over i weighted by its load (0 when the layers are independent, up to 1).
 """
 
 from __future__ import annotations
@@ -154,16 +155,17 @@ def trace_stats(trace: Trace) -> dict[str, Any]:
     pairs = []
     for i in range(len(layers) - 1):
         p = affinity(dense, i, i + 1, e)
-        marginal = counts[i + 1] / max(counts[i + 1].sum(), 1) * k  # P(j chosen)
-        used = counts[i] > 0
+        marginal = counts[i + 1] / max(counts[i + 1].sum(), 1)  # share of choices
+        n_i = counts[i].astype(np.float64)
+        used = n_i > 0
         best = p.max(axis=1)
-        lift = best / np.maximum(marginal[p.argmax(axis=1)], 1e-12)
+        dependence = 0.5 * np.abs(p / k - marginal[None, :]).sum(axis=1)
         pairs.append(
             {
                 "from": int(layers[i]),
                 "to": int(layers[i + 1]),
                 "top1_conditional": float(best[used].mean()) if used.any() else 0.0,
-                "lift": float(lift[used].mean()) if used.any() else 0.0,
+                "dependence": float(n_i @ dependence / n_i.sum()) if used.any() else 0.0,
                 "matrix": p.round(6).tolist(),
             }
         )
