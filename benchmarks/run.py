@@ -7,7 +7,11 @@ Each benchmark runs in its own process so that its peak memory (max RSS) is its 
 - B2: DeepSeek-V3 prefill, 64x H800, EP64, 4096 tokens per GPU, one step
   (scenarios/deepseek-v3-prefill-64xh800.yaml).
 
-Targets on a 2-core machine: B1 <= 10 s, B2 <= 10 s (ambition: 3 s each).
+- T1: loading a routing trace of 20.97M token-expert assignments (16 layers x 163,840 tokens,
+  64 experts, top-8, with gate weights) with ``moesim.traces.read_trace``.
+
+Targets on a 2-core machine: B1 <= 10 s, B2 <= 10 s (ambition: 3 s each); T1 >= 10M
+assignments per second.
 """
 
 from __future__ import annotations
@@ -30,8 +34,56 @@ BENCHMARKS = {
 }
 
 
+TRACE_TARGET = 10e6  # assignments per second
+
+
+def run_trace_load() -> dict[str, object]:
+    """T1: write a 21M-assignment trace to a temporary file and time loading it (best of 3)."""
+    import tempfile
+
+    import numpy as np
+
+    from moesim.traces.format import Trace, TraceMeta, read_trace
+
+    layers, tokens, k, e = 16, 163_840, 8, 64
+    rng = np.random.default_rng(0)
+    rows = layers * tokens
+    t = np.arange(tokens)
+    trace = Trace(
+        meta=TraceMeta("benchmark", e, k, layers, "synthetic"),
+        step=np.zeros(rows, dtype=np.int32),
+        layer=np.repeat(np.arange(layers), tokens).astype(np.int16),
+        seq=np.tile(t // 2048, layers).astype(np.int32),
+        pos=np.tile(t % 2048, layers).astype(np.int32),
+        experts=rng.integers(0, e, size=(rows, k)).astype(np.int16),
+        weights=rng.random((rows, k), dtype=np.float32),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace.write(Path(tmp) / "t.parquet")
+        size = path.stat().st_size
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            read_trace(path)
+            times.append(time.perf_counter() - start)
+    wall = min(times)
+    rate = trace.assignments / wall
+    return {
+        "benchmark": "T1",
+        "assignments": trace.assignments,
+        "file_mb": round(size / 1e6, 1),
+        "wall_s": round(wall, 3),
+        "assignments_per_s": round(rate),
+        "target_assignments_per_s": TRACE_TARGET,
+        "meets_target": rate >= TRACE_TARGET,
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
 def run_one(name: str) -> dict[str, object]:
     """Run benchmark ``name`` in this process and return its measurements."""
+    if name == "T1":
+        return run_trace_load()
     from moesim.config.loading import load_scenario
     from moesim.runner import simulate
 
@@ -63,7 +115,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one)))
         return
     rows = []
-    for name in BENCHMARKS:
+    for name in [*BENCHMARKS, "T1"]:
         proc = subprocess.run(
             [sys.executable, __file__, "--one", name],
             capture_output=True,
@@ -73,10 +125,16 @@ def main() -> None:
         )
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(
-            f"{name}: {row['wall_s']:.2f} s (target {row['target_s']} s), "
-            f"{row['simulated_events']:,} events, peak {row['peak_memory_mb']:.0f} MB"
-        )
+        if name == "T1":
+            print(
+                f"T1: {row['assignments_per_s'] / 1e6:.1f}M assignments/s loading a trace "
+                f"(target 10M/s), {row['wall_s']:.2f} s for {row['assignments']:,}"
+            )
+        else:
+            print(
+                f"{name}: {row['wall_s']:.2f} s (target {row['target_s']} s), "
+                f"{row['simulated_events']:,} events, peak {row['peak_memory_mb']:.0f} MB"
+            )
     out = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": {
