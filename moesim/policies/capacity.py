@@ -6,7 +6,9 @@ Capacity is counted per EP rank before the exchange::
 
 A drop policy is a pure function that, given one rank's assignments in token order, returns a
 key per assignment: assignments are kept in ascending key order until the expert is full.
-``position`` keeps the earliest tokens (so drops fall towards the end of sequences).
+``position`` keeps the earliest tokens (so drops fall towards the end of sequences); ``probs``
+keeps the assignments with the highest gate weights (Switch Transformer's batch prioritised
+routing; ties go to the earlier token).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def position_key(order: np.ndarray, weights: np.ndarray) -> np.ndarray:
         weights: ``[n]`` float gate weights (unused).
     """
     return order
+
+
+@DROP_POLICIES.register("probs")
+def probs_key(order: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Keep the highest gate weights: the key is the negated weight (stable in token order)."""
+    return -weights
 
 
 def keep_mask(

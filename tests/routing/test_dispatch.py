@@ -77,6 +77,16 @@ def test_position_policy_keeps_earliest_tokens() -> None:
     assert keep[0, 0, :, 0].tolist() == [True] * 3 + [False] * 7
 
 
+def test_probs_policy_keeps_highest_gate_weights() -> None:
+    experts = np.zeros((1, 1, 6, 1), dtype=np.int64)  # 6 tokens all to expert 0
+    weights = np.array([0.1, 0.9, 0.3, 0.9, 0.2, 0.8]).reshape(1, 1, 6, 1)
+    keep = keep_mask(experts, capacity=3, num_experts=8, policy="probs", weights=weights)
+    # the three largest weights; of the two 0.9s neither is dropped, ties go to earlier tokens
+    assert keep[0, 0, :, 0].tolist() == [False, True, False, True, False, True]
+    keep = keep_mask(experts, capacity=1, num_experts=8, policy="probs", weights=weights)
+    assert keep[0, 0, :, 0].tolist() == [False, True, False, False, False, False]
+
+
 def test_capacity_formula_is_megatrons() -> None:
     assert get_capacity(4096, 8, 1.25, 256) == 160
     assert get_capacity(100, 2, 1.0, 8) == 25
