@@ -164,7 +164,8 @@ def _resolve_routing_files(
         update[name] = str(file.resolve())
         if file.suffix != ".parquet":
             continue
-        from moesim.routing.replay import read_meta, trace_mismatch
+        from moesim.routing.replay import trace_mismatch
+        from moesim.traces.format import read_meta
 
         try:
             why = trace_mismatch(read_meta(file), model, routing.layer_map)

@@ -17,8 +17,6 @@ others from the nearest recorded layer); ``stretch`` maps layers by relative dep
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from moesim.config.scenario import Routing
@@ -49,22 +47,6 @@ def trace_mismatch(meta: TraceMeta, model: ModelSpec, layer_map: str) -> str | N
             f"{layers}; set routing.layer_map: stretch to map layers by relative depth"
         )
     return None
-
-
-def read_meta(path: str | Path) -> TraceMeta:
-    """The metadata of a trace file, without reading its rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from moesim.traces.format import META_KEY
-
-    try:
-        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise TraceError(path, f"not a Parquet trace: {e}") from None
-    if raw is None:
-        raise TraceError(path, "no moesim.trace metadata")
-    return TraceMeta.from_json(raw, path)
 
 
 def map_layers(

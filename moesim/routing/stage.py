@@ -77,13 +77,12 @@ class RoutingStage:
 
     def step(self, step: int) -> StepRouting:
         """Draw and count step ``step`` for every replica."""
-        batch = self.batch(step)
+        batches = [self.batch(step, r) for r in range(self.scenario.parallelism.dp)]
         n_moe = len(self.model.moe_layers)
-        per_layer = batch.ranks * batch.tokens_per_rank * self.model.moe.top_k
+        per_layer = batches[0].ranks * batches[0].tokens_per_rank * self.model.moe.top_k
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
         replicas = []
-        for replica in range(self.scenario.parallelism.dp):
-            batch = self.batch(step, replica)
+        for batch in batches:
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
@@ -102,7 +101,7 @@ class RoutingStage:
                     )
                 )
             replicas.append(_concat(parts))
-        return StepRouting(batch=self.batch(step), replicas=replicas)
+        return StepRouting(batch=batches[0], replicas=replicas)
 
 
 def _concat(parts: list[LayerCounts]) -> LayerCounts:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.traces.format import Trace, TraceError, TraceMeta
+from moesim.traces.format import DenseRouting, Trace, TraceError, TraceMeta
 
 FIT_TOKENS = 16384
 FIT_ITERATIONS = 60
@@ -198,11 +198,7 @@ def fit_trace(trace: Trace, seed: int = 0) -> FittedRouting:
     e = trace.meta.num_experts
     transitions: list[np.ndarray | None] = [None]
     for i in range(1, len(layers)):
-        a, b = dense.experts[i - 1], dense.experts[i]
-        ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
-        pairs = (a[ok].astype(np.int64) * e + b[ok]).ravel()
-        co = np.bincount(pairs, minlength=e * e).reshape(e, e).astype(np.float64)
-        transitions.append(_normalise_rows(co))
+        transitions.append(_normalise_rows(_slot_matched(dense, i - 1, i, e)))
     m = trace.meta
     return fit_routing(
         m.model,
@@ -306,7 +302,10 @@ def slot_matched_counts(trace: Trace, layer_a: int, layer_b: int) -> np.ndarray:
     """
     dense = trace.dense()
     ia, ib = np.searchsorted(dense.layers, [layer_a, layer_b])
-    e = trace.meta.num_experts
+    return _slot_matched(dense, int(ia), int(ib), trace.meta.num_experts)
+
+
+def _slot_matched(dense: DenseRouting, ia: int, ib: int, e: int) -> np.ndarray:
     a, b = dense.experts[ia], dense.experts[ib]
     ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
     pairs = (a[ok].astype(np.int64) * e + b[ok]).ravel()

@@ -260,6 +260,20 @@ def _column(table: Any, name: str, width: int | None, dtype: Any) -> np.ndarray:
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
+def read_meta(path: str | Path) -> TraceMeta:
+    """The metadata of a trace file, without reading its rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise TraceError(path, f"not a Parquet file: {e}") from None
+    if raw is None:
+        raise TraceError(path, "no moesim.trace metadata; write traces with moesim trace ...")
+    return TraceMeta.from_json(raw, path)
+
+
 def read_trace(path: str | Path) -> Trace:
     """Load a trace written by :func:`write_trace` (or any Parquet file in its format)."""
     import pyarrow as pa
@@ -268,14 +282,11 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise TraceError(path, "no such trace file")
+    meta = read_meta(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise TraceError(path, f"not a Parquet file: {e}") from None
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise TraceError(path, "no moesim.trace metadata; write traces with moesim trace ...")
-    meta = TraceMeta.from_json(raw, path)
     missing = {"step", "layer", "seq", "pos", "experts"} - set(table.column_names)
     if missing:
         raise TraceError(path, f"missing columns: {', '.join(sorted(missing))}")
