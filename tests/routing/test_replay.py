@@ -13,7 +13,7 @@ from moesim.routing.stage import RoutingStage
 from moesim.runner import simulate
 from moesim.traces.format import Trace, TraceMeta
 from tests.conftest import small_scenario
-from tests.traces.conftest import COUNTS, needs
+from tests.traces.conftest import COUNTS, VLLM, needs
 
 
 def mixtral_trace(tmp_path: Path, layers: int = 32, seqs: int = 40, seq_len: int = 96) -> Path:
@@ -162,3 +162,23 @@ def test_fitted_generator_in_a_scenario(write_scenario) -> None:
     assert loads.shape == (32, 8) and np.allclose(loads.sum(axis=1), 1.0)
     result = simulate(r)
     assert result.summary["step_time_s"] > 0
+
+
+@needs(VLLM)
+def test_imported_vllm_trace_replays_end_to_end(tmp_path, write_scenario) -> None:
+    from moesim.traces.importers import import_vllm
+
+    path = import_vllm(VLLM).trace.write(tmp_path / "qwen.parquet")
+    scen = write_scenario(
+        small_scenario(
+            **{
+                "model": "qwen1.5-moe-a2.7b",
+                "parallelism": {"ep": 4, "tp": 1, "dp": 2},
+                "workload": {"mode": "prefill", "batch_size": 8, "seq_len": 64, "steps": 2},
+                "routing": {"source": "trace", "path": str(path)},
+                "policies": {"capacity": {"type": "capacity", "factor": 1.0}},
+            }
+        )
+    )
+    summary = simulate(load_scenario(scen)).summary
+    assert summary["step_time_s"] > 0 and 0 < summary["drop_rate"] < 0.5
