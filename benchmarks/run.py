@@ -48,14 +48,10 @@ def run_trace_load() -> dict[str, object]:
     layers, tokens, k, e = 16, 163_840, 8, 64
     rng = np.random.default_rng(0)
     rows = layers * tokens
-    t = np.arange(tokens)
-    trace = Trace(
-        meta=TraceMeta("benchmark", e, k, layers, "synthetic"),
-        step=np.zeros(rows, dtype=np.int32),
-        layer=np.repeat(np.arange(layers), tokens).astype(np.int16),
-        seq=np.tile(t // 2048, layers).astype(np.int32),
-        pos=np.tile(t % 2048, layers).astype(np.int32),
-        experts=rng.integers(0, e, size=(rows, k)).astype(np.int16),
+    trace = Trace.from_layers(
+        TraceMeta("benchmark", e, k, layers, "synthetic"),
+        rng.integers(0, e, size=(layers, tokens, k)),
+        seq_len=2048,
         weights=rng.random((rows, k), dtype=np.float32),
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,11 +20,11 @@ trace_app = typer.Typer(
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Trace file to write (.parquet).")]
 
 
-def _refuse_existing(path: Path) -> None:
-    from moesim.traces.format import TraceError
+def refuse_existing(path: Path, what: str = "a trace", option: str = "--out") -> None:
+    """The trace format's refusal to overwrite (imported when a command runs, not at start-up)."""
+    from moesim.traces.format import refuse_existing as refuse
 
-    if path.exists():
-        raise TraceError(path, "exists; moesim never overwrites a trace (choose another --out)")
+    refuse(path, what, option)
 
 
 def _wrote(path: Path, trace: Any) -> None:
@@ -51,7 +51,7 @@ def capture_cmd(
 ) -> None:
     """Run MODEL over TEXT and record every MoE layer's routing (needs the trace extra)."""
     with reported():
-        _refuse_existing(out)
+        refuse_existing(out)
         if dtype not in ("bf16", "fp16", "fp32"):
             from moesim.errors import ConfigError
 
@@ -105,7 +105,7 @@ def import_cmd(
     from moesim.traces.importers import IMPORTERS
 
     with reported():
-        _refuse_existing(out)
+        refuse_existing(out)
         importer = IMPORTERS.get(kind)
         kwargs: dict[str, Any] = {
             "num_experts": num_experts,
@@ -136,7 +136,7 @@ def stats_cmd(
 
     with reported():
         if report is not None:
-            _refuse_existing(report)
+            refuse_existing(report, "a report", "--report")
         stats = trace_stats(read_trace(trace))
         if json_out:
             sys.stdout.write(json.dumps(stats, indent=1, sort_keys=True) + "\n")
@@ -214,7 +214,7 @@ def synth_cmd(
     from moesim.traces.fit import load_fit, synthesize
 
     with reported():
-        _refuse_existing(out)
+        refuse_existing(out)
         fitted = load_fit(fit, domain)
         trace = synthesize(fitted, tokens, seq_len, seed)
         trace.write(out)

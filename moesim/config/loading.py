@@ -143,7 +143,8 @@ def _resolve_routing_files(
     scenario: Scenario, model: ModelSpec, base: Path | None, path: Path | None
 ) -> tuple[Scenario, list[ConfigError]]:
     """Make ``routing.path`` / ``routing.fit`` absolute and check they fit the model."""
-    from moesim.traces.format import TraceError
+    from moesim.routing.replay import trace_mismatch
+    from moesim.traces.format import TraceError, read_meta
 
     routing, update, errors = scenario.routing, {}, []
     wanted = {"path": routing.source == "trace", "fit": routing.generator == "fitted"}
@@ -164,9 +165,6 @@ def _resolve_routing_files(
         update[name] = str(file.resolve())
         if file.suffix != ".parquet":
             continue
-        from moesim.routing.replay import trace_mismatch
-        from moesim.traces.format import read_meta
-
         try:
             why = trace_mismatch(read_meta(file), model, routing.layer_map)
         except TraceError as e:

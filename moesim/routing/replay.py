@@ -25,6 +25,7 @@ from moesim.routing.batch import TokenBatch
 from moesim.routing.sources import SOURCES, RoutingDraw
 from moesim.traces.fit import FittedRouting, load_fit
 from moesim.traces.format import TraceError, TraceMeta
+from moesim.traces.stats import load_counts
 
 
 def trace_mismatch(meta: TraceMeta, model: ModelSpec, layer_map: str) -> str | None:
@@ -90,14 +91,9 @@ class TraceSource:
                 cfg.path, "some tokens have no routing at some recorded layers; cannot replay"
             )
         self.weights = None if dense.weights is None else dense.weights[:, order]
-        k = trace.meta.top_k
-        counts = np.stack(
-            [np.bincount(self.experts[i].ravel(), minlength=model.moe.num_experts) for i in used]
-        ).astype(np.float64)
-        self.loads = (counts / counts.sum(axis=1, keepdims=True))[
-            np.searchsorted(used, self.layer_idx)
-        ]
-        self.top_k = k
+        _, counts = load_counts(trace)  # per recorded layer, in dense.layers order
+        self.loads = (counts / counts.sum(axis=1, keepdims=True))[self.layer_idx]
+        self.top_k = trace.meta.top_k
         self.rng = np.random.default_rng(rng.integers(1 << 62))
         self.assigned: dict[int, int] = {}
         self.queue: list[int] = []
@@ -147,17 +143,12 @@ class FittedSource:
     def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
         assert cfg.fit is not None
         self.fit: FittedRouting = load_fit(cfg.fit, cfg.domain)
-        meta = TraceMeta(
-            model=self.fit.model,
-            num_experts=self.fit.num_experts,
-            top_k=self.fit.top_k,
-            num_layers=self.fit.num_layers,
-            source="fit",
-        )
-        why = trace_mismatch(meta, model, cfg.layer_map)
+        why = trace_mismatch(self.fit.meta(), model, cfg.layer_map)
         if why:
             raise TraceError(cfg.fit, why)
-        self.layer_idx = self.fit.model_layer_map(len(model.moe_layers))
+        self.layer_idx = map_layers(
+            len(model.moe_layers), self.fit.num_layers, self.fit.layer_ids, cfg.layer_map
+        )
         self._last: tuple[int, int, np.ndarray] | None = None
 
     def expected_loads(self) -> np.ndarray:

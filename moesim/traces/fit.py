@@ -65,12 +65,16 @@ class FittedRouting:
     log_w: np.ndarray
     source: str
 
-    def model_layer_map(self, model_layers: int) -> np.ndarray:
-        """``[model_layers]`` index into the fitted layers, by relative depth."""
-        if model_layers == 1:
-            return np.zeros(1, dtype=np.int64)
-        depth = np.arange(model_layers) * (self.num_layers - 1) / (model_layers - 1)
-        return np.abs(depth[:, None] - self.layer_ids[None, :]).argmin(axis=1)
+    def meta(self, source: str = "fit", capture: dict[str, Any] | None = None) -> TraceMeta:
+        """The routing shape of the fit, as trace metadata."""
+        return TraceMeta(
+            model=self.model,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            num_layers=self.num_layers,
+            source=source,
+            capture=capture or {},
+        )
 
     def sample(
         self,
@@ -267,25 +271,9 @@ def load_fit(path: str | Path, domain: str | None = None, seed: int = 0) -> Fitt
 
 def synthesize(fit: FittedRouting, tokens: int, seq_len: int, seed: int) -> Trace:
     """A trace of ``tokens`` tokens drawn from ``fit`` (its fitted layers, step 0)."""
-    rng = np.random.default_rng(seed)
-    experts = fit.sample(tokens, rng)
-    n_layers = len(fit.layer_ids)
-    t = np.arange(tokens)
-    return Trace(
-        meta=TraceMeta(
-            model=fit.model,
-            num_experts=fit.num_experts,
-            top_k=fit.top_k,
-            num_layers=fit.num_layers,
-            source="synthetic",
-            capture={"generator": "fitted", "fitted_to": fit.source, "seed": seed},
-        ),
-        step=np.zeros(tokens * n_layers, dtype=np.int32),
-        layer=np.repeat(fit.layer_ids, tokens).astype(np.int16),
-        seq=np.tile(t // seq_len, n_layers).astype(np.int32),
-        pos=np.tile(t % seq_len, n_layers).astype(np.int32),
-        experts=experts.reshape(-1, fit.top_k),
-    )
+    meta = fit.meta("synthetic", {"generator": "fitted", "fitted_to": fit.source, "seed": seed})
+    experts = fit.sample(tokens, np.random.default_rng(seed))
+    return Trace.from_layers(meta, experts, fit.layer_ids, seq_len)
 
 
 def sorted_load_tv(a: np.ndarray, b: np.ndarray) -> float:

@@ -169,6 +169,36 @@ class Trace:
             **opt,
         )
 
+    @classmethod
+    def from_layers(
+        cls,
+        meta: TraceMeta,
+        experts: np.ndarray,
+        layer_ids: np.ndarray | None = None,
+        seq_len: int | None = None,
+        first_seq: int = 0,
+        **optional: np.ndarray | None,
+    ) -> Trace:
+        """A one-step trace from ``experts[layers, tokens, k]``, layer-major rows.
+
+        Token ``t`` is sequence ``first_seq + t // seq_len`` at position ``t % seq_len`` (one
+        sequence when ``seq_len`` is None); ``layer_ids`` default to ``0 .. layers - 1``;
+        ``optional`` holds weights / dropped / logits already in row order.
+        """
+        layers, tokens, k = experts.shape
+        ids = np.arange(layers) if layer_ids is None else np.asarray(layer_ids)
+        length = seq_len or tokens
+        t = np.arange(tokens)
+        return cls(
+            meta=meta,
+            step=np.zeros(layers * tokens, dtype=np.int32),
+            layer=np.repeat(ids, tokens).astype(np.int16),
+            seq=np.tile(first_seq + t // length, layers).astype(np.int32),
+            pos=np.tile(t % length, layers).astype(np.int32),
+            experts=experts.reshape(-1, k).astype(np.int16),
+            **optional,
+        )
+
     def write(self, path: str | Path) -> Path:
         """Write the trace to ``path`` (see :func:`write_trace`)."""
         return write_trace(self, path)
@@ -226,8 +256,7 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    if path.exists():
-        raise TraceError(path, "exists; moesim never overwrites a trace (choose another --out)")
+    refuse_existing(path)
     cols: dict[str, Any] = {
         "step": pa.array(trace.step.astype(np.int32)),
         "layer": pa.array(trace.layer.astype(np.int16)),
@@ -260,18 +289,29 @@ def _column(table: Any, name: str, width: int | None, dtype: Any) -> np.ndarray:
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
+def refuse_existing(path: Path, what: str = "a trace", option: str = "--out") -> None:
+    """Raise if ``path`` exists: moesim never overwrites an earlier result."""
+    if path.exists():
+        raise TraceError(path, f"exists; moesim never overwrites {what} (choose another {option})")
+
+
+def _meta_of(schema: Any, path: str | Path) -> TraceMeta:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TraceError(path, "no moesim.trace metadata; write traces with moesim trace ...")
+    return TraceMeta.from_json(raw, path)
+
+
 def read_meta(path: str | Path) -> TraceMeta:
     """The metadata of a trace file, without reading its rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise TraceError(path, f"not a Parquet file: {e}") from None
-    if raw is None:
-        raise TraceError(path, "no moesim.trace metadata; write traces with moesim trace ...")
-    return TraceMeta.from_json(raw, path)
+    return _meta_of(schema, path)
 
 
 def read_trace(path: str | Path) -> Trace:
@@ -282,11 +322,11 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise TraceError(path, "no such trace file")
-    meta = read_meta(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise TraceError(path, f"not a Parquet file: {e}") from None
+    meta = _meta_of(table.schema, path)
     missing = {"step", "layer", "seq", "pos", "experts"} - set(table.column_names)
     if missing:
         raise TraceError(path, f"missing columns: {', '.join(sorted(missing))}")

@@ -276,20 +276,13 @@ def import_npy(
         )
     tokens, layers = arr.shape
     length = seq_len or tokens
-    t = np.arange(tokens)
-    trace = Trace(
-        meta=TraceMeta(
-            model=model,
-            num_experts=num_experts or int(arr.max()) + 1,
-            top_k=1,
-            num_layers=layers,
-            source="npy",
-            capture={"file": src.name, "seq_len": length},
-        ),
-        step=np.zeros(tokens * layers, dtype=np.int32),
-        layer=np.repeat(np.arange(layers), tokens).astype(np.int16),
-        seq=np.tile(t // length, layers).astype(np.int32),
-        pos=np.tile(t % length, layers).astype(np.int32),
-        experts=arr.T.reshape(-1, 1).astype(np.int16),
+    meta = TraceMeta(
+        model=model,
+        num_experts=num_experts or int(arr.max()) + 1,
+        top_k=1,
+        num_layers=layers,
+        source="npy",
+        capture={"file": src.name, "seq_len": length},
     )
+    trace = Trace.from_layers(meta, arr.T[:, :, None], seq_len=length)
     return ImportReport(trace=trace, notes=[f"{tokens} tokens x {layers} layers, top-1"])

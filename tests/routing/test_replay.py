@@ -23,14 +23,11 @@ def mixtral_trace(tmp_path: Path, layers: int = 32, seqs: int = 40, seq_len: int
     experts = np.stack(
         [np.argsort(rng.random((tokens, 8)), axis=1)[:, :2] for _ in range(layers)]
     ).astype(np.int16)
-    t = np.arange(tokens)
-    trace = Trace(
-        meta=TraceMeta("mixtral-like", 8, 2, layers, "test"),
-        step=np.zeros(layers * tokens, dtype=np.int32),
-        layer=np.repeat(np.arange(layers), tokens).astype(np.int16),
-        seq=np.tile(100 + t // seq_len, layers).astype(np.int32),
-        pos=np.tile(t % seq_len, layers).astype(np.int32),
-        experts=experts.reshape(-1, 2),
+    trace = Trace.from_layers(
+        TraceMeta("mixtral-like", 8, 2, layers, "test"),
+        experts,
+        seq_len=seq_len,
+        first_seq=100,  # sequence ids need not start at 0
         weights=rng.random((layers * tokens, 2)).astype(np.float32),
     )
     return trace.write(tmp_path / f"trace{layers}.parquet")

@@ -24,15 +24,6 @@ def make_trace(
     experts: np.ndarray, num_experts: int, seq_len: int | None = None, **cols: np.ndarray
 ) -> Trace:
     """A trace from ``experts[layers, tokens, k]``: one step, sequences of ``seq_len``."""
-    layers, tokens, k = experts.shape
-    length = seq_len or tokens
-    t = np.arange(tokens)
-    return Trace(
-        meta=TraceMeta("hand-made", num_experts, k, layers, "test"),
-        step=np.zeros(layers * tokens, dtype=np.int32),
-        layer=np.repeat(np.arange(layers), tokens).astype(np.int16),
-        seq=np.tile(t // length, layers).astype(np.int32),
-        pos=np.tile(t % length, layers).astype(np.int32),
-        experts=experts.reshape(-1, k).astype(np.int16),
-        **cols,
-    )
+    layers, _, k = experts.shape
+    meta = TraceMeta("hand-made", num_experts, k, layers, "test")
+    return Trace.from_layers(meta, experts, seq_len=seq_len, **cols)
