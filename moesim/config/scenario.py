@@ -152,7 +152,22 @@ class Capacity(_Section):
         "dropless", description="dropless, or a capacity factor."
     )
     factor: float | None = Field(None, gt=0, description="Capacity factor (type capacity).")
-    drop: str = Field("position", description="Which tokens are dropped when an expert is full.")
+    drop: str = Field(
+        "position",
+        description="Which assignments are dropped when an expert is full: position (latest "
+        "tokens), probs (lowest gate weights), random, reroute (to the next choice with room).",
+    )
+    scope: Literal["rank", "global"] = Field(
+        "rank",
+        description="Capacity counted per EP rank before the exchange (Megatron) or over the "
+        "whole EP group.",
+    )
+    pad: bool = Field(
+        False, description="Pad every expert to its capacity (padding computed and sent)."
+    )
+    reroute_depth: int = Field(
+        4, ge=1, description="Next choices a dropped assignment tries (drop: reroute)."
+    )
 
     @field_validator("drop")
     @classmethod
@@ -163,18 +178,58 @@ class Capacity(_Section):
     def _factor(self) -> Capacity:
         if self.type == "capacity" and self.factor is None:
             raise ValueError("type capacity needs a factor (e.g. factor: 1.25)")
+        if self.pad and self.type != "capacity":
+            raise ValueError("pad needs type capacity (a dropless expert has no capacity)")
         return self
 
 
 class Placement(_Section):
-    """How experts map onto EP ranks."""
+    """How experts and their replicas map onto EP ranks."""
 
     type: str = Field("contiguous", description="Placement policy (registry name).")
+    redundant_experts: int = Field(
+        0,
+        ge=0,
+        description="Extra expert slots per layer over the EP group (eplb, eplb_global, "
+        "topology_aware); (experts + redundant) must split evenly over the ranks.",
+    )
+    num_groups: int | None = Field(
+        None, ge=1, description="Expert groups for eplb (default: the model's n_group, or 1)."
+    )
+    replica_choice: str | None = Field(
+        None,
+        description="Which replica a token uses: round_robin, least_loaded, nearest "
+        "(default: nearest for topology_aware, else round_robin).",
+    )
+    rebalance_every_steps: int = Field(
+        0,
+        ge=0,
+        description="Re-place every N steps from a moving average of observed loads, "
+        "charging the moved experts' bytes on the network (0: never).",
+    )
+    load_decay: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Weight of the old average in the moving average of loads (rebalancing).",
+    )
 
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
         return _registered("placement", v)
+
+    @field_validator("replica_choice")
+    @classmethod
+    def _known_choice(cls, v: str | None) -> str | None:
+        return None if v is None else _registered("replica choice", v)
+
+    @property
+    def chooser(self) -> str:
+        """The replica choice in effect."""
+        if self.replica_choice is not None:
+            return self.replica_choice
+        return "nearest" if self.type == "topology_aware" else "round_robin"
 
 
 class AllToAll(_Section):

@@ -20,8 +20,9 @@ PHASES = (
     "dense_ffn",
     "combine",
     "tp_comm",
+    "migrate",
 )
-COMM_PHASES = ("dispatch", "combine", "tp_comm")
+COMM_PHASES = ("dispatch", "combine", "tp_comm", "migrate")
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 
 
@@ -57,6 +58,10 @@ class Collector:
         self.dropped = np.zeros((steps, n_moe), dtype=np.int64)
         self.dropped_by_gpu = np.zeros((steps, n_moe, gpus), dtype=np.int64)
         self.imbalance = np.zeros((steps, n_moe))
+        self.dropped_by_bin: np.ndarray | None = None  # [steps, bins], set on first record
+        self.routed_by_bin: np.ndarray | None = None
+        self.padding = np.zeros(steps, dtype=np.int64)
+        self.migration_bytes = np.zeros(steps)
         self.bytes_out = np.zeros((steps, layers, gpus))
         self.bytes_intra = np.zeros(steps)
         self.bytes_inter = np.zeros(steps)
@@ -83,6 +88,16 @@ class Collector:
                     "args": {"step": step, "layer": layer},
                 }
             )
+
+    def on_drops_by_position(self, step: int, dropped: np.ndarray, routed: np.ndarray) -> None:
+        """``[bins]`` dropped and routed assignments by position bin of one step."""
+        if self.dropped_by_bin is None:
+            steps = self.step_time_s.shape[0]
+            self.dropped_by_bin = np.zeros((steps, dropped.size), dtype=np.int64)
+            self.routed_by_bin = np.zeros((steps, dropped.size), dtype=np.int64)
+        assert self.routed_by_bin is not None
+        self.dropped_by_bin[step] = dropped
+        self.routed_by_bin[step] = routed
 
     def on_wait(self, step: int, gpu: int, seconds: float) -> None:
         """A GPU waited ``seconds`` at a collective for its slowest peer."""

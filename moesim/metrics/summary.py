@@ -10,7 +10,12 @@
   is the part spent waiting at collectives for the slowest GPU;
 - ``imbalance_max_over_mean``: tokens computed by the busiest EP rank over the mean, averaged
   over steps and MoE layers (``imbalance_worst`` is the largest);
-- ``drop_rate``: dropped / routed token-expert assignments;
+- ``drop_rate``: dropped / routed token-expert assignments; ``drop_rate_by_layer`` per MoE
+  layer; ``drop_rate_by_position`` (prefill and training): ``position_start`` of each of up
+  to 32 equal position bins and the drop rate of its tokens (drops towards the end of
+  sequences show as a rising curve);
+- ``padding_tokens``: padding rows computed per step (``pad: true``);
+- ``migration_bytes``: expert bytes moved by re-placement over the run;
 - ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
 - ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``.
 
@@ -61,6 +66,10 @@ def summarize(
         "imbalance_max_over_mean": float(col.imbalance.mean()),
         "imbalance_worst": float(col.imbalance.max()),
         "drop_rate": float(col.dropped.sum() / routed) if routed else 0.0,
+        "drop_rate_by_layer": _rates(col.dropped.sum(axis=0), col.routed.sum(axis=0)),
+        "drop_rate_by_position": _by_position(col, s.workload.seq_len),
+        "padding_tokens": int(col.padding.sum() / len(col.step_time_s)),
+        "migration_bytes": float(col.migration_bytes.sum()),
         "tokens_routed": routed,
         "tokens_dropped": int(col.dropped.sum()),
         "bytes_intra_node": float(col.bytes_intra.mean()),
@@ -69,6 +78,21 @@ def summarize(
         "hbm_capacity_bytes": float(r.hardware.gpu.hbm_bytes),
         "hbm_breakdown_bytes": hbm.as_dict(),
         "cost_model": cost_source,
+    }
+
+
+def _rates(dropped: np.ndarray, routed: np.ndarray) -> list[float]:
+    return [float(d / r) if r else 0.0 for d, r in zip(dropped, routed, strict=True)]
+
+
+def _by_position(col: Collector, seq_len: int) -> dict[str, list[float]] | None:
+    """Drop rate per position bin (prefill and training), bins as fractions of seq_len."""
+    if col.dropped_by_bin is None or col.routed_by_bin is None:
+        return None
+    bins = col.dropped_by_bin.shape[1]
+    return {
+        "position_start": [float(b * seq_len / bins) for b in range(bins)],
+        "rate": _rates(col.dropped_by_bin.sum(axis=0), col.routed_by_bin.sum(axis=0)),
     }
 
 

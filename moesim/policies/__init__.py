@@ -3,6 +3,7 @@
 Families and where their registries live:
 
 - ``placement``: :data:`moesim.policies.placement.PLACEMENTS`
+- ``replica choice``: :data:`moesim.policies.replicas.REPLICA_CHOICES`
 - ``drop policy``: :data:`moesim.policies.capacity.DROP_POLICIES`
 - ``routing source``: :data:`moesim.routing.sources.SOURCES`
 - ``all-to-all``: :data:`moesim.comm.alltoall.ALL_TO_ALL`
@@ -25,6 +26,10 @@ def registry_for(family: str) -> Registry[Any]:
         from moesim.policies.capacity import DROP_POLICIES
 
         return DROP_POLICIES
+    if family == "replica choice":
+        from moesim.policies.replicas import REPLICA_CHOICES
+
+        return REPLICA_CHOICES
     if family == "routing source":
         from moesim.routing.sources import SOURCES
 

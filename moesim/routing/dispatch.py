@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.policies.capacity import get_capacity, keep_mask
+from moesim.policies.capacity import DROP_POLICIES, get_capacity, keep_mask, reroute
 from moesim.policies.placement import Placement
+from moesim.policies.replicas import ReplicaChooser
 from moesim.routing.sources import RoutingDraw, first_of_kind
 
 
@@ -39,22 +40,44 @@ class LayerCounts:
     rank_copies: np.ndarray
     node_copies: np.ndarray
     assignments: np.ndarray
+    expert_routed: np.ndarray
+    dropped_by_bin: np.ndarray
+    padding: np.ndarray
 
 
 @dataclass(frozen=True)
 class CapacityRule:
-    """Capacity settings: ``factor`` None means dropless."""
+    """Capacity settings: ``factor`` None means dropless.
+
+    Attributes:
+        factor: Capacity factor, or None (dropless).
+        drop: Drop-policy registry name.
+        num_experts: Experts per layer.
+        top_k: Experts per token.
+        scope: ``rank`` (Megatron, per source rank) or ``global`` (per EP group).
+        pad: Pad every expert to its capacity (the padding is computed and sent).
+        reroute_depth: Next choices a dropped assignment tries (``reroute`` policy).
+    """
 
     factor: float | None
     drop: str
     num_experts: int
     top_k: int
+    scope: str = "rank"
+    pad: bool = False
+    reroute_depth: int = 4
 
-    def capacity(self, tokens_per_rank: int) -> int | None:
-        """Assignments one expert accepts from one rank, or None (dropless)."""
+    def capacity(self, tokens_per_rank: int, ranks: int = 1) -> int | None:
+        """Assignments one expert accepts (from one rank, or from the group), or None."""
         if self.factor is None:
             return None
-        return get_capacity(tokens_per_rank, self.top_k, self.factor, self.num_experts)
+        tokens = tokens_per_rank * (ranks if self.scope == "global" else 1)
+        return get_capacity(tokens, self.top_k, self.factor, self.num_experts)
+
+    @property
+    def reroutes(self) -> bool:
+        """Whether dropped assignments go to next choices."""
+        return self.factor is not None and DROP_POLICIES.get(self.drop).reroute
 
 
 def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
@@ -78,59 +101,100 @@ def count_layers(
     draw: RoutingDraw,
     layers: np.ndarray,
     placement: Placement,
-    log2phy: np.ndarray,
-    logcnt: np.ndarray,
+    chooser: ReplicaChooser,
     rule: CapacityRule,
     rank_node: np.ndarray,
+    rng: np.random.Generator | None = None,
+    pos_bin: np.ndarray | None = None,
+    bins: int = 1,
 ) -> LayerCounts:
-    """Apply capacity, choose replicas (round-robin by token) and count.
+    """Apply capacity (and rerouting), choose replicas and count.
 
     Args:
-        draw: Assignments ``[layers, ranks, tokens, k]`` of the chunk.
+        draw: Assignments ``[layers, ranks, tokens, k]`` of the chunk (``fallback`` needed by
+            the ``reroute`` policy).
         layers: ``[layers]`` indices of the chunk's MoE layers.
         placement: The placement of all MoE layers.
-        log2phy: ``[moe_layers, experts, max_replicas]`` from the placement.
-        logcnt: ``[moe_layers, experts]`` from the placement.
+        chooser: The replica chooser of the placement.
         rule: Capacity settings.
         rank_node: ``[ranks]`` node of each EP rank.
+        rng: Generator of the ``random`` drop policy.
+        pos_bin: ``[ranks, tokens]`` position bin of each token (for drops by position).
+        bins: Position bins.
     """
     experts = draw.experts
-    n_layers, ranks, tokens, _ = experts.shape
-    cap = rule.capacity(tokens)
-    keep = (
-        None if cap is None else keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights)
-    )
-    num_experts = log2phy.shape[1]
-    key = layers.astype(np.int32).reshape(-1, 1, 1, 1) * num_experts + experts
-    if log2phy.shape[2] == 1:  # one replica per expert: a table lookup
-        slot = log2phy[:, :, 0].astype(np.int32).ravel().take(key)
-    else:  # round-robin over an expert's replicas by token index
-        replica = np.arange(tokens).reshape(1, 1, -1, 1) % logcnt.ravel().take(key)
-        slot = log2phy[layers.reshape(-1, 1, 1, 1), experts, replica].astype(np.int32)
+    n_layers, ranks, tokens, k = experts.shape
+    cap = rule.capacity(tokens, ranks)
+    keep = None
+    if cap is not None:
+        keep = keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights, rng, rule.scope)
+        if rule.reroutes and draw.fallback is not None:
+            experts, keep = reroute(experts, keep, draw.fallback, cap, rule.num_experts, rule.scope)
+    slot = chooser.slots(layers, experts, keep)
     slots = placement.phy2log.shape[1]
     local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
     slot_rank = placement.slot_rank.astype(np.int32)
+    lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * rule.num_experts + experts
+    expert_routed = np.bincount(lay_e.ravel(), minlength=n_layers * rule.num_experts)
     if keep is None:
         slot_tokens = np.bincount(local.ravel(), minlength=n_layers * slots)
         dest_rank = slot_rank.take(slot)
         dest_node = rank_node.astype(np.int32).take(dest_rank)
         dropped = np.zeros((n_layers, ranks), dtype=np.int64)
+        dropped_by_bin = np.zeros((n_layers, bins), dtype=np.int64)
     else:
         slot_tokens = np.bincount(local[keep], minlength=n_layers * slots)
         dest_rank = np.where(keep, slot_rank.take(slot), -1)
         dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)), -1)
-        dropped = (~keep).sum(axis=(2, 3)).astype(np.int64)
+        lost = (~keep).sum(axis=3)  # [L, R, T]
+        dropped = lost.sum(axis=2).astype(np.int64)
+        pb = np.zeros((ranks, tokens), dtype=np.int64) if pos_bin is None else pos_bin
+        flat_bin = (np.arange(n_layers).reshape(-1, 1, 1) * bins + pb).ravel()
+        dropped_by_bin = (
+            np.bincount(flat_bin, weights=lost.ravel(), minlength=n_layers * bins)
+            .astype(np.int64)
+            .reshape(n_layers, bins)
+        )
     slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
-    routed = np.full((n_layers, ranks), tokens * experts.shape[3], dtype=np.int64)
+    routed = np.full((n_layers, ranks), tokens * k, dtype=np.int64)
     n_nodes = int(rank_node.max()) + 1
     pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
     pair = pair + dest_rank
-    assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks)
+    assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks).reshape(
+        n_layers, ranks, ranks
+    )
+    rank_copies = _distinct_counts(dest_rank, ranks)
+    node_copies = _distinct_counts(dest_node, n_nodes)
+    padding = np.zeros((n_layers, ranks, placement.slots_per_rank), dtype=np.int64)
+    if rule.pad and cap is not None:
+        # every (source rank, expert) buffer is padded to the capacity: per-expert rows travel
+        # undeduplicated, and each slot computes its share of the padded rows
+        per_src = cap if rule.scope == "rank" else -(-cap // ranks)
+        logcnt = placement.logcnt(rule.num_experts)[layers]  # [L, E]
+        phy = placement.phy2log[layers]  # [L, slots]
+        share = per_src * ranks / np.take_along_axis(logcnt, phy, axis=1)
+        padded = np.ceil(share).astype(np.int64).reshape(slot_tokens.shape)
+        padding = np.maximum(padded - slot_tokens, 0)
+        slot_tokens = slot_tokens + padding
+        per_rank = (
+            (1.0 / np.take_along_axis(logcnt, phy, axis=1))
+            .reshape(n_layers, ranks, placement.slots_per_rank)
+            .sum(axis=2)
+        )  # expert buffers each rank receives from one source
+        pad_pairs = np.ceil(per_src * per_rank).astype(np.int64)[:, None, :]
+        assignments = np.maximum(assignments, pad_pairs)
+        rank_copies = assignments.copy()
+        node_copies = np.stack(
+            [assignments[:, :, rank_node == n].sum(axis=2) for n in range(n_nodes)], axis=2
+        )
     return LayerCounts(
-        assignments=assignments.reshape(n_layers, ranks, ranks),
+        assignments=assignments,
         slot_tokens=slot_tokens,
         routed=routed,
         dropped=dropped,
-        rank_copies=_distinct_counts(dest_rank, ranks),
-        node_copies=_distinct_counts(dest_node, n_nodes),
+        rank_copies=rank_copies,
+        node_copies=node_copies,
+        expert_routed=expert_routed.reshape(n_layers, rule.num_experts),
+        dropped_by_bin=dropped_by_bin,
+        padding=padding,
     )

@@ -5,6 +5,7 @@ and draws, for every MoE layer, ``top_k`` distinct experts per token::
 
     experts: [moe_layers, ranks, tokens, top_k] int64
     weights: [moe_layers, ranks, tokens, top_k] float64 (gate weights, rows sum to 1)
+    fallback: [moe_layers, ranks, tokens, m] int64 (next choices, for rerouting; optional)
 
 ``synthetic`` draws from a per-layer expert popularity: ``uniform`` (all equal), ``zipf``
 (popularity of the expert of rank ``i`` proportional to ``1 / i**skew``, ranks shuffled per layer
@@ -36,6 +37,7 @@ class RoutingDraw:
 
     experts: np.ndarray
     weights: np.ndarray | None
+    fallback: np.ndarray | None = None
 
 
 class RoutingSource(Protocol):
@@ -183,6 +185,44 @@ def group_limited_topk(
             scores = np.where(np.repeat(mask, per_group, axis=1), scores, -np.inf)
         out[start : start + m] = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
     return out
+
+
+def next_choices(
+    experts: np.ndarray,
+    popularity: np.ndarray,
+    depth: int,
+    rng: np.random.Generator,
+    chunk: int = 1 << 16,
+) -> np.ndarray:
+    """Each token's next ``depth`` choices after its top-k, in preference order.
+
+    The continuation of sampling without replacement from the layer's popularity (Gumbel-top-k
+    over the experts the token has not chosen): what a token-choice router's next scores are
+    under the generators' model.
+
+    Args:
+        experts: ``[L, R, T, k]`` chosen experts.
+        popularity: ``[L, E]`` per-layer popularity.
+        depth: Next choices wanted (at most ``E - k``).
+
+    Returns:
+        ``[L, R, T, depth]`` int64.
+    """
+    n_layers, ranks, tokens, k = experts.shape
+    e = popularity.shape[1]
+    depth = min(depth, e - k)
+    logp = np.log(np.maximum(popularity, 1e-300))
+    flat = experts.reshape(n_layers, -1, k).astype(np.int64)
+    out = np.empty((n_layers, flat.shape[1], depth), dtype=np.int64)
+    for li in range(n_layers):
+        for start in range(0, flat.shape[1], chunk):
+            rows = flat[li, start : start + chunk]
+            g = logp[li] - np.log(-np.log(rng.random((rows.shape[0], e))))
+            np.put_along_axis(g, rows, -np.inf, axis=1)
+            top = np.argpartition(-g, depth - 1, axis=1)[:, :depth]
+            order = np.argsort(-np.take_along_axis(g, top, axis=1), axis=1, kind="stable")
+            out[li, start : start + chunk] = np.take_along_axis(top, order, axis=1)
+    return out.reshape(n_layers, ranks, tokens, depth)
 
 
 class SyntheticSource:

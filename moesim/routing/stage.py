@@ -11,11 +11,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from moesim.config.scenario import Scenario
+from moesim.dtypes import ELEMENT_BYTES
 from moesim.models.spec import ModelSpec
-from moesim.policies.placement import Placement, make_placement
+from moesim.policies.placement import Placement, PlacementInput, make_placement
+from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
-from moesim.routing.sources import SOURCES, RoutingSource
+from moesim.routing.sources import SOURCES, RoutingDraw, RoutingSource, next_choices
 
 CHUNK_ASSIGNMENTS = 1 << 22
 
@@ -25,10 +27,17 @@ class StepRouting:
     """One step's routing outcome: ``replicas[r]`` holds the counts of replica ``r``.
 
     Every array in a :class:`LayerCounts` has the MoE layers as its first axis.
+    ``migration`` is ``[ranks, ranks]`` expert bytes (per tensor-parallel GPU) moved from rank
+    ``s`` to rank ``d`` before the step when the placement changed, else None.
     """
 
     batch: TokenBatch
     replicas: list[LayerCounts]
+    migration: np.ndarray | None = None
+    bins: int = 1
+
+
+COACTIVATION_TOKENS = 8192
 
 
 class RoutingStage:
@@ -49,18 +58,75 @@ class RoutingStage:
         self.source: RoutingSource = SOURCES.get(scenario.routing.source)(
             scenario.routing, model, rng
         )
-        loads = self.source.expected_loads()
-        self.placement: Placement = make_placement(scenario.policies.placement.type, loads, par.ep)
-        self.log2phy = self.placement.log2phy(model.moe.num_experts)
-        self.logcnt = self.placement.logcnt(model.moe.num_experts)
+        self.rank_node = np.array(par.rank_nodes(gpus_per_node))
+        pcfg = scenario.policies.placement
+        experts = model.moe.num_experts
+        if (experts + pcfg.redundant_experts) % par.ep:
+            raise ValueError(
+                f"policies.placement.redundant_experts: experts ({experts}) + redundant "
+                f"({pcfg.redundant_experts}) must split evenly over ep ({par.ep})"
+            )
+        self.slots_per_rank = (experts + pcfg.redundant_experts) // par.ep
+        self.loads = self.source.expected_loads()
+        self._set_placement(self.loads)
         cap = scenario.policies.capacity
         self.rule = CapacityRule(
             factor=cap.factor if cap.type == "capacity" else None,
             drop=cap.drop,
-            num_experts=model.moe.num_experts,
+            num_experts=experts,
             top_k=model.moe.top_k,
+            scope=cap.scope,
+            pad=cap.pad,
+            reroute_depth=cap.reroute_depth,
         )
-        self.rank_node = np.array(par.rank_nodes(gpus_per_node))
+        w = scenario.workload
+        self.bins = min(w.seq_len, 32) if w.mode != "decode" else 1
+        self.ema: np.ndarray | None = None
+
+    def _placement_input(self, loads: np.ndarray) -> PlacementInput:
+        pcfg, moe = self.scenario.policies.placement, self.model.moe
+        return PlacementInput(
+            loads=np.asarray(loads, dtype=np.float64),
+            ranks=self.scenario.parallelism.ep,
+            slots_per_rank=self.slots_per_rank,
+            rank_node=self.rank_node,
+            num_groups=pcfg.num_groups or moe.n_group or 1,
+            coactivation=self.coactivation,
+        )
+
+    def _set_placement(self, loads: np.ndarray) -> None:
+        pcfg = self.scenario.policies.placement
+        self.placement: Placement = make_placement(pcfg.type, self._placement_input(loads))
+        self.chooser = REPLICA_CHOICES.get(pcfg.chooser)(
+            self.placement, self.model.moe.num_experts, self.rank_node
+        )
+
+    def coactivation(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(co [L, E, E], next [L-1, E, E])`` counts from a sample of the source's routing.
+
+        The sample (:data:`COACTIVATION_TOKENS` tokens of step 0) uses its own generator, so
+        the simulated steps draw the same routing whatever the placement.
+        """
+        from moesim.traces.stats import pair_counts
+
+        w, e = self.scenario.workload, self.model.moe.num_experts
+        if w.mode == "decode":
+            batch = make_batch(1, COACTIVATION_TOKENS, 1, w.context_len)
+        else:
+            per = min(w.seq_len, COACTIVATION_TOKENS)
+            batch = make_batch(1, max(1, COACTIVATION_TOKENS // per), per, 0)
+        rng = np.random.default_rng(np.random.SeedSequence([self.scenario.seed, 1]))
+        n_moe = len(self.model.moe_layers)
+        experts = self.source.draw(0, np.arange(n_moe), batch, rng, False).experts
+        x = experts.reshape(n_moe, -1, experts.shape[-1])
+        co = np.stack([pair_counts(x[i], x[i], e) for i in range(n_moe)])
+        co[:, np.arange(e), np.arange(e)] = 0
+        nxt = (
+            np.stack([pair_counts(x[i], x[i + 1], e) for i in range(n_moe - 1)])
+            if n_moe > 1
+            else np.zeros((0, e, e))
+        )
+        return co, nxt
 
     def batch(self, step: int, replica: int = 0) -> TokenBatch:
         """The tokens of ``step`` on each EP rank of data-parallel replica ``replica``.
@@ -75,33 +141,87 @@ class RoutingStage:
         first = (step * par.dp + replica) * w.batch_size
         return make_batch(par.ep, seqs, w.seq_len, 0, first)
 
+    def _rebalance(self, step: int) -> np.ndarray | None:
+        """Re-place from the moving average of loads when due; the bytes moved, else None."""
+        every = self.scenario.policies.placement.rebalance_every_steps
+        if not every or step == 0 or step % every or self.ema is None:
+            return None
+        old = self.placement
+        self._set_placement(self.ema)
+        moved = migration_bytes(old, self.placement, self.rank_node, self.expert_bytes)
+        return moved if moved.any() else None
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one expert's weights on one tensor-parallel GPU."""
+        w, tp = self.scenario.workload, self.scenario.parallelism.tp
+        return self.model.expert_params * ELEMENT_BYTES[w.dtype] / tp
+
     def step(self, step: int) -> StepRouting:
         """Draw and count step ``step`` for every replica."""
+        migration = self._rebalance(step)
         batches = [self.batch(step, r) for r in range(self.scenario.parallelism.dp)]
         n_moe = len(self.model.moe_layers)
         per_layer = batches[0].ranks * batches[0].tokens_per_rank * self.model.moe.top_k
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
+        w = self.scenario.workload
         replicas = []
         for batch in batches:
+            pos_bin = (
+                np.minimum(batch.position * self.bins // max(w.seq_len, 1), self.bins - 1)
+                if self.bins > 1
+                else None
+            )
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
                 draw = self.source.draw(
                     step, layers, batch, self.rng, with_weights=self.rule.factor is not None
                 )
+                if self.rule.reroutes:
+                    fallback = next_choices(
+                        draw.experts, self.loads[layers], self.rule.reroute_depth, self.rng
+                    )
+                    draw = RoutingDraw(draw.experts, draw.weights, fallback)
                 parts.append(
                     count_layers(
                         draw,
                         layers,
                         self.placement,
-                        self.log2phy,
-                        self.logcnt,
+                        self.chooser,
                         self.rule,
                         self.rank_node,
+                        self.rng,
+                        pos_bin,
+                        self.bins,
                     )
                 )
             replicas.append(_concat(parts))
-        return StepRouting(batch=batches[0], replicas=replicas)
+        observed = np.sum([c.expert_routed for c in replicas], axis=0, dtype=np.float64)
+        observed /= np.maximum(observed.sum(axis=1, keepdims=True), 1)
+        decay = self.scenario.policies.placement.load_decay
+        self.ema = observed if self.ema is None else decay * self.ema + (1 - decay) * observed
+        return StepRouting(batch=batches[0], replicas=replicas, migration=migration, bins=self.bins)
+
+
+def migration_bytes(
+    old: Placement, new: Placement, rank_node: np.ndarray, expert_bytes: float
+) -> np.ndarray:
+    """``[ranks, ranks]`` bytes to move so that every rank holds its new experts.
+
+    A rank that gains an expert copies it from a rank that held it before, preferring one on
+    its own node (the first such rank); experts a rank keeps do not move.
+    """
+    ranks = new.ranks
+    out = np.zeros((ranks, ranks))
+    for layer in range(new.phy2log.shape[0]):
+        before = [set(old.phy2log[layer][old.slot_rank == r].tolist()) for r in range(ranks)]
+        for d in range(ranks):
+            for e in set(new.phy2log[layer][new.slot_rank == d].tolist()) - before[d]:
+                holders = [r for r in range(ranks) if e in before[r]]
+                near = [r for r in holders if rank_node[r] == rank_node[d]]
+                out[(near or holders)[0], d] += expert_bytes
+    return out
 
 
 def _concat(parts: list[LayerCounts]) -> LayerCounts:

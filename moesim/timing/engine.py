@@ -61,6 +61,7 @@ class Engine:
         gpn = r.gpus_per_node
         self.gpus = [GPU(self.env, g, g // gpn) for g in range(r.world)]
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
+        self._migrating = False
         self._pre: dict[tuple[Any, ...], tuple[Flows, Any]] = {}
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
 
@@ -76,6 +77,7 @@ class Engine:
             plan = make_plan(self.r, self.layout, self.costs, routing, step)
             self._record_routing(step, plan)
             self._pre = self._precompute(plan)
+            self._migrating = routing.migration is not None
             start = self.env.now
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
             yield self.env.all_of(
@@ -106,6 +108,10 @@ class Engine:
                 for g in leaders:
                     keys.append((layer, phase, g))
                     flows.append(self.flows.alltoall(plan, moe, g, phase))
+        if plan.routing.migration is not None:
+            for g in leaders:
+                keys.append((0, "migrate", g))
+                flows.append(self.flows.migration(plan.routing.migration, g))
         if self.layout.tp > 1:
             for g in sorted({int(t[0]) for t in self.layout.tp_groups}):
                 keys.append(("tp", "tp_comm", g))
@@ -123,6 +129,18 @@ class Engine:
         col.dropped_by_gpu[step] = np.where(
             lay.tp_rank[:, None] == 0, dropped[lay.replica, :, lay.rank], 0
         ).T
+        reps = plan.routing.replicas
+        col.padding[step] = sum(int(c.padding.sum()) for c in reps)
+        if plan.routing.migration is not None:
+            col.migration_bytes[step] = float(plan.routing.migration.sum()) * lay.tp * len(reps)
+        if plan.routing.bins > 1:
+            batch, bins = plan.routing.batch, plan.routing.bins
+            seq_len = self.r.scenario.workload.seq_len
+            pos_bin = np.minimum(batch.position * bins // seq_len, bins - 1)
+            per_bin = np.bincount(pos_bin.ravel(), minlength=bins) * self.r.model.moe.top_k
+            routed = per_bin * len(self.moe_index) * len(reps)
+            dropped = sum(c.dropped_by_bin.sum(axis=0) for c in reps)
+            col.on_drops_by_position(step, np.asarray(dropped, dtype=np.int64), routed)
         loads = np.stack([c.slot_tokens.sum(axis=-1) for c in plan.routing.replicas])
         mean = loads.mean(axis=-1)
         col.imbalance[step] = np.where(
@@ -133,6 +151,8 @@ class Engine:
     def _gpu_step(self, g: int, step: int, plan: StepPlan) -> Generator[simpy.Event, Any, None]:
         layers = range(self.r.model.num_layers)
         train = self.r.scenario.workload.mode == "train"
+        if self._migrating:  # experts move to their new slots before the step
+            yield from self._comm(g, step, 0, "migrate")
         for layer in layers:
             yield from self._layer(g, step, layer, plan, backward=False)
         if train:

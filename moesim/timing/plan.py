@@ -146,6 +146,16 @@ class FlowBuilder:
         to_experts = self.algorithm(ex, self.combine_bytes)
         return to_experts if phase == "combine_bwd" else to_experts.reversed()
 
+    def migration(self, moved: np.ndarray, gpu: int) -> Flows:
+        """Expert weights moved between the ranks of ``gpu``'s EP group.
+
+        Args:
+            moved: ``[ranks, ranks]`` bytes per tensor-parallel GPU from rank ``s`` to ``d``.
+        """
+        group = self.layout.ep_group(gpu)
+        s, d = np.nonzero(moved)
+        return Flows(src=group[s], dst=group[d], nbytes=moved[s, d].astype(np.float64))
+
     def tp_allreduce(self, plan: StepPlan, gpu: int) -> Flows:
         """Ring all-reduce of the TP group: each GPU sends 2(tp-1)/tp of the activations."""
         group = self.layout.tp_group(gpu)

@@ -108,17 +108,27 @@ def _token_reuse(dense: DenseRouting, li: int) -> float:
     return float(hits / a.size)
 
 
+def pair_counts(a: np.ndarray, b: np.ndarray, e: int) -> np.ndarray:
+    """``[E, E]`` count of tokens choosing expert ``x`` in ``a`` and ``y`` in ``b``.
+
+    Args:
+        a, b: ``[n, k]`` expert ids of the same tokens (negative ids are ignored per token).
+    """
+    ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
+    a, b = a[ok].astype(np.int64), b[ok].astype(np.int64)
+    pairs = (a[:, :, None] * e + b[:, None, :]).ravel()
+    return np.bincount(pairs, minlength=e * e).reshape(e, e).astype(np.float64)
+
+
 def affinity(dense: DenseRouting, i: int, j: int, e: int) -> np.ndarray:
     """``[E, E]`` P(expert b chosen at layer slot j | expert a chosen at layer slot i).
 
     Same token; each row sums to top_k (a token chooses k experts at the later layer).
     """
     a, b = dense.experts[i], dense.experts[j]
+    co = pair_counts(a, b, e)
     ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
-    a, b = a[ok].astype(np.int64), b[ok].astype(np.int64)
-    pairs = (a[:, :, None] * e + b[:, None, :]).ravel()
-    co = np.bincount(pairs, minlength=e * e).reshape(e, e).astype(np.float64)
-    n_a = np.bincount(a.ravel(), minlength=e).astype(np.float64)[:, None]
+    n_a = np.bincount(a[ok].ravel().astype(np.int64), minlength=e).astype(np.float64)[:, None]
     return np.divide(co, n_a, out=np.zeros_like(co), where=n_a > 0)
 
 

@@ -31,7 +31,8 @@ from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.dtypes import token_bytes
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.topology import Topology
-from moesim.policies.placement import make_placement
+from moesim.policies.placement import make_placement, simple_input
+from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
 from moesim.routing.sources import RoutingDraw, group_limited_topk
 from moesim.timing.network import FlowNetwork
@@ -75,17 +76,10 @@ def routing_counts(ep: int, rng: np.random.Generator, tokens: int = TOKENS) -> L
         tokens * ep, EXPERTS, TOP_K, nodes, min(nodes, 4), rng, group_score="max"
     )
     draw = RoutingDraw(topk.reshape(1, ep, tokens, TOP_K), None)
-    placement = make_placement("contiguous", np.ones((1, EXPERTS)), ep)
+    placement = make_placement("contiguous", simple_input(np.ones((1, EXPERTS)), ep))
     rule = CapacityRule(factor=None, drop="position", num_experts=EXPERTS, top_k=TOP_K)
-    return count_layers(
-        draw,
-        np.arange(1),
-        placement,
-        placement.log2phy(EXPERTS),
-        placement.logcnt(EXPERTS),
-        rule,
-        np.arange(ep) // 8,
-    )
+    chooser = REPLICA_CHOICES.get("round_robin")(placement, EXPERTS, np.arange(ep) // 8)
+    return count_layers(draw, np.arange(1), placement, chooser, rule, np.arange(ep) // 8)
 
 
 def phase_times(topo: Topology, ep: int, flows: Flows, tolerance: float) -> np.ndarray:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.policies.capacity import get_capacity, keep_mask
-from moesim.policies.placement import make_placement
+from moesim.policies.placement import make_placement, simple_input
+from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.dispatch import CapacityRule, count_layers
 from moesim.routing.sources import RoutingDraw, first_of_kind
+from tests.conftest import ROOT
 
 
 def _count(
@@ -18,17 +20,12 @@ def _count(
 ):
     layers, _, _, k = experts.shape
     num_experts = 8
-    placement = make_placement("contiguous", np.ones((layers, num_experts)), ranks)
+    placement = make_placement("contiguous", simple_input(np.ones((layers, num_experts)), ranks))
     rule = CapacityRule(factor=factor, drop="position", num_experts=num_experts, top_k=k)
     nodes = rank_node if rank_node is not None else np.zeros(ranks, dtype=np.int64)
+    chooser = REPLICA_CHOICES.get("round_robin")(placement, num_experts, nodes)
     return count_layers(
-        RoutingDraw(experts, None),
-        np.arange(layers),
-        placement,
-        placement.log2phy(num_experts),
-        placement.logcnt(num_experts),
-        rule,
-        nodes,
+        RoutingDraw(experts, None), np.arange(layers), placement, chooser, rule, nodes
     )
 
 
@@ -153,3 +150,88 @@ def test_low_latency_goes_through_the_nics() -> None:
     names = [topo.link_names[i] for i in paths[0] if i >= 0]
     assert names[0] == "gpu0->leaf0" and names[-1] == "leaf1->gpu1"
     assert not private  # crosses the spine between rails
+
+
+def test_random_policy_keeps_a_seeded_random_subset() -> None:
+    experts = np.zeros((1, 1, 20, 1), dtype=np.int64)
+    a = keep_mask(experts, 5, 8, "random", rng=np.random.default_rng(1))
+    b = keep_mask(experts, 5, 8, "random", rng=np.random.default_rng(1))
+    c = keep_mask(experts, 5, 8, "random", rng=np.random.default_rng(2))
+    assert a.sum() == 5 and (a == b).all() and (a != c).any()
+    assert a[0, 0, :5, 0].tolist() != [True] * 5 or a[0, 0, 5:, 0].any()
+
+
+def test_reroute_sends_drops_to_the_next_choice_with_room() -> None:
+    from moesim.policies.capacity import reroute
+
+    experts = np.zeros((1, 1, 4, 1), dtype=np.int64)  # 4 tokens all choose expert 0
+    fallback = np.tile(np.array([1, 2, 3]), (1, 1, 4, 1))  # then 1, 2, 3
+    keep = keep_mask(experts, 1, 4, "reroute")
+    assert keep.sum() == 1
+    ex, kept = reroute(experts, keep, fallback, capacity=1, num_experts=4)
+    assert ex[0, 0, :, 0].tolist() == [0, 1, 2, 3] and kept.all()
+    # depth 1: only the first next choice is tried, so two tokens stay dropped
+    ex, kept = reroute(experts, keep, fallback[..., :1], capacity=1, num_experts=4)
+    assert ex[0, 0, :, 0].tolist() == [0, 1, 0, 0] and kept.sum() == 2
+
+
+def test_reroute_skips_experts_the_token_already_uses() -> None:
+    from moesim.policies.capacity import reroute
+
+    experts = np.array([[[[0, 1], [0, 2]]]])  # token 0: 0, 1; token 1: 0, 2
+    keep = keep_mask(experts, 1, 4, "reroute")  # token 1 loses expert 0
+    fallback = np.array([[[[1, 3], [2, 3]]]])  # token 1's next choice 2 is already its own
+    ex, kept = reroute(experts, keep, fallback, capacity=1, num_experts=4)
+    assert ex[0, 0, 1].tolist() == [3, 2] and kept.all()
+
+
+def test_reroute_drops_fewer_than_position_in_the_stage() -> None:
+    from moesim.config.loading import load_scenario
+    from moesim.routing.stage import RoutingStage
+
+    def drops(policy: str) -> tuple[int, int]:
+        r = load_scenario(
+            ROOT / "scenarios" / "olmoe-decode-8xl40s.yaml",
+            [
+                "routing.generator=zipf",
+                "policies.capacity.type=capacity",
+                "policies.capacity.factor=1.0",
+                f"policies.capacity.drop={policy}",
+            ],
+        )
+        stage = RoutingStage(r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0))
+        c = stage.step(0).replicas[0]
+        assert c.slot_tokens.sum() + c.dropped.sum() == c.routed.sum()  # conservation
+        return int(c.dropped.sum()), int(c.routed.sum())
+
+    pos, routed = drops("position")
+    rer, _ = drops("reroute")
+    assert pos > 0.05 * routed
+    assert rer < 0.8 * pos  # measured 16,090 vs 26,251 (seed 0)
+
+
+def test_padding_counts_capacity_rows() -> None:
+    experts = np.zeros((1, 2, 8, 1), dtype=np.int64)  # 2 ranks x 8 tokens, all to expert 0
+    placement = make_placement("contiguous", simple_input(np.ones((1, 4)), 2))
+    chooser = REPLICA_CHOICES.get("round_robin")(placement, 4, np.zeros(2, dtype=np.int64))
+    rule = CapacityRule(factor=1.0, drop="position", num_experts=4, top_k=1, pad=True)
+    c = count_layers(
+        RoutingDraw(experts, None), np.arange(1), placement, chooser, rule, np.zeros(2, int)
+    )
+    cap = get_capacity(8, 1, 1.0, 4)  # 2 per rank
+    # every expert computes cap rows from each of the 2 ranks; expert 0's are real tokens
+    assert c.slot_tokens.tolist() == [[[2 * cap, 2 * cap], [2 * cap, 2 * cap]]]
+    assert c.padding.sum() == 3 * 2 * cap
+    # every rank sends cap rows to each expert: 2 experts per rank
+    assert c.assignments[0].tolist() == [[2 * cap, 2 * cap], [2 * cap, 2 * cap]]
+
+
+def test_global_scope_shares_capacity_across_ranks() -> None:
+    experts = np.zeros((1, 2, 4, 1), dtype=np.int64)
+    experts[0, 1] = 1  # rank 1's tokens go to expert 1
+    experts[0, 0, 3] = 1
+    per_rank = keep_mask(experts, 2, 2, "position", scope="rank")
+    glob = keep_mask(experts, 4, 2, "position", scope="global")
+    assert per_rank.sum() == 2 + 1 + 2  # rank 0: two of expert 0, one of 1; rank 1: two
+    # global: expert 0 takes rank 0's 3 tokens; expert 1 takes rank 0's one then 3 of rank 1
+    assert glob[0, 0, :, 0].all() and glob[0, 1, :, 0].tolist() == [True, True, True, False]

@@ -110,3 +110,38 @@ def test_does_not_fit_reports_numbers(write_scenario) -> None:
 
     with pytest.raises(CapacityError, match=r"needs .* GiB of HBM per GPU but .* has"):
         run(write_scenario, **{"workload.context_len": 500_000})
+
+
+def test_rebalancing_moves_experts_and_charges_the_network(write_scenario) -> None:
+    res = run(
+        write_scenario,
+        model="olmoe-1b-7b",
+        **{
+            "workload.steps": 4,
+            "routing.generator": "zipf",
+            "policies.placement": {
+                "type": "eplb",
+                "redundant_experts": 8,
+                "rebalance_every_steps": 2,
+            },
+        },
+    )
+    col, r = res.collector, res.resolved
+    # step 0 starts from the expected loads; step 2 re-places from the observed ones
+    assert col.migration_bytes[[0, 1, 3]].sum() == 0 and col.migration_bytes[2] > 0
+    expert_bytes = r.model.expert_params * 2
+    assert col.migration_bytes[2] % expert_bytes == 0  # whole experts move
+    migrate = col.phase_s[:, 0, :, -1]  # the migrate phase is recorded on layer 0
+    assert (migrate[2] > 0).all() and (migrate[[0, 1, 3]] == 0).all()
+    # it cannot beat moving the bytes over the NVLink of the busiest receiver
+    assert migrate[2].max() >= col.migration_bytes[2] / r.world / 450e9
+
+
+def test_migration_copies_from_a_previous_holder() -> None:
+    from moesim.policies.placement import Placement
+    from moesim.routing.stage import migration_bytes
+
+    old = Placement(phy2log=np.array([[0, 1, 2, 3]]), ranks=2)  # rank 0: 0, 1; rank 1: 2, 3
+    new = Placement(phy2log=np.array([[0, 2, 1, 3]]), ranks=2)  # experts 1 and 2 swap ranks
+    moved = migration_bytes(old, new, np.array([0, 0]), expert_bytes=10.0)
+    assert moved.tolist() == [[0.0, 10.0], [10.0, 0.0]]
