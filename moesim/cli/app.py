@@ -94,6 +94,97 @@ def check(
 
 
 @app.command()
+def compare(
+    entries: Annotated[
+        list[Path], typer.Argument(help="Scenario YAML files and/or run folders to compare.")
+    ],
+    overrides: SetOpt = None,
+    out: Annotated[
+        Path, typer.Option(help="Results root; the report goes to <out>/compare/<run-id>/.")
+    ] = Path("results"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Write no report folder.")] = False,
+) -> None:
+    """Compare scenarios (simulated now) or earlier runs: a table and a plotly report.
+
+    Columns: step time, tokens/s, exposed communication, imbalance (max/mean tokens per GPU),
+    drop rate, HBM per GPU, offload stalls and inter-node bytes. --set applies to every
+    scenario file.
+    """
+    from moesim.cli.render import print_comparison, progress_bar
+    from moesim.compare import compare as run_compare
+    from moesim.compare import write_compare
+
+    with reported():
+        with progress_bar(len(entries), "comparison") as tick:
+            table, summaries = run_compare(list(entries), overrides or [], tick)
+        folder = None if no_write else write_compare(table, summaries, out)
+        if json_out:
+            sys.stdout.write(table.to_json(orient="records", indent=2) + "\n")
+        else:
+            print_comparison(table)
+        if folder is not None:
+            typer.echo(f"report: {folder / 'report.html'}", err=json_out)
+
+
+@app.command()
+def sweep(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            "-g",
+            help="key.path=v1,v2,... (repeatable; the grid is the Cartesian product), e.g. "
+            "--grid policies.placement.type=contiguous,eplb --grid parallelism.ep=8,16",
+        ),
+    ],
+    overrides: SetOpt = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Local processes (default: CPUs, at most 8).")
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results root (default: the scenario's output.dir, 'results')."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """Run SCENARIO over a grid of overrides in local processes into one Parquet table.
+
+    Writes results/<scenario>/<run-id>-sweep/ (sweep.parquet, summaries.json, report.html).
+    A grid point that fails keeps its error in the table; the exit code is then 1.
+    """
+    import os
+
+    from moesim.cli.render import print_sweep, progress_bar
+    from moesim.compare import COLUMNS
+    from moesim.config.loading import load_scenario
+    from moesim.sweep import expand_grid, run_sweep, write_sweep
+
+    with reported():
+        base = load_scenario(scenario, overrides or [])  # fail early on a bad scenario
+        points = expand_grid(grid)
+        n_jobs = jobs or min(os.cpu_count() or 1, 8, len(points))
+        with progress_bar(len(points), f"sweep of {base.scenario.name}") as tick:
+            table, summaries = run_sweep(scenario, grid, overrides or [], n_jobs, tick)
+        root = out if out is not None else Path(base.scenario.output.dir)
+        folder = write_sweep(table, summaries, base.scenario.name, root)
+        if json_out:
+            sys.stdout.write(table.to_json(orient="records", indent=2) + "\n")
+        else:
+            print_sweep(table, f"moesim sweep: {base.scenario.name}")
+        typer.echo(f"sweep folder: {folder}", err=json_out)
+        sys.stdout.flush()
+        failed = table[table["error"] != ""]
+        for _, row in failed.iterrows():
+            typer.echo(
+                f"failed: {row.drop([*COLUMNS, 'error']).to_dict()}: {row['error']}", err=True
+            )
+        if len(failed):
+            raise typer.Exit(1)
+
+
+@app.command()
 def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the benchmark routing.")] = 0,

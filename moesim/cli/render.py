@@ -110,3 +110,55 @@ def print_validation(rows: list[Row]) -> None:
             f"{r.predicted_time_us:,.0f} us",
         )
     Console().print(t)
+
+
+def _cell(col: str, v: Any) -> str:
+    if col == "drop_rate":
+        return f"{v:.2%}"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.3f}"
+    return str(v)
+
+
+def print_comparison(table: Any) -> None:
+    """One column per run, one row per setting and metric (narrow enough for a terminal)."""
+    from moesim.compare import COLUMNS
+
+    t = Table(title="moesim compare")
+    t.add_column("")
+    for label in table["run"]:
+        t.add_column(str(label), justify="right")
+    for col in table.columns:
+        if col in ("run", "scenario"):
+            continue
+        header = COLUMNS[col][0] if col in COLUMNS else col.replace("_", " ")
+        t.add_row(header, *[_cell(col, v) for v in table[col]])
+    Console().print(t)
+
+
+def print_sweep(table: Any, title: str) -> None:
+    """One row per grid point: the grid values (last key part as header), then the metrics."""
+    from moesim.compare import COLUMNS
+
+    short = {
+        "step_time_ms": "step ms",
+        "tokens_per_s": "tok/s",
+        "exposed_comm_ms": "exposed ms",
+        "imbalance": "imbal.",
+        "drop_rate": "drops",
+        "hbm_gib": "HBM GiB",
+        "offload_stall_ms": "stall ms",
+        "inter_node_gb": "inter GB",
+    }
+    cols = [c for c in table.columns if c != "error"]
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(
+            short.get(c, c.rsplit(".", 1)[-1]), justify="right" if c in COLUMNS else "left"
+        )
+    for _, row in table.iterrows():
+        failed = bool(row.get("error"))
+        t.add_row(
+            *[("[red]failed[/]" if failed and c in COLUMNS else _cell(c, row[c])) for c in cols]
+        )
+    Console().print(t)

@@ -17,7 +17,8 @@
 - ``padding_tokens``: padding rows computed per step (``pad: true``);
 - ``migration_bytes``: expert bytes moved by re-placement over the run;
 - ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
-- ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``.
+- ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``;
+- ``policies``: the scenario's policy settings (for comparisons).
 
 ``layers.parquet`` has one row per (step, layer, gpu) with the seconds of every phase and, for
 MoE layers, ``tokens_computed``, ``tokens_dropped`` (at this GPU as a source rank) and
@@ -78,6 +79,7 @@ def summarize(
         "hbm_capacity_bytes": float(r.hardware.gpu.hbm_bytes),
         "hbm_breakdown_bytes": hbm.as_dict(),
         "cost_model": cost_source,
+        "policies": s.policies.model_dump(mode="json"),
     }
 
 

@@ -1,7 +1,8 @@
 """``report.html``: a self-contained plotly report of one run.
 
 Panels: the timeline of the first recorded step (one row per GPU), the per-layer breakdown of
-time by phase, and the tokens each GPU computes per MoE layer. plotly is imported here only,
+time by phase, the tokens each GPU computes per MoE layer, and (prefill and training with
+drops) the drop rate by token position. plotly is imported here only,
 so that runs without a report never load it.
 """
 
@@ -26,6 +27,8 @@ COLORS = {
     "dense_ffn": "#B279A2",
     "combine": "#E45756",
     "tp_comm": "#FF9DA6",
+    "migrate": "#BAB0AC",
+    "offload": "#72B7B2",
 }
 
 
@@ -102,19 +105,53 @@ def tokens_figure(result: RunResult) -> Any:
     return fig
 
 
-def write_report(result: RunResult, path: Path) -> None:
-    """Write the report to ``path`` as one HTML file with plotly.js inlined."""
+def drops_by_position_figure(summaries: dict[str, dict[str, Any]]) -> Any | None:
+    """Drop rate against token position, one line per run (None when no run has drops by
+    position: decode, or nothing dropped)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, s in summaries.items():
+        curve = s.get("drop_rate_by_position")
+        if curve and any(curve["rate"]):
+            fig.add_trace(go.Scatter(x=curve["position_start"], y=curve["rate"], name=label))
+    if not fig.data:
+        return None
+    fig.update_layout(
+        title="Drop rate by token position (bins of the sequence)",
+        xaxis_title="position in sequence (bin start)",
+        yaxis_title="dropped / routed",
+        yaxis_tickformat=".0%",
+    )
+    return fig
+
+
+def html_page(title: str, intro: str, figs: list[Any], footer: str = "") -> str:
+    """One self-contained HTML page (plotly.js inlined once) holding ``figs``."""
     import plotly.io as pio
 
-    figs = [timeline_figure(result), breakdown_figure(result), tokens_figure(result)]
     parts = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
-    summary = html.escape(json.dumps(result.summary, indent=2, sort_keys=True))
-    title = html.escape(result.resolved.scenario.name)
-    path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>moesim: {title}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>moesim run: {title}</h1>"
-        f"<p>{html.escape(result.resolved.scenario.description)}</p>"
+    t = html.escape(title)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>moesim: {t}</title></head>"
+        f"<body style='font-family:sans-serif'><h1>{t}</h1><p>{html.escape(intro)}</p>"
         + "".join(parts)
-        + f"<h2>summary.json</h2><pre>{summary}</pre></body></html>",
-        encoding="utf-8",
+        + footer
+        + "</body></html>"
     )
+
+
+def write_report(result: RunResult, path: Path) -> None:
+    """Write the report to ``path`` as one HTML file with plotly.js inlined."""
+    figs = [timeline_figure(result), breakdown_figure(result), tokens_figure(result)]
+    drops = drops_by_position_figure({result.resolved.scenario.name: result.summary})
+    if drops is not None:
+        figs.append(drops)
+    summary = html.escape(json.dumps(result.summary, indent=2, sort_keys=True))
+    page = html_page(
+        f"moesim run: {result.resolved.scenario.name}",
+        result.resolved.scenario.description,
+        figs,
+        f"<h2>summary.json</h2><pre>{summary}</pre>",
+    )
+    path.write_text(page, encoding="utf-8")

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,15 +35,38 @@ def summary_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, sort_keys=True) + "\n"
 
 
-def _run_dir(root: Path, scenario: str, seed: int) -> Path:
+def _run_dir(base: Path, tag: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    base = root / scenario
-    name = f"{stamp}-seed{seed}"
+    name = f"{stamp}-{tag}"
     candidate, n = base / name, 1
     while candidate.exists():
         n += 1
         candidate = base / f"{name}-{n}"
     return candidate
+
+
+def write_folder(base: str | Path, tag: str, fill: Callable[[Path], None]) -> Path:
+    """Create ``<base>/<UTC time>-<tag>/`` atomically: ``fill`` writes into a hidden
+    temporary folder that is renamed into place only when it returns; an existing folder is
+    never overwritten (a counter is appended), and a failure leaves nothing behind.
+    """
+    base = Path(base)
+    final = _run_dir(base, tag)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
+    try:
+        fill(tmp)
+        while True:
+            try:
+                os.rename(tmp, final)
+                return final
+            except OSError:
+                if not final.exists():
+                    raise
+                final = _run_dir(base, tag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def resolved_yaml(result: RunResult) -> str:
@@ -60,10 +84,8 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
     """Write every file of the run folder; returns the final folder."""
     r = result.resolved
     root = Path(out_root if out_root is not None else r.scenario.output.dir)
-    final = _run_dir(root, r.scenario.name, r.scenario.seed)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")
         (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.layers.to_parquet(tmp / "layers.parquet", index=False)
@@ -73,18 +95,8 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
             from moesim.results.report import write_report
 
             write_report(result, tmp / "report.html")
-        while True:
-            try:
-                os.rename(tmp, final)
-                break
-            except OSError:
-                if not final.exists():
-                    raise
-                final = _run_dir(root, r.scenario.name, r.scenario.seed)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_folder(root / r.scenario.name, f"seed{r.scenario.seed}", fill)
 
 
 def _trace_metadata(result: RunResult) -> list[dict[str, Any]]:

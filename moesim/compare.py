@@ -1,0 +1,163 @@
+"""Comparing runs: one row per scenario or run folder, and a plotly comparison report.
+
+Notebook use::
+
+    from moesim.compare import compare
+    table, summaries = compare(["scenarios/a.yaml", "results/b/20261123T...-seed0"])
+
+Each entry is a scenario YAML (simulated here, nothing written) or a run folder holding a
+``summary.json``. The table's columns are :data:`COLUMNS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moesim.errors import MoesimError
+
+GiB = 1024**3
+
+#: column -> (header, value from a summary)
+COLUMNS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+    "step_time_ms": ("step time (ms)", lambda s: s["step_time_s"] * 1e3),
+    "tokens_per_s": ("tokens/s", lambda s: s["tokens_per_s"]),
+    "exposed_comm_ms": ("exposed comm (ms)", lambda s: s["breakdown_s"]["exposed_comm"] * 1e3),
+    "imbalance": ("imbalance max/mean", lambda s: s["imbalance_max_over_mean"]),
+    "drop_rate": ("drop rate", lambda s: s["drop_rate"]),
+    "hbm_gib": ("HBM/GPU (GiB)", lambda s: s["hbm_peak_bytes"] / GiB),
+    "offload_stall_ms": (
+        "offload stall (ms)",
+        lambda s: s.get("offload", {}).get("stall_s", 0.0) * 1e3,
+    ),
+    "inter_node_gb": ("inter-node GB/step", lambda s: s["bytes_inter_node"] / 1e9),
+}
+
+
+def load_entry(entry: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The summary of a run folder, or of simulating a scenario file.
+
+    Raises:
+        MoesimError: the path is neither a ``.yaml`` scenario nor a folder with summary.json.
+    """
+    import json
+
+    path = Path(entry)
+    if path.is_dir():
+        summary = path / "summary.json"
+        if not summary.is_file():
+            raise MoesimError(f"{path}: not a run folder (no summary.json in it)")
+        data: dict[str, Any] = json.loads(summary.read_text(encoding="utf-8"))
+        return data
+    if path.suffix in (".yaml", ".yml"):
+        from moesim.config.loading import load_scenario
+        from moesim.runner import simulate
+
+        return simulate(load_scenario(path, overrides or [])).summary
+    raise MoesimError(f"{path}: expected a scenario .yaml or a run folder")
+
+
+def labels_for(summaries: list[dict[str, Any]]) -> list[str]:
+    """Scenario names, numbered where one appears more than once."""
+    names = [s["scenario"] for s in summaries]
+    out = []
+    for i, n in enumerate(names):
+        out.append(n if names.count(n) == 1 else f"{n} #{names[: i + 1].count(n)}")
+    return out
+
+
+def summary_table(summaries: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
+    """One row per run, the :data:`COLUMNS` plus the run's setting of each policy."""
+    rows = []
+    for label, s in zip(labels, summaries, strict=True):
+        row: dict[str, Any] = {"run": label, "scenario": s["scenario"]}
+        pol = s.get("policies", {})
+        row["placement"] = pol.get("placement", {}).get("type", "")
+        cap = pol.get("capacity", {})
+        row["capacity"] = (
+            f"{cap.get('factor')} {cap.get('drop')}"
+            if cap.get("type") == "capacity"
+            else cap.get("type", "")
+        )
+        row["all_to_all"] = pol.get("all_to_all", {}).get("type", "")
+        row.update({col: float(get(s)) for col, (_, get) in COLUMNS.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare(
+    entries: list[str | Path],
+    overrides: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Load or simulate every entry; the comparison table and the summaries by label."""
+    summaries = []
+    for i, e in enumerate(entries):
+        summaries.append(load_entry(e, overrides))
+        if progress:
+            progress(i + 1, len(entries))
+    labels = labels_for(summaries)
+    return summary_table(summaries, labels), dict(zip(labels, summaries, strict=True))
+
+
+def compare_figures(table: pd.DataFrame, summaries: dict[str, dict[str, Any]]) -> list[Any]:
+    """Stacked step-time breakdown, the metric bars, and drops by position."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from moesim.metrics.collector import PHASES
+    from moesim.results.report import COLORS, drops_by_position_figure
+
+    labels = list(summaries)
+    breakdown = go.Figure()
+    for phase in PHASES:
+        ms = [summaries[x]["breakdown_s"].get(phase, 0.0) * 1e3 for x in labels]
+        if any(ms):
+            breakdown.add_trace(go.Bar(name=phase, x=labels, y=ms, marker_color=COLORS[phase]))
+    breakdown.update_layout(
+        title="Time per step by phase (ms; summed over layers, mean over GPUs)",
+        barmode="stack",
+        yaxis_title="ms",
+    )
+    metrics = list(COLUMNS)
+    bars = make_subplots(rows=2, cols=4, subplot_titles=[COLUMNS[m][0] for m in metrics])
+    for i, m in enumerate(metrics):
+        bars.add_trace(
+            go.Bar(x=labels, y=table[m], name=COLUMNS[m][0], showlegend=False),
+            row=i // 4 + 1,
+            col=i % 4 + 1,
+        )
+    bars.update_layout(title="Metrics by run", height=700)
+    figs = [breakdown, bars]
+    drops = drops_by_position_figure(summaries)
+    if drops is not None:
+        figs.append(drops)
+    return figs
+
+
+def write_compare(
+    table: pd.DataFrame, summaries: dict[str, dict[str, Any]], out_root: str | Path
+) -> Path:
+    """Write ``<out_root>/compare/<time>-<n>runs/`` (report.html, compare.csv, summaries.json)."""
+    import json
+
+    from moesim.results.report import html_page
+    from moesim.results.writer import write_folder
+
+    def fill(tmp: Path) -> None:
+        table.to_csv(tmp / "compare.csv", index=False)
+        (tmp / "summaries.json").write_text(
+            json.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        page = html_page(
+            "moesim comparison",
+            ", ".join(summaries),
+            compare_figures(table, summaries),
+            table.to_html(index=False, float_format=lambda v: f"{v:,.4g}"),
+        )
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+
+    return write_folder(Path(out_root) / "compare", f"{len(summaries)}runs", fill)

@@ -1,0 +1,143 @@
+"""Sweeps: a scenario run over a grid of overrides, in local processes, into one table.
+
+    moesim sweep scenarios/x.yaml --grid policies.placement.type=contiguous,eplb \
+        --grid parallelism.ep=8,16
+
+Each grid point is the scenario with one ``key=value`` per ``--grid`` (the Cartesian product,
+in the order given); points run in a pool of processes and the rows come back in grid order.
+A point that fails (bad combination, does not fit in HBM) gets its error in the ``error``
+column and the others still run. Values are split on commas, so one value cannot hold one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moesim.errors import ConfigError
+
+
+def expand_grid(grid: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x,y"]`` -> ``[["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ...]``."""
+    axes = []
+    for text in grid:
+        if "=" not in text:
+            raise ConfigError(None, "--grid", f"expected key.path=v1,v2,..., got '{text}'")
+        key, raw = text.split("=", 1)
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not key.strip() or not values:
+            raise ConfigError(None, "--grid", f"expected key.path=v1,v2,..., got '{text}'")
+        axes.append([f"{key.strip()}={v}" for v in values])
+    return [list(p) for p in itertools.product(*axes)]
+
+
+def run_point(scenario: str, overrides: list[str]) -> dict[str, Any]:
+    """Simulate one grid point; its summary, or ``{"error": message}``."""
+    from moesim.config.loading import load_scenario
+    from moesim.errors import MoesimError
+    from moesim.runner import simulate
+
+    try:
+        return simulate(load_scenario(scenario, overrides)).summary
+    except (MoesimError, ValueError) as exc:
+        return {"error": str(exc)}
+
+
+def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per grid point: the grid values, then the comparison columns (or the error)."""
+    from moesim.compare import COLUMNS
+
+    rows = []
+    for overrides, s in zip(points, summaries, strict=True):
+        row: dict[str, Any] = {}
+        for o in overrides:
+            key, value = o.split("=", 1)
+            row[key] = value
+        if "error" in s:
+            row.update({c: float("nan") for c in COLUMNS})
+            row["error"] = s["error"]
+        else:
+            row.update({c: float(get(s)) for c, (_, get) in COLUMNS.items()})
+            row["error"] = ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_sweep(
+    scenario: str | Path,
+    grid: list[str],
+    base_overrides: list[str] | None = None,
+    jobs: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Run every grid point (``jobs`` processes; 1 runs here) and return the table.
+
+    Returns:
+        ``(table, summaries)`` in grid order.
+    """
+    points = expand_grid(grid)
+    full = [(base_overrides or []) + p for p in points]
+    summaries: list[dict[str, Any]] = [{} for _ in points]
+    if jobs <= 1:
+        for i, o in enumerate(full):
+            summaries[i] = run_point(str(scenario), o)
+            if progress:
+                progress(i + 1, len(points))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_point, str(scenario), o): i for i, o in enumerate(full)}
+            for done, fut in enumerate(as_completed(futures), start=1):
+                summaries[futures[fut]] = fut.result()
+                if progress:
+                    progress(done, len(points))
+    return sweep_table(points, summaries), summaries
+
+
+def write_sweep(
+    table: pd.DataFrame, summaries: list[dict[str, Any]], name: str, out_root: str | Path
+) -> Path:
+    """Write ``<out_root>/<name>/<time>-sweep/`` with sweep.parquet, summaries.json and a
+    report.html of each metric against the grid points."""
+    import json
+
+    from moesim.results.report import html_page
+    from moesim.results.writer import write_folder
+
+    def fill(tmp: Path) -> None:
+        table.to_parquet(tmp / "sweep.parquet", index=False)
+        (tmp / "summaries.json").write_text(
+            json.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        page = html_page(
+            f"moesim sweep: {name}",
+            f"{len(table)} grid points",
+            [sweep_figure(table)],
+            table.to_html(index=False, float_format=lambda v: f"{v:,.4g}"),
+        )
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+
+    return write_folder(Path(out_root) / name, "sweep", fill)
+
+
+def sweep_figure(table: pd.DataFrame) -> Any:
+    """Each metric against the grid points (one bar per point)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from moesim.compare import COLUMNS
+
+    keys = [c for c in table.columns if c not in COLUMNS and c != "error"]
+    labels = [
+        ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys) for _, row in table.iterrows()
+    ]
+    metrics = list(COLUMNS)
+    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=[COLUMNS[m][0] for m in metrics])
+    for i, m in enumerate(metrics):
+        fig.add_trace(go.Bar(x=labels, y=table[m], showlegend=False), row=i + 1, col=1)
+    fig.update_layout(height=260 * len(metrics), title="Sweep")
+    return fig

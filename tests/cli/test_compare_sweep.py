@@ -1,0 +1,102 @@
+"""moesim compare and moesim sweep: tables, report folders, run folders as entries, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from moesim.cli import app
+from moesim.sweep import expand_grid
+from tests.conftest import small_scenario
+
+runner = CliRunner()
+
+
+def _skewed(**extra):
+    return small_scenario(
+        model="olmoe-1b-7b",
+        **{"routing.generator": "zipf", "routing.skew": 1.2, "workload.steps": 2, **extra},
+    )
+
+
+def test_compare_scenarios_and_run_folders(write_scenario, tmp_path: Path) -> None:
+    a = write_scenario(_skewed(name="contig"), "a.yaml")
+    b = write_scenario(
+        _skewed(
+            name="eplb",
+            **{"policies.placement": {"type": "eplb", "redundant_experts": 16}},
+        ),
+        "b.yaml",
+    )
+    out = tmp_path / "res"
+    ran = runner.invoke(app, ["run", str(a), "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    run_dir = next((out / "contig").iterdir())
+    res = runner.invoke(app, ["compare", str(run_dir), str(b), "--json", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["run"] for r in rows] == ["contig", "eplb"]
+    assert [r["placement"] for r in rows] == ["contiguous", "eplb"]
+    # EPLB with redundant experts lowers the imbalance of skewed routing
+    assert rows[1]["imbalance"] < rows[0]["imbalance"]
+    folder = next((out / "compare").iterdir())
+    assert {p.name for p in folder.iterdir()} == {"report.html", "compare.csv", "summaries.json"}
+    assert "plotly" in (folder / "report.html").read_text()
+    # the table printed for people has a column per run
+    res = runner.invoke(app, ["compare", str(a), str(a), "--no-write"])
+    assert res.exit_code == 0 and "contig #2" in res.stdout
+
+
+def test_compare_rejects_what_is_neither(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("hi")
+    res = runner.invoke(app, ["compare", str(tmp_path / "x.txt"), "--no-write"])
+    assert res.exit_code != 0 and "expected a scenario .yaml or a run folder" in res.output
+    res = runner.invoke(app, ["compare", str(tmp_path), "--no-write"])
+    assert res.exit_code != 0 and "no summary.json" in res.output
+
+
+def test_expand_grid_is_the_cartesian_product_in_order() -> None:
+    assert expand_grid(["a=1,2", "b.c=x,y"]) == [
+        ["a=1", "b.c=x"],
+        ["a=1", "b.c=y"],
+        ["a=2", "b.c=x"],
+        ["a=2", "b.c=y"],
+    ]
+
+
+def test_sweep_writes_one_parquet_table_and_reports_failures(
+    write_scenario, tmp_path: Path
+) -> None:
+    path = write_scenario(_skewed())
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            str(path),
+            "--grid",
+            "policies.placement.type=contiguous,eplb",
+            "--grid",
+            "policies.placement.redundant_experts=0,16",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 1, res.output  # contiguous cannot hold redundant experts
+    folder = next((tmp_path / "tiny").iterdir())
+    table = pd.read_parquet(folder / "sweep.parquet")
+    assert len(table) == 4
+    assert table["policies.placement.type"].tolist() == ["contiguous"] * 2 + ["eplb"] * 2
+    failed = table[table["error"] != ""]
+    assert len(failed) == 1 and "redundant_experts" in failed["error"].iloc[0]
+    ok = table[table["error"] == ""]
+    assert (ok["step_time_ms"] > 0).all()
+    eplb16 = ok[
+        (ok["policies.placement.type"] == "eplb")
+        & (ok["policies.placement.redundant_experts"] == "16")
+    ]
+    assert eplb16["imbalance"].iloc[0] < ok["imbalance"].iloc[0]
