@@ -14,7 +14,7 @@ import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
 from moesim.metrics.collector import Collector
-from moesim.metrics.summary import layers_table, summarize
+from moesim.metrics.summary import layers_table, offload_summary, summarize
 from moesim.routing.stage import RoutingStage
 from moesim.timing.costs import RooflineCostModel
 from moesim.timing.engine import Engine, ProgressFn
@@ -52,7 +52,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     seeds = np.random.SeedSequence(s.seed).spawn(2)
     routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
     usage = hbm_usage(r, routing.placement.slots_per_rank)
-    check_fits(r, usage)
+    check_fits(r, usage, routing.placement.slots_per_rank)
     costs = RooflineCostModel(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
     col = Collector(
         s.workload.steps,
@@ -66,6 +66,8 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     counter = _count_events(engine)
     engine.run(progress)
     summary = summarize(r, col, usage, costs.source)
+    if engine.offload is not None:
+        summary["offload"] = offload_summary(r, col, engine.offload.stats(s.workload.steps))
     return RunResult(r, summary, layers_table(col), col.events, col, counter())
 
 

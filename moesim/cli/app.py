@@ -89,7 +89,7 @@ def check(
             r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0)
         ).placement.slots_per_rank
         usage = hbm_usage(r, slots)
-        check_fits(r, usage)
+        check_fits(r, usage, slots)
         print_check(r, usage)
 
 

@@ -99,6 +99,24 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
                 (f"tp = {par.tp} must divide the {hw.node.gpus_per_node} GPUs of a node"),
             )
         )
+    if s.policies.offload.type != "none" and w.mode == "train":
+        problems.append(
+            ConfigError(
+                f,
+                "policies.offload.type",
+                "expert offload is simulated for inference (decode, prefill), not training",
+            )
+        )
+    redundant = s.policies.placement.redundant_experts
+    if (m.moe.num_experts + redundant) % par.ep:
+        problems.append(
+            ConfigError(
+                f,
+                "policies.placement.redundant_experts",
+                f"experts ({m.moe.num_experts}) + redundant ({redundant}) must split evenly "
+                f"over ep = {par.ep}",
+            )
+        )
     for name in ("dtype", "dispatch_dtype"):
         dtype = getattr(w, name)
         if dtype == "fp8" and "fp8" not in hw.gpu.peak_dense_tflops and name == "dtype":

@@ -244,9 +244,39 @@ class AllToAll(_Section):
 
 
 class Offload(_Section):
-    """Expert offload to host memory."""
+    """Expert offload: experts in host memory, an HBM cache of some of them per GPU."""
 
-    type: Literal["none"] = Field("none", description="Offload policy.")
+    type: Literal["none", "cache"] = Field(
+        "none", description="none, or cache (experts in host memory behind an HBM cache)."
+    )
+    cache_experts: int | None = Field(
+        None, ge=1, description="Expert copies the HBM cache of one GPU holds (all layers)."
+    )
+    cache_gib: float | None = Field(
+        None, gt=0, description="HBM for the cache in GiB (instead of cache_experts)."
+    )
+    policy: str = Field("lru", description="Eviction policy: lru, lfu, belady (optimal bound).")
+    prefetch: str = Field(
+        "none",
+        description="Prefetch of the next layer's experts: none, affinity (from cross-layer "
+        "affinity), oracle (the actual next layer: a bound).",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        return _registered("cache policy", v)
+
+    @field_validator("prefetch")
+    @classmethod
+    def _known_prefetch(cls, v: str) -> str:
+        return _registered("prefetch", v)
+
+    @model_validator(mode="after")
+    def _size(self) -> Offload:
+        if self.type == "cache" and (self.cache_experts is None) == (self.cache_gib is None):
+            raise ValueError("type cache needs one of cache_experts or cache_gib")
+        return self
 
 
 class Policies(_Section):

@@ -21,6 +21,7 @@ PHASES = (
     "combine",
     "tp_comm",
     "migrate",
+    "offload_wait",
 )
 COMM_PHASES = ("dispatch", "combine", "tp_comm", "migrate")
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}

@@ -18,7 +18,11 @@
 - ``migration_bytes``: expert bytes moved by re-placement over the run;
 - ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
 - ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``;
-- ``policies``: the scenario's policy settings (for comparisons).
+- ``policies``: the scenario's policy settings (for comparisons);
+- ``offload`` (expert offload only): ``hit_rate`` of the HBM expert caches, demand and
+  prefetch copies per step, ``prefetch_useful`` (fraction of prefetches used),
+  ``pcie_bytes_per_step``, ``stall_s`` (seconds per step a GPU waits for expert copies,
+  ``offload_wait`` in the breakdown) and ``per_token_latency_s`` (decode: the step time).
 
 ``layers.parquet`` has one row per (step, layer, gpu) with the seconds of every phase and, for
 MoE layers, ``tokens_computed``, ``tokens_dropped`` (at this GPU as a source rank) and
@@ -44,7 +48,8 @@ def summarize(
     s = r.scenario
     per_phase = col.phase_s.sum(axis=1).mean(axis=(0, 1))  # [phases]
     breakdown = {p: float(v) for p, v in zip(PHASES, per_phase, strict=True)}
-    exposed = (col.step_time_s[:, None] - col.compute_busy_s).mean()
+    waits = col.phase_s[..., PHASES.index("offload_wait")].sum(axis=1)  # [steps, gpus]
+    exposed = (col.step_time_s[:, None] - col.compute_busy_s - waits).mean()
     breakdown["exposed_comm"] = float(max(exposed, 0.0))
     breakdown["straggler_wait"] = float(col.wait_s.mean())
     total_time = float(col.step_time_s.sum())
@@ -81,6 +86,18 @@ def summarize(
         "cost_model": cost_source,
         "policies": s.policies.model_dump(mode="json"),
     }
+
+
+def offload_summary(r: ResolvedScenario, col: Collector, stats: dict[str, Any]) -> dict[str, Any]:
+    """The ``offload`` section: cache settings and counts, stall and per-token latency."""
+    off = r.scenario.policies.offload
+    waits = col.phase_s[..., PHASES.index("offload_wait")].sum(axis=1)  # [steps, gpus]
+    out: dict[str, Any] = {"policy": off.policy, "prefetch": off.prefetch, **stats}
+    out["stall_s"] = float(waits.mean())
+    out["per_token_latency_s"] = (
+        float(col.step_time_s.mean()) if r.scenario.workload.mode == "decode" else None
+    )
+    return out
 
 
 def _rates(dropped: np.ndarray, routed: np.ndarray) -> list[float]:

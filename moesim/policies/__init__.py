@@ -5,6 +5,7 @@ Families and where their registries live:
 - ``placement``: :data:`moesim.policies.placement.PLACEMENTS`
 - ``replica choice``: :data:`moesim.policies.replicas.REPLICA_CHOICES`
 - ``drop policy``: :data:`moesim.policies.capacity.DROP_POLICIES`
+- ``cache policy`` / ``prefetch``: :mod:`moesim.policies.offload`
 - ``routing source``: :data:`moesim.routing.sources.SOURCES`
 - ``all-to-all``: :data:`moesim.comm.alltoall.ALL_TO_ALL`
 """
@@ -30,6 +31,10 @@ def registry_for(family: str) -> Registry[Any]:
         from moesim.policies.replicas import REPLICA_CHOICES
 
         return REPLICA_CHOICES
+    if family in ("cache policy", "prefetch"):
+        from moesim.policies.offload import CACHE_POLICIES, PREFETCHERS
+
+        return CACHE_POLICIES if family == "cache policy" else PREFETCHERS
     if family == "routing source":
         from moesim.routing.sources import SOURCES
 

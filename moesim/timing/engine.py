@@ -21,10 +21,11 @@ from moesim.comm.alltoall import Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.hardware.topology import Topology
 from moesim.metrics.collector import Collector
-from moesim.routing.stage import RoutingStage
+from moesim.routing.stage import RoutingStage, StepRouting
 from moesim.timing.costs import CostModel
 from moesim.timing.gpu import GPU
 from moesim.timing.network import FlowNetwork
+from moesim.timing.offload import OffloadTiming
 from moesim.timing.plan import BACKWARD, FlowBuilder, Layout, StepPlan, make_plan
 
 ProgressFn = Callable[[int, int], None]
@@ -62,6 +63,7 @@ class Engine:
         self.gpus = [GPU(self.env, g, g // gpn) for g in range(r.world)]
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
         self._migrating = False
+        self.offload: OffloadTiming | None = None
         self._pre: dict[tuple[Any, ...], tuple[Flows, Any]] = {}
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
 
@@ -72,8 +74,14 @@ class Engine:
 
     def _driver(self, progress: ProgressFn | None) -> Generator[simpy.Event, Any, None]:
         steps = self.r.scenario.workload.steps
+        ahead: list[StepRouting] = []
+        if self.r.scenario.policies.offload.type != "none":
+            ahead = [self.routing.step(s) for s in range(steps)]
+            self.offload = OffloadTiming(
+                self.r, self.routing, ahead, self.layout.replica, self.layout.rank, self.env
+            )
         for step in range(steps):
-            routing = self.routing.step(step)
+            routing = ahead[step] if ahead else self.routing.step(step)
             plan = make_plan(self.r, self.layout, self.costs, routing, step)
             self._record_routing(step, plan)
             self._pre = self._precompute(plan)
@@ -198,7 +206,12 @@ class Engine:
                 yield from self._compute(g, step, layer, attn)
                 yield from self._comm(g, step, layer, "tp_comm")
             yield from self._compute(g, step, layer, pre if tp else attn + pre)
+            ready = None if self.offload is None else self.offload.issue(g, step, moe)
             yield from self._comm(g, step, layer, "dispatch")
+            if ready is not None:
+                arrive = self.env.now
+                yield ready
+                self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
             yield from self._compute(g, step, layer, experts)
             yield from self._comm(g, step, layer, "combine")
         if tp:

@@ -50,7 +50,10 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     s, m, hw = r.scenario, r.model, r.hardware
     w, tp = s.workload, s.parallelism.tp
     n_moe = len(m.moe_layers)
-    params = (m.non_expert_params() + n_moe * slots_per_rank * m.expert_params) / tp
+    resident = n_moe * slots_per_rank
+    if s.policies.offload.type != "none":
+        resident = min(cache_items(r), resident)
+    params = (m.non_expert_params() + resident * m.expert_params) / tp
     weights = params * ELEMENT_BYTES[w.dtype]
     seqs = w.batch_size // s.parallelism.ep
     att = m.attention
@@ -72,9 +75,33 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)
 
 
-def check_fits(r: ResolvedScenario, usage: HBMUsage) -> None:
-    """Raise :class:`CapacityError` with the breakdown when ``usage`` exceeds HBM."""
+def expert_bytes(r: ResolvedScenario) -> float:
+    """Bytes of one expert's weights on one GPU (its 1/tp slice)."""
+    w = r.scenario.workload
+    return r.model.expert_params * ELEMENT_BYTES[w.dtype] / r.scenario.parallelism.tp
+
+
+def cache_items(r: ResolvedScenario) -> int:
+    """Experts the offload cache of one GPU holds (``cache_experts``, or ``cache_gib`` of
+    expert slices)."""
+    off = r.scenario.policies.offload
+    if off.cache_experts is not None:
+        return off.cache_experts
+    assert off.cache_gib is not None
+    return int(off.cache_gib * GiB // expert_bytes(r))
+
+
+def check_fits(r: ResolvedScenario, usage: HBMUsage, slots_per_rank: int | None = None) -> None:
+    """Raise :class:`CapacityError` with the breakdown when ``usage`` exceeds HBM (or, with
+    offload, when a node's host memory cannot hold its GPUs' experts)."""
     cap = r.hardware.gpu.hbm_bytes
+    if r.scenario.policies.offload.type != "none" and slots_per_rank is not None:
+        host = len(r.model.moe_layers) * slots_per_rank * expert_bytes(r) * r.gpus_per_node
+        if host > r.hardware.node.host_memory_bytes:
+            raise CapacityError(
+                f"{r.scenario.name}: offloaded experts need {host / GiB:.1f} GiB of host memory "
+                f"per node but the profile has {r.hardware.node.host_memory_bytes / GiB:.1f} GiB"
+            )
     if usage.total <= cap:
         return
     parts = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in usage.as_dict().items() if k != "total")

@@ -131,7 +131,9 @@ def test_rebalancing_moves_experts_and_charges_the_network(write_scenario) -> No
     assert col.migration_bytes[[0, 1, 3]].sum() == 0 and col.migration_bytes[2] > 0
     expert_bytes = r.model.expert_params * 2
     assert col.migration_bytes[2] % expert_bytes == 0  # whole experts move
-    migrate = col.phase_s[:, 0, :, -1]  # the migrate phase is recorded on layer 0
+    from moesim.metrics.collector import PHASES
+
+    migrate = col.phase_s[:, 0, :, PHASES.index("migrate")]  # recorded on layer 0
     assert (migrate[2] > 0).all() and (migrate[[0, 1, 3]] == 0).all()
     # it cannot beat moving the bytes over the NVLink of the busiest receiver
     assert migrate[2].max() >= col.migration_bytes[2] / r.world / 450e9

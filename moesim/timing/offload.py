@@ -1,0 +1,141 @@
+"""Expert offload in the timing engine: cache decisions ahead of time, copies timed on PCIe.
+
+The routing of every step is drawn first (the cache needs the whole access sequence for
+Belady, and the oracle prefetcher the next layer's needs); :func:`moesim.policies.offload.
+simulate_cache` then runs each GPU's cache. During the simulation, a GPU issues its copies of a
+layer (demand misses, then the prefetches for the next layer in their order) when its gate has
+run, so they overlap the dispatch; demand copies overtake queued prefetches; the layer's
+expert compute waits for its demand copies and for the prefetched copies it uses
+(``offload_wait``). Copies go one at a time
+through the GPU's PCIe switch uplink to host memory (GPUs behind one switch share it) at the
+profile's PCIe rate times its efficiency, plus its latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import simpy
+
+from moesim.config.loading import ResolvedScenario
+from moesim.policies.offload import CacheRun, affinity_prefetch, simulate_cache
+from moesim.routing.stage import RoutingStage, StepRouting
+from moesim.timing.memory import cache_items, expert_bytes
+
+
+class OffloadTiming:
+    """Each GPU's cache run and its copies on the PCIe link.
+
+    Args:
+        r: The resolved scenario.
+        stage: The routing stage (placement, co-activation sample).
+        routings: Every step's routing, in order.
+        replica / rank: ``[world]`` replica and EP rank of each GPU.
+        env: The SimPy environment.
+    """
+
+    def __init__(
+        self,
+        r: ResolvedScenario,
+        stage: RoutingStage,
+        routings: list[StepRouting],
+        replica: np.ndarray,
+        rank: np.ndarray,
+        env: simpy.Environment,
+    ) -> None:
+        off = r.scenario.policies.offload
+        self.env, self.replica, self.rank = env, replica, rank
+        self.n_moe = len(r.model.moe_layers)
+        self.ep = r.scenario.parallelism.ep
+        self.capacity = cache_items(r)
+        self.bytes = expert_bytes(r)
+        node = r.hardware.node
+        self.copy_s = node.pcie_latency_s + self.bytes / (
+            node.pcie_gb_per_s * 1e9 * node.pcie_efficiency
+        )
+        self.gpus_per_switch = node.gpus_per_pcie_switch
+        self.links: dict[int, simpy.PriorityResource] = {}
+        spr = stage.slots_per_rank
+        transition = None
+        if off.prefetch == "affinity" and self.n_moe > 1:
+            nxt = stage.coactivation()[1]
+            k = r.model.moe.top_k
+            rows = nxt.sum(axis=2, keepdims=True)
+            uniform = np.full_like(nxt, k / nxt.shape[2])
+            transition = np.where(rows > 0, nxt * k / np.maximum(rows, 1e-300), uniform)
+        self.runs: dict[tuple[int, int], CacheRun] = {}
+        for rep in range(r.scenario.parallelism.dp):
+            for rk in range(self.ep):
+                needed: list[list[int]] = []
+                loads = []
+                for sr in routings:
+                    c = sr.replicas[rep]
+                    for m in range(self.n_moe):
+                        slots = np.nonzero(c.slot_tokens[m, rk])[0]
+                        needed.append([m * spr + int(s) for s in slots])
+                        loads.append(c.expert_routed[m])
+                prefetch: list[list[int]] = [[] for _ in needed]
+                for t in range(len(needed)):
+                    m = t % self.n_moe
+                    if off.prefetch == "oracle" and t + 1 < len(needed):
+                        prefetch[t] = needed[t + 1]
+                    elif transition is not None and m + 1 < self.n_moe:
+                        nxt_slots = stage.placement.phy2log[m + 1, rk * spr : (rk + 1) * spr]
+                        picks = affinity_prefetch(
+                            np.asarray(loads[t], dtype=np.float64), transition[m], nxt_slots
+                        )
+                        prefetch[t] = [(m + 1) * spr + s for s in picks]
+                self.runs[(rep, rk)] = simulate_cache(needed, prefetch, self.capacity, off.policy)
+        self._pending: dict[tuple[int, int, int], simpy.Event | None] = {}
+
+    def run_of(self, g: int) -> CacheRun:
+        """The cache run of GPU ``g``'s EP rank."""
+        return self.runs[(int(self.replica[g]), int(self.rank[g]))]
+
+    def _copy(self, g: int, priority: int) -> Generator[simpy.Event, Any, None]:
+        """One expert copy; demand copies (priority 0) go before queued prefetches (1)."""
+        sw = g // self.gpus_per_switch
+        if sw not in self.links:
+            self.links[sw] = simpy.PriorityResource(self.env, 1)
+        with self.links[sw].request(priority=priority) as req:
+            yield req
+            yield self.env.timeout(self.copy_s)
+
+    def issue(self, g: int, step: int, moe: int) -> simpy.Event:
+        """Start ``g``'s copies at MoE layer ``moe`` of ``step``; the event its expert compute
+        waits for (demand copies, and the used prefetches issued for this layer)."""
+        run, t = self.run_of(g), step * self.n_moe + moe
+        waits: list[simpy.Event] = [
+            self.env.process(self._copy(g, 0)) for _ in range(int(run.demand[t]))
+        ]
+        earlier = self._pending.pop((g, step, moe), None)
+        if earlier is not None:
+            waits.append(earlier)
+        last_used = None
+        for used in run.prefetch_used[t]:
+            p = self.env.process(self._copy(g, 1))
+            if used:
+                last_used = p
+        nxt = (step, moe + 1) if moe + 1 < self.n_moe else (step + 1, 0)
+        self._pending[(g, *nxt)] = last_used
+        return self.env.all_of(waits)
+
+    def stats(self, steps: int) -> dict[str, Any]:
+        """Hit rate, copies and bytes over PCIe per step (all GPUs' caches, one per EP rank)."""
+        hits = sum(int(r.hits.sum()) for r in self.runs.values())
+        acc = sum(int(r.accesses.sum()) for r in self.runs.values())
+        demand = sum(int(r.demand.sum()) for r in self.runs.values())
+        pre = sum(len(x) for r in self.runs.values() for x in r.prefetch_used)
+        useful = sum(sum(x) for r in self.runs.values() for x in r.prefetch_used)
+        copies = demand + pre
+        tp = len(self.replica) // max(len(self.runs), 1)
+        return {
+            "cache_experts": self.capacity,
+            "hit_rate": hits / acc if acc else 1.0,
+            "demand_copies_per_step": demand / steps,
+            "prefetch_copies_per_step": pre / steps,
+            "prefetch_useful": useful / pre if pre else 0.0,
+            "pcie_bytes_per_step": copies * self.bytes * tp / steps,
+        }

@@ -1,0 +1,105 @@
+"""Expert offload: cache policies (Belady bounds LRU and LFU), prefetchers, the single-GPU case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.config.loading import load_scenario
+from moesim.errors import CapacityError
+from moesim.policies.offload import affinity_prefetch, simulate_cache
+from moesim.runner import simulate
+from tests.conftest import SCENARIOS
+
+
+def _trace(seed: int, t: int = 400, items: int = 24, k: int = 2) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    pop = rng.dirichlet(np.full(items, 0.3))
+    return [sorted(rng.choice(items, size=k, replace=False, p=pop).tolist()) for _ in range(t)]
+
+
+def test_lru_on_a_known_sequence() -> None:
+    needed = [[0], [1], [2], [0], [3], [0], [1]]
+    run = simulate_cache(needed, [[]] * 7, capacity=2, policy="lru")
+    # 0 1 2(evicts 0) 0(miss, evicts 1) 3(evicts 2) 0(hit) 1(miss)
+    assert run.hits.tolist() == [0, 0, 0, 0, 0, 1, 0]
+    assert run.demand.sum() == 6
+
+
+def test_belady_on_a_known_sequence() -> None:
+    needed = [[0], [1], [2], [0], [3], [0], [1]]
+    run = simulate_cache(needed, [[]] * 7, capacity=2, policy="belady")
+    # at 2: keep 0 (next at 3), evict 1 (next at 6); at 4: evict 2 (never again)
+    assert run.hits.tolist() == [0, 0, 0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("capacity", [3, 6, 12])
+def test_belady_bounds_lru_and_lfu(seed: int, capacity: int) -> None:
+    needed = _trace(seed)
+    none: list[list[int]] = [[] for _ in needed]
+    hits = {
+        p: simulate_cache(needed, none, capacity, p).hits.sum() for p in ("lru", "lfu", "belady")
+    }
+    assert hits["belady"] >= hits["lru"] and hits["belady"] >= hits["lfu"]
+
+
+def test_oracle_prefetch_turns_misses_into_hits() -> None:
+    needed = _trace(3)
+    oracle = [needed[t + 1] if t + 1 < len(needed) else [] for t in range(len(needed))]
+    base = simulate_cache(needed, [[] for _ in needed], 6, "lru")
+    pre = simulate_cache(needed, oracle, 6, "lru")
+    assert pre.hits[1:].sum() == sum(len(x) for x in needed[1:])  # every later need is a hit
+    assert base.hits.sum() < pre.hits.sum()
+    assert all(all(u) for u in pre.prefetch_used[:-1])
+
+
+def test_cache_smaller_than_one_layer_is_an_error() -> None:
+    with pytest.raises(ValueError, match="cache_experts"):
+        simulate_cache([[0, 1, 2]], [[]], capacity=2, policy="lru")
+
+
+def test_affinity_prefetch_follows_the_transition() -> None:
+    # 4 experts, top-1: expert 0 is always followed by 2, expert 1 by 3
+    transition = np.zeros((4, 4))
+    transition[0, 2] = transition[1, 3] = 1.0
+    transition[2:, :] = 0.25
+    loads = np.array([5.0, 0.0, 0.0, 0.0])
+    assert affinity_prefetch(loads, transition, np.array([3, 2])) == [1]  # slot 1 holds 2
+
+
+def test_single_gpu_offload_scenario_runs_where_nothing_else_fits() -> None:
+    path = SCENARIOS / "mixtral-8x7b-offload-1xrtx4090.yaml"
+    with pytest.raises(CapacityError, match="HBM"):
+        simulate(load_scenario(path, ["policies.offload.type=none"]))
+    runs = {
+        p: simulate(load_scenario(path, [f"policies.offload.policy={p}", "workload.steps=8"]))
+        for p in ("lru", "belady")
+    }
+    for res in runs.values():
+        s = res.summary
+        assert s["hbm_peak_bytes"] <= s["hbm_capacity_bytes"]
+        off = s["offload"]
+        assert off["stall_s"] > 0 and off["pcie_bytes_per_step"] > 0
+        assert s["breakdown_s"]["offload_wait"] == pytest.approx(off["stall_s"])
+        # a copy is expert bytes over the PCIe rate: the stall cannot beat the demand copies
+        r = res.resolved
+        copy_s = r.model.expert_params * 2 / (r.hardware.node.pcie_gb_per_s * 1e9)
+        assert s["step_time_s"] >= off["demand_copies_per_step"] * copy_s
+    lru, bel = runs["lru"].summary["offload"], runs["belady"].summary["offload"]
+    assert bel["hit_rate"] >= lru["hit_rate"]
+    assert runs["belady"].summary["step_time_s"] <= runs["lru"].summary["step_time_s"]
+
+
+def test_offload_is_for_inference(write_scenario) -> None:
+    from moesim.errors import ConfigErrors
+    from tests.conftest import small_scenario
+
+    data = small_scenario(
+        **{
+            "workload": {"mode": "train", "batch_size": 8, "seq_len": 128},
+            "policies.offload": {"type": "cache", "cache_experts": 64},
+        }
+    )
+    with pytest.raises(ConfigErrors, match="inference"):
+        load_scenario(write_scenario(data))
