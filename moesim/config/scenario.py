@@ -279,9 +279,25 @@ class Offload(_Section):
         return self
 
 
+class Gating(_Section):
+    """Re-gating from router scores (trace logits, or the generator's scores)."""
+
+    type: str = Field(
+        "source",
+        description="source (the routing as drawn or recorded), top_k, top_1, group_limited, "
+        "expert_choice, base, s_base, sentence.",
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered("gating", v)
+
+
 class Policies(_Section):
     """Swappable strategies."""
 
+    gating: Gating = Gating()
     capacity: Capacity = Capacity()
     placement: Placement = Placement()
     all_to_all: AllToAll = AllToAll()

@@ -63,6 +63,7 @@ class Collector:
         self.routed_by_bin: np.ndarray | None = None
         self.padding = np.zeros(steps, dtype=np.int64)
         self.migration_bytes = np.zeros(steps)
+        self.aux_loss = np.full((steps, n_moe), np.nan)
         self.bytes_out = np.zeros((steps, layers, gpus))
         self.bytes_intra = np.zeros(steps)
         self.bytes_inter = np.zeros(steps)

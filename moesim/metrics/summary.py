@@ -14,6 +14,8 @@
   layer; ``drop_rate_by_position`` (prefill and training): ``position_start`` of each of up
   to 32 equal position bins and the drop rate of its tokens (drops towards the end of
   sequences show as a rising curve);
+- ``aux_loss``: Switch load-balancing loss of the re-gating (``policies.gating``), mean over
+  steps and MoE layers (1.0 is balanced; None without re-gating);
 - ``padding_tokens``: padding rows computed per step (``pad: true``);
 - ``migration_bytes``: expert bytes moved by re-placement over the run;
 - ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
@@ -74,6 +76,7 @@ def summarize(
         "drop_rate": float(col.dropped.sum() / routed) if routed else 0.0,
         "drop_rate_by_layer": _rates(col.dropped.sum(axis=0), col.routed.sum(axis=0)),
         "drop_rate_by_position": _by_position(col, s.workload.seq_len),
+        "aux_loss": None if np.isnan(col.aux_loss).all() else float(np.nanmean(col.aux_loss)),
         "padding_tokens": int(col.padding.sum() / len(col.step_time_s)),
         "migration_bytes": float(col.migration_bytes.sum()),
         "tokens_routed": routed,

@@ -6,6 +6,7 @@ Families and where their registries live:
 - ``replica choice``: :data:`moesim.policies.replicas.REPLICA_CHOICES`
 - ``drop policy``: :data:`moesim.policies.capacity.DROP_POLICIES`
 - ``cache policy`` / ``prefetch``: :mod:`moesim.policies.offload`
+- ``gating``: :data:`moesim.policies.gating.GATINGS`
 - ``routing source``: :data:`moesim.routing.sources.SOURCES`
 - ``all-to-all``: :data:`moesim.comm.alltoall.ALL_TO_ALL`
 """
@@ -35,6 +36,10 @@ def registry_for(family: str) -> Registry[Any]:
         from moesim.policies.offload import CACHE_POLICIES, PREFETCHERS
 
         return CACHE_POLICIES if family == "cache policy" else PREFETCHERS
+    if family == "gating":
+        from moesim.policies.gating import GATINGS
+
+        return GATINGS
     if family == "routing source":
         from moesim.routing.sources import SOURCES
 

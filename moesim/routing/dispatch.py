@@ -123,19 +123,27 @@ def count_layers(
         bins: Position bins.
     """
     experts = draw.experts
-    n_layers, ranks, tokens, k = experts.shape
+    n_layers, ranks, tokens, _ = experts.shape
     cap = rule.capacity(tokens, ranks)
     keep = None
+    valid = experts >= 0  # gates such as expert choice leave -1 where a token has fewer experts
+    partial = not bool(valid.all())
+    if partial:
+        if cap is not None:
+            raise ValueError("capacity cannot apply to gates that leave tokens without experts")
+        experts = np.where(valid, experts, 0)
     if cap is not None:
         keep = keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights, rng, rule.scope)
         if rule.reroutes and draw.fallback is not None:
             experts, keep = reroute(experts, keep, draw.fallback, cap, rule.num_experts, rule.scope)
+    if partial:  # only valid entries count: the others are neither routed nor dropped
+        keep = valid
     slot = chooser.slots(layers, experts, keep)
     slots = placement.phy2log.shape[1]
     local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
     slot_rank = placement.slot_rank.astype(np.int32)
     lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * rule.num_experts + experts
-    expert_routed = np.bincount(lay_e.ravel(), minlength=n_layers * rule.num_experts)
+    expert_routed = np.bincount(lay_e[valid], minlength=n_layers * rule.num_experts)
     if keep is None:
         slot_tokens = np.bincount(local.ravel(), minlength=n_layers * slots)
         dest_rank = slot_rank.take(slot)
@@ -146,7 +154,7 @@ def count_layers(
         slot_tokens = np.bincount(local[keep], minlength=n_layers * slots)
         dest_rank = np.where(keep, slot_rank.take(slot), -1)
         dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)), -1)
-        lost = (~keep).sum(axis=3)  # [L, R, T]
+        lost = (valid & ~keep).sum(axis=3)  # [L, R, T]
         dropped = lost.sum(axis=2).astype(np.int64)
         pb = np.zeros((ranks, tokens), dtype=np.int64) if pos_bin is None else pos_bin
         flat_bin = (np.arange(n_layers).reshape(-1, 1, 1) * bins + pb).ravel()
@@ -156,7 +164,7 @@ def count_layers(
             .reshape(n_layers, bins)
         )
     slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
-    routed = np.full((n_layers, ranks), tokens * k, dtype=np.int64)
+    routed = valid.sum(axis=(2, 3)).astype(np.int64)
     n_nodes = int(rank_node.max()) + 1
     pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
     pair = pair + dest_rank

@@ -91,6 +91,8 @@ class TraceSource:
                 cfg.path, "some tokens have no routing at some recorded layers; cannot replay"
             )
         self.weights = None if dense.weights is None else dense.weights[:, order]
+        self.logits = None if dense.logits is None else dense.logits[:, order]
+        self.path = cfg.path
         _, counts = load_counts(trace)  # per recorded layer, in dense.layers order
         self.loads = (counts / counts.sum(axis=1, keepdims=True))[self.layer_idx]
         self.top_k = trace.meta.top_k
@@ -113,6 +115,23 @@ class TraceSource:
         lookup = np.vectorize(self.assigned.__getitem__, otypes=[np.int64])
         return lookup(seq_ids)
 
+    def _tokens(self, batch: TokenBatch) -> np.ndarray:
+        """``[ranks, tokens]`` trace token of each token of ``batch``."""
+        uniq, inv = np.unique(batch.seq_id, return_inverse=True)
+        ts = self._trace_seqs(uniq, int(batch.position.max()) + 1)[inv.reshape(batch.seq_id.shape)]
+        return np.asarray(self.start[ts] + batch.position % self.length[ts])
+
+    def scores(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> np.ndarray:
+        """``[L, ranks, tokens, E]`` the recorded router logits of the batch's tokens."""
+        if self.logits is None:
+            raise TraceError(
+                self.path,
+                "re-gating needs router logits and this trace has none (capture with --logits)",
+            )
+        return np.asarray(self.logits[self.layer_idx[layers]][:, self._tokens(batch)])
+
     def draw(
         self,
         step: int,
@@ -122,9 +141,7 @@ class TraceSource:
         with_weights: bool,
     ) -> RoutingDraw:
         """The trace's routing of the tokens of ``batch`` (``rng`` is not used)."""
-        uniq, inv = np.unique(batch.seq_id, return_inverse=True)
-        ts = self._trace_seqs(uniq, int(batch.position.max()) + 1)[inv.reshape(batch.seq_id.shape)]
-        token = self.start[ts] + batch.position % self.length[ts]
+        token = self._tokens(batch)
         li = self.layer_idx[layers]
         experts = self.experts[li][:, token]
         if not with_weights:

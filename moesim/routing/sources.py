@@ -242,6 +242,23 @@ class SyntheticSource:
         """``[moe_layers, experts]`` popularity."""
         return self.popularity
 
+    def scores(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> np.ndarray:
+        """``[L, ranks, tokens, E]`` router scores consistent with the generator.
+
+        ``log popularity + Gumbel noise``: the top-k of these scores is a draw of k distinct
+        experts without replacement from the popularity (Plackett-Luce), what ``draw`` samples;
+        ``group_limited`` uses DeepEP's benchmark scores ``|N(0, 1)| + 1``.
+        """
+        e = self.popularity.shape[1]
+        shape = (len(layers), batch.ranks, batch.tokens_per_rank, e)
+        if self.generator == "group_limited":
+            return np.abs(rng.standard_normal(shape, dtype=np.float32)) + 1.0
+        logp = np.log(np.maximum(self.popularity[layers], 1e-30)).astype(np.float32)
+        gumbel = -np.log(-np.log(rng.random(shape, dtype=np.float32) + 1e-12) + 1e-12)
+        return logp[:, None, None, :] + gumbel
+
     def draw(
         self,
         step: int,

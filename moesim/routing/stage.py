@@ -6,13 +6,14 @@ at most :data:`CHUNK_ASSIGNMENTS` assignments so memory stays bounded for 64-GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from moesim.config.scenario import Scenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.models.spec import ModelSpec
+from moesim.policies.gating import BALANCED, GATINGS, GateContext
 from moesim.policies.placement import Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
@@ -28,13 +29,15 @@ class StepRouting:
 
     Every array in a :class:`LayerCounts` has the MoE layers as its first axis.
     ``migration`` is ``[ranks, ranks]`` expert bytes (per tensor-parallel GPU) moved from rank
-    ``s`` to rank ``d`` before the step when the placement changed, else None.
+    ``s`` to rank ``d`` before the step when the placement changed, else None. ``aux_loss`` is
+    ``[moe_layers]`` the re-gating's load-balancing loss (None without re-gating).
     """
 
     batch: TokenBatch
     replicas: list[LayerCounts]
     migration: np.ndarray | None = None
     bins: int = 1
+    aux_loss: np.ndarray | None = None
 
 
 COACTIVATION_TOKENS = 8192
@@ -81,6 +84,18 @@ class RoutingStage:
         )
         w = scenario.workload
         self.bins = min(w.seq_len, 32) if w.mode != "decode" else 1
+        gating = scenario.policies.gating.type
+        self.gate = GATINGS.get(gating)
+        # gates that balance by construction take no capacity drops
+        self.step_rule = replace(self.rule, factor=None) if gating in BALANCED else self.rule
+        moe = model.moe
+        self.gate_ctx = lambda batch: GateContext(
+            top_k=moe.top_k,
+            n_group=moe.n_group or 1,
+            topk_group=moe.topk_group or 1,
+            factor=cap.factor or 1.0,
+            seq_id=batch.seq_id.ravel(),
+        )
         self.ema: np.ndarray | None = None
 
     def _placement_input(self, loads: np.ndarray) -> PlacementInput:
@@ -163,7 +178,10 @@ class RoutingStage:
         batches = [self.batch(step, r) for r in range(self.scenario.parallelism.dp)]
         n_moe = len(self.model.moe_layers)
         per_layer = batches[0].ranks * batches[0].tokens_per_rank * self.model.moe.top_k
+        if self.gate is not None:  # scores: one float per token and expert
+            per_layer = per_layer // self.model.moe.top_k * self.model.moe.num_experts
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
+        self._aux: list[float] = []
         w = self.scenario.workload
         replicas = []
         for batch in batches:
@@ -175,9 +193,12 @@ class RoutingStage:
             parts = []
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
-                draw = self.source.draw(
-                    step, layers, batch, self.rng, with_weights=self.rule.factor is not None
-                )
+                if self.gate is None:
+                    draw = self.source.draw(
+                        step, layers, batch, self.rng, with_weights=self.rule.factor is not None
+                    )
+                else:
+                    draw = self._regate(step, layers, batch)
                 if self.rule.reroutes:
                     fallback = next_choices(
                         draw.experts, self.loads[layers], self.rule.reroute_depth, self.rng
@@ -189,7 +210,7 @@ class RoutingStage:
                         layers,
                         self.placement,
                         self.chooser,
-                        self.rule,
+                        self.step_rule,
                         self.rank_node,
                         self.rng,
                         pos_bin,
@@ -201,7 +222,37 @@ class RoutingStage:
         observed /= np.maximum(observed.sum(axis=1, keepdims=True), 1)
         decay = self.scenario.policies.placement.load_decay
         self.ema = observed if self.ema is None else decay * self.ema + (1 - decay) * observed
-        return StepRouting(batch=batches[0], replicas=replicas, migration=migration, bins=self.bins)
+        aux = np.array(self._aux).reshape(len(batches), n_moe).mean(axis=0) if self._aux else None
+        return StepRouting(
+            batch=batches[0], replicas=replicas, migration=migration, bins=self.bins, aux_loss=aux
+        )
+
+    def _regate(self, step: int, layers: np.ndarray, batch: TokenBatch) -> RoutingDraw:
+        """Route ``batch`` with the scenario's gate from the source's router scores."""
+        from moesim.policies.gating import aux_loss, gate_weights
+
+        scores_fn = getattr(self.source, "scores", None)
+        if scores_fn is None:
+            raise ValueError(
+                f"policies.gating.type {self.scenario.policies.gating.type} needs router "
+                f"scores, which routing source {self.scenario.routing.source} "
+                f"({self.scenario.routing.generator}) does not give"
+            )
+        assert self.gate is not None
+        scores = scores_fn(step, layers, batch, self.rng)
+        n_layers, ranks, tokens, e = scores.shape
+        chosen, weights = [], []
+        for li in range(n_layers):
+            flat = scores[li].reshape(ranks * tokens, e)
+            ex = self.gate(flat, self.gate_ctx(batch))
+            chosen.append(ex)
+            weights.append(gate_weights(flat, ex))
+            self._aux.append(aux_loss(flat, ex))
+        m = max(x.shape[1] for x in chosen)
+        pad = [np.pad(x, ((0, 0), (0, m - x.shape[1])), constant_values=-1) for x in chosen]
+        wpad = [np.pad(w, ((0, 0), (0, m - w.shape[1]))) for w in weights]
+        shape = (n_layers, ranks, tokens, m)
+        return RoutingDraw(np.stack(pad).reshape(shape), np.stack(wpad).reshape(shape))
 
 
 def migration_bytes(

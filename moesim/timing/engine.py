@@ -138,6 +138,8 @@ class Engine:
             lay.tp_rank[:, None] == 0, dropped[lay.replica, :, lay.rank], 0
         ).T
         reps = plan.routing.replicas
+        if plan.routing.aux_loss is not None:
+            col.aux_loss[step] = plan.routing.aux_loss
         col.padding[step] = sum(int(c.padding.sum()) for c in reps)
         if plan.routing.migration is not None:
             col.migration_bytes[step] = float(plan.routing.migration.sum()) * lay.tp * len(reps)

@@ -43,8 +43,12 @@ META_KEY = b"moesim.trace"
 class TraceError(MoesimError):
     """A trace file is missing, malformed, or does not fit what it is used for."""
 
-    def __init__(self, path: str | Path | None, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path is not None else message)
+    def __init__(self, path: str | Path | None, message: str | None = None) -> None:
+        # one argument: the whole message (how SimPy re-raises from a process, type(e)(*args))
+        if message is None:
+            super().__init__(str(path))
+        else:
+            super().__init__(f"{path}: {message}" if path is not None else message)
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,13 @@ class Trace:
         if self.weights is not None:
             weights = np.zeros(experts.shape, dtype=np.float32)
             weights[slot, token] = self.weights
-        return DenseRouting(layers=layers, keys=keys, experts=experts, weights=weights)
+        logits = None
+        if self.logits is not None:
+            logits = np.zeros((len(layers), len(keys), self.meta.num_experts), dtype=np.float32)
+            logits[slot, token] = self.logits
+        return DenseRouting(
+            layers=layers, keys=keys, experts=experts, weights=weights, logits=logits
+        )
 
     def kept(self) -> np.ndarray:
         """``[n, top_k]`` bool: the choice reached its expert (not dropped)."""
@@ -235,12 +245,14 @@ class DenseRouting:
         keys: ``[T, 3]`` (step, seq, pos) of each token.
         experts: ``[L, T, top_k]`` int16, -1 where a token was not recorded at a layer.
         weights: ``[L, T, top_k]`` float32 gate weights (0 where missing), or None.
+        logits: ``[L, T, E]`` float32 router logits (0 where missing), or None.
     """
 
     layers: np.ndarray
     keys: np.ndarray
     experts: np.ndarray
     weights: np.ndarray | None
+    logits: np.ndarray | None = None
 
 
 def _fixed_list(values: np.ndarray, pa_type: Any) -> Any:
