@@ -108,7 +108,7 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
             )
         )
     redundant = s.policies.placement.redundant_experts
-    if (m.moe.num_experts + redundant) % par.ep:
+    if redundant and (m.moe.num_experts + redundant) % par.ep:
         problems.append(
             ConfigError(
                 f,

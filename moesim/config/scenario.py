@@ -294,6 +294,16 @@ class Gating(_Section):
         return _registered("gating", v)
 
 
+class Overlap(_Section):
+    """Overlapping communication with computation."""
+
+    shared_experts: bool = Field(
+        False,
+        description="Compute the shared experts on the compute stream while the dispatch "
+        "all-to-all is in flight (forward), instead of after the routed experts.",
+    )
+
+
 class Policies(_Section):
     """Swappable strategies."""
 
@@ -302,6 +312,7 @@ class Policies(_Section):
     placement: Placement = Placement()
     all_to_all: AllToAll = AllToAll()
     offload: Offload = Offload()
+    overlap: Overlap = Overlap()
 
 
 class Engine(_Section):

@@ -1,7 +1,9 @@
 """The timing engine: one SimPy process per GPU and step, walking the layers in order.
 
 Per layer, forward: attention -> (tp all-reduce) -> gate -> dispatch -> routed experts ->
-shared experts -> combine -> (tp all-reduce); a dense layer runs its FFN instead of the MoE
+shared experts -> combine -> (tp all-reduce) (with ``policies.overlap.shared_experts`` the
+shared experts are queued on the compute stream before the dispatch, so they run while it is in
+flight); a dense layer runs its FFN instead of the MoE
 block. Training then walks the layers backwards with every compute piece doubled and the two
 all-to-alls reversed. Steps are separated by a barrier (the next decode token, or the optimizer
 step, needs every GPU). Consecutive compute pieces go to the compute stream as one event; their
@@ -209,6 +211,9 @@ class Engine:
                 yield from self._comm(g, step, layer, "tp_comm")
             yield from self._compute(g, step, layer, pre if tp else attn + pre)
             ready = None if self.offload is None else self.offload.issue(g, step, moe)
+            if self.r.scenario.policies.overlap.shared_experts and plan.shared > 0:
+                # queue the shared experts now: they run while the dispatch is in flight
+                self._submit(g, step, layer, [experts.pop()])
             yield from self._comm(g, step, layer, "dispatch")
             if ready is not None:
                 arrive = self.env.now
@@ -219,15 +224,21 @@ class Engine:
         if tp:
             yield from self._comm(g, step, layer, "tp_comm")
 
-    def _compute(
+    def _submit(
         self, g: int, step: int, layer: int, pieces: list[tuple[str, float]]
-    ) -> Generator[simpy.Event, Any, None]:
+    ) -> simpy.Event:
+        """Queue ``pieces`` on ``g``'s compute stream; the event at their end."""
         start, done = self.gpus[g].compute.submit(sum(d for _, d in pieces))
         t = start
         for phase, d in pieces:
             self.col.on_phase(step, layer, g, phase, t, t + d)
             t += d
-        yield done
+        return done
+
+    def _compute(
+        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]]
+    ) -> Generator[simpy.Event, Any, None]:
+        yield self._submit(g, step, layer, pieces)
 
     def _comm(self, g: int, step: int, layer: int, phase: str) -> Generator[simpy.Event, Any, None]:
         arrive = self.env.now
