@@ -173,16 +173,11 @@ def reroute(
         cand = fallback[li, ri, ti, tried[li, ri, ti]].astype(np.int64)
         fresh = ~(experts[li, ri, ti] == cand[:, None]).any(axis=-1)
         group = base[li, ri, 0] + cand
-        order = np.lexsort((ti, ri if scope == "global" else np.zeros_like(ri), group))
-        occ = np.empty(group.size, dtype=np.int64)
-        g_sorted = group[order]
-        # rank among this try's candidates of the same group, only counting fresh ones
-        fresh_sorted = fresh[order].astype(np.int64)
-        cum = np.cumsum(fresh_sorted) - fresh_sorted
-        starts = np.searchsorted(g_sorted, g_sorted, side="left")
-        occ[order] = cum - cum[starts] if starts.size else cum
-        accept = fresh & (occ < capacity - used[group])
-        a = np.nonzero(accept)[0]
+        # serve this try's fresh candidates of a group in batch order (ranks in order if global)
+        f = np.nonzero(fresh)[0]
+        order_key = (ri[f] if scope == "global" else 0) * tokens + ti[f]
+        occ = occurrence(group[f], order_key)
+        a = f[occ < capacity - used[group[f]]]
         experts[li[a], ri[a], ti[a], slot[a]] = cand[a]
         keep[li[a], ri[a], ti[a], slot[a]] = True
         used += np.bincount(group[a], minlength=used.size)

@@ -64,12 +64,8 @@ class RoutingStage:
         self.rank_node = np.array(par.rank_nodes(gpus_per_node))
         pcfg = scenario.policies.placement
         experts = model.moe.num_experts
-        if (experts + pcfg.redundant_experts) % par.ep:
-            raise ValueError(
-                f"policies.placement.redundant_experts: experts ({experts}) + redundant "
-                f"({pcfg.redundant_experts}) must split evenly over ep ({par.ep})"
-            )
         self.slots_per_rank = (experts + pcfg.redundant_experts) // par.ep
+        self._coact: tuple[np.ndarray, np.ndarray] | None = None
         self.loads = self.source.expected_loads()
         self._set_placement(self.loads)
         cap = scenario.policies.capacity
@@ -122,6 +118,8 @@ class RoutingStage:
         The sample (:data:`COACTIVATION_TOKENS` tokens of step 0) uses its own generator, so
         the simulated steps draw the same routing whatever the placement.
         """
+        if self._coact is not None:
+            return self._coact
         from moesim.traces.stats import pair_counts
 
         w, e = self.scenario.workload, self.model.moe.num_experts
@@ -141,7 +139,8 @@ class RoutingStage:
             if n_moe > 1
             else np.zeros((0, e, e))
         )
-        return co, nxt
+        self._coact = (co, nxt)
+        return self._coact
 
     def batch(self, step: int, replica: int = 0) -> TokenBatch:
         """The tokens of ``step`` on each EP rank of data-parallel replica ``replica``.
