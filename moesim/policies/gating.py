@@ -68,7 +68,7 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return x / x.sum(axis=-1, keepdims=True)
 
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """``[n, k]`` indices of the k highest scores per row, best first."""
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
@@ -78,7 +78,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 @GATINGS.register("top_k")
 def top_k(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Token choice: the k highest scores."""
-    return _top(scores, ctx.top_k)
+    return top_indices(scores, ctx.top_k)
 
 
 @GATINGS.register("top_1")
@@ -106,7 +106,7 @@ def group_limited_select(
         mask = np.zeros((n, n_group), dtype=bool)
         np.put_along_axis(mask, keep, True, axis=1)
         scores = np.where(np.repeat(mask, per_group, axis=1), scores, -np.inf)
-    return _top(scores, k)
+    return top_indices(scores, k)
 
 
 @GATINGS.register("group_limited")
@@ -202,7 +202,7 @@ def sinkhorn(scores: np.ndarray, iters: int = 50) -> np.ndarray:
 @GATINGS.register("s_base")
 def s_base(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Sinkhorn-BASE: top-k of the Sinkhorn-balanced scores."""
-    return _top(sinkhorn(scores), ctx.top_k)
+    return top_indices(sinkhorn(scores), ctx.top_k)
 
 
 @GATINGS.register("sentence")
@@ -213,7 +213,7 @@ def sentence(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     seqs, inv = np.unique(ctx.seq_id, return_inverse=True)
     sums = np.zeros((seqs.size, scores.shape[1]))
     np.add.at(sums, inv, scores)
-    per_seq = _top(sums / np.bincount(inv)[:, None], ctx.top_k)
+    per_seq = top_indices(sums / np.bincount(inv)[:, None], ctx.top_k)
     return per_seq[inv]
 
 

@@ -168,22 +168,15 @@ def group_limited_topk(
     Returns:
         ``[n, top_k]`` int16 expert ids.
     """
-    per_group = experts // n_group
+    from moesim.policies.gating import group_limited_select
+
     out = np.empty((n, top_k), dtype=np.int16)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         scores = np.abs(rng.standard_normal((m, experts), dtype=np.float32)) + 1.0
-        grouped = scores.reshape(m, n_group, per_group)
-        if group_score == "max":
-            gscore = grouped.max(axis=2)
-        else:
-            gscore = np.partition(grouped, per_group - 2, axis=2)[:, :, -2:].sum(axis=2)
-        if topk_group < n_group:
-            keep = np.argpartition(-gscore, topk_group - 1, axis=1)[:, :topk_group]
-            mask = np.zeros((m, n_group), dtype=bool)
-            np.put_along_axis(mask, keep, True, axis=1)
-            scores = np.where(np.repeat(mask, per_group, axis=1), scores, -np.inf)
-        out[start : start + m] = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+        out[start : start + m] = group_limited_select(
+            scores, n_group, topk_group, top_k, group_score
+        )
     return out
 
 
@@ -208,6 +201,8 @@ def next_choices(
     Returns:
         ``[L, R, T, depth]`` int64.
     """
+    from moesim.policies.gating import top_indices
+
     n_layers, ranks, tokens, k = experts.shape
     e = popularity.shape[1]
     depth = min(depth, e - k)
@@ -219,9 +214,7 @@ def next_choices(
             rows = flat[li, start : start + chunk]
             g = logp[li] - np.log(-np.log(rng.random((rows.shape[0], e))))
             np.put_along_axis(g, rows, -np.inf, axis=1)
-            top = np.argpartition(-g, depth - 1, axis=1)[:, :depth]
-            order = np.argsort(-np.take_along_axis(g, top, axis=1), axis=1, kind="stable")
-            out[li, start : start + chunk] = np.take_along_axis(top, order, axis=1)
+            out[li, start : start + chunk] = top_indices(g, depth)
     return out.reshape(n_layers, ranks, tokens, depth)
 
 
