@@ -41,3 +41,7 @@ class ConfigErrors(MoesimError):
 
 class CapacityError(MoesimError):
     """A scenario does not fit the hardware (e.g. HBM), with the numbers that show why."""
+
+
+class CalibrationError(MoesimError):
+    """A calibration could not be built, run or checked (the message says which step and why)."""

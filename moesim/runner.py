@@ -16,7 +16,7 @@ from moesim.config.loading import ResolvedScenario
 from moesim.metrics.collector import Collector
 from moesim.metrics.summary import layers_table, offload_summary, summarize
 from moesim.routing.stage import RoutingStage
-from moesim.timing.costs import RooflineCostModel
+from moesim.timing.costs import cost_model
 from moesim.timing.engine import Engine, ProgressFn
 from moesim.timing.memory import check_fits, hbm_usage
 
@@ -53,7 +53,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
     usage = hbm_usage(r, routing.placement.slots_per_rank)
     check_fits(r, usage, routing.placement.slots_per_rank)
-    costs = RooflineCostModel(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
+    costs = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
     col = Collector(
         s.workload.steps,
         r.model.num_layers,
@@ -66,6 +66,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     counter = _count_events(engine)
     engine.run(progress)
     summary = summarize(r, col, usage, costs.source)
+    summary["cost_sources"] = dict(costs.sources)
     if engine.offload is not None:
         summary["offload"] = offload_summary(r, col, engine.offload.stats(s.workload.steps))
     return RunResult(r, summary, layers_table(col), col.events, col, counter())

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from moesim.cli import catalog
+from moesim.cli.calibrate import calibrate
 from moesim.cli.errors import reported
 from moesim.cli.trace import trace_app
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.profiles_app, name="profiles")
 app.add_typer(trace_app, name="trace")
+app.command(name="calibrate")(calibrate)
 
 SetOpt = Annotated[
     list[str] | None,

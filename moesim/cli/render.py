@@ -19,7 +19,9 @@ GiB = 1024**3
 
 
 @contextmanager
-def progress_bar(total: int, name: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(
+    total: int, name: str, verb: str = "simulating"
+) -> Iterator[Callable[[int, int], None]]:
     """A transient step progress bar on stderr; yields the ``progress(done, total)`` hook."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -33,7 +35,7 @@ def progress_bar(total: int, name: str) -> Iterator[Callable[[int, int], None]]:
         transient=True,
         disable=total < 5 or not console.is_terminal,
     ) as prog:
-        task = prog.add_task(f"simulating {name}", total=total)
+        task = prog.add_task(f"{verb} {name}", total=total)
         yield lambda done, _total: prog.update(task, completed=done)
 
 

@@ -82,6 +82,55 @@ class FabricSpec(_Frozen):
     spine_latency_s: float = Field(0, ge=0, description="Extra latency through the spine.")
 
 
+class ExpertCalibration(_Frozen):
+    """Measured expert-FFN time of one shape and dtype (see :mod:`moesim.calibration.fit`)."""
+
+    hidden: int = Field(gt=0, description="Model hidden size.")
+    width: int = Field(gt=0, description="Expert FFN width on one GPU (after tensor parallelism).")
+    matrices: int = Field(ge=2, le=3, description="Weight matrices per expert (3: gated).")
+    dtype: str = Field(description="Weight and compute dtype measured.")
+    tokens: list[float] = Field(min_length=2, description="Grid of tokens per expert, ascending.")
+    seconds: list[float] = Field(min_length=2, description="Fitted per-expert time at each point.")
+    overhead_s: float = Field(ge=0, description="Fixed cost of one grouped call, seconds.")
+    holdout_cases: int = Field(ge=0, description="Token distributions held out of the fit.")
+    holdout_max_abs_error: float = Field(
+        ge=0, description="Largest relative error of the fit on the held-out distributions."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ExpertCalibration:
+        if len(self.tokens) != len(self.seconds):
+            raise ValueError("tokens and seconds must have the same length")
+        if self.tokens[0] < 1 or any(
+            b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)
+        ):
+            raise ValueError("tokens must be ascending and >= 1")
+        if any(s < 0 for s in self.seconds):
+            raise ValueError("seconds must be >= 0")
+        return self
+
+
+class Calibration(_Frozen):
+    """What `moesim calibrate` measured, citing its raw measurement file."""
+
+    backend: str = Field(description="Backend that measured (cuda, torch, cpu).")
+    device: str = Field(description="Device the measurements were taken on.")
+    created: str = Field(description="UTC time of the measurements.")
+    measurements: str = Field(
+        min_length=1, description="Raw measurement file (JSON), relative to this profile."
+    )
+    experts: list[ExpertCalibration] = Field(description="Expert-FFN tables per shape and dtype.")
+
+    def table_for(
+        self, hidden: int, width: int, matrices: int, dtype: str
+    ) -> ExpertCalibration | None:
+        """The table for exactly this shape and dtype, or None."""
+        for t in self.experts:
+            if (t.hidden, t.width, t.matrices, t.dtype) == (hidden, width, matrices, dtype):
+                return t
+        return None
+
+
 class HardwareProfile(_Frozen):
     """A cluster building block: GPU, node and fabric facts, each figure with its source.
 
@@ -97,7 +146,7 @@ class HardwareProfile(_Frozen):
     gpu: GPUSpec
     node: NodeSpec
     fabric: FabricSpec
-    calibration: dict[str, Any] | None = Field(
+    calibration: Calibration | None = Field(
         None, description="Measured tables written by `moesim calibrate` (absent: roofline)."
     )
     sources: dict[str, str] = Field(description="Field path (or prefix) -> source of the figure.")

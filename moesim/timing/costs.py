@@ -2,7 +2,9 @@
 
 :class:`CostModel` is the interface the engine uses; :class:`RooflineCostModel` is the default
 (each kernel takes ``max(FLOPs / (peak * matmul_efficiency), bytes / (HBM * memory_efficiency))``
-plus a launch overhead). A calibrated, table-driven model plugs in behind the same interface.
+plus a launch overhead). :class:`CalibratedCostModel` replaces the expert FFN time with the
+table that ``moesim calibrate`` measured for this shape and dtype, falling back to the roofline
+where the profile has none; :func:`cost_model` picks and says which source each cost came from.
 
 Expert compute depends on the whole vector of tokens per expert, not only its sum: every expert
 with tokens reads its weights once (decode is weight-bandwidth bound), and experts without
@@ -11,7 +13,7 @@ tokens cost nothing.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +30,7 @@ class CostModel(Protocol):
     """Seconds of compute for the pieces of a layer; arrays broadcast over leading axes."""
 
     source: str
+    sources: dict[str, str]  # per kernel family (experts, gemm, attention): which model
 
     def experts(self, slot_tokens: np.ndarray) -> np.ndarray:
         """``[..., slots]`` tokens per local expert slot -> ``[...]`` seconds (forward)."""
@@ -57,6 +60,7 @@ class RooflineCostModel:
 
     def __init__(self, hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> None:
         self.model, self.tp = model, tp
+        self.sources = dict.fromkeys(("experts", "gemm", "attention"), "roofline")
         self.flops = hw.peak_flops(dtype) * hw.gpu.matmul_efficiency
         self.bw = hw.gpu.hbm_bandwidth_gb_per_s * 1e9 * hw.gpu.memory_efficiency
         self.launch = hw.gpu.kernel_launch_s
@@ -101,3 +105,59 @@ class RooflineCostModel:
             np.float64(kv_bytes + 2 * tokens * h * ACT_BYTES),
         )
         return float(proj + score + 4 * self.launch)
+
+
+class CalibratedCostModel(RooflineCostModel):
+    """Expert FFN time from a measured table (:class:`moesim.calibration.fit.ExpertTimeTable`):
+    ``T(v) = c + sum_i f(v_i)`` over the per-expert token vector; everything else is roofline.
+
+    Args:
+        hw: Hardware profile with a ``calibration`` table for the model's expert shape.
+        model: Model description.
+        dtype: Weight and compute dtype.
+        tp: Tensor-parallel degree (the table must be for the expert width divided by ``tp``).
+    """
+
+    def __init__(self, hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> None:
+        from moesim.calibration.fit import ExpertTimeTable
+
+        super().__init__(hw, model, dtype, tp)
+        table = expert_table(hw, model, dtype, tp)
+        if table is None:
+            raise ValueError("no calibration table for this expert shape and dtype")
+        self.table = ExpertTimeTable(
+            np.asarray(table.tokens), np.asarray(table.seconds), table.overhead_s
+        )
+        cal = hw.calibration
+        assert cal is not None
+        self.source = (
+            f"calibrated (experts: {cal.backend} on {cal.device}, {cal.measurements}; "
+            "other kernels: roofline)"
+        )
+        self.sources["experts"] = f"calibrated: {cal.measurements}"
+
+    def experts(self, slot_tokens: np.ndarray) -> np.ndarray:
+        return self.table.predict(slot_tokens)
+
+
+def expert_table(hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> Any:
+    """The profile's calibration table for ``model``'s expert shape on one GPU, or None."""
+    if hw.calibration is None:
+        return None
+    width = model.moe.expert_intermediate_size // tp
+    return hw.calibration.table_for(model.hidden_size, width, model.moe.matrices, dtype)
+
+
+def cost_model(hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> CostModel:
+    """The calibrated model where the profile has a table for this shape and dtype, else the
+    roofline (whose ``source`` then says why)."""
+    if expert_table(hw, model, dtype, tp) is not None:
+        return CalibratedCostModel(hw, model, dtype, tp)
+    roof = RooflineCostModel(hw, model, dtype, tp)
+    if hw.calibration is not None:
+        width = model.moe.expert_intermediate_size // tp
+        roof.source = (
+            f"roofline (profile calibrated, but not for hidden {model.hidden_size}, "
+            f"width {width}, {model.moe.matrices} matrices, {dtype})"
+        )
+    return roof

@@ -1,0 +1,147 @@
+"""``moesim calibrate``: measure a device, fit the expert-time tables, write a profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.errors import reported
+
+GPU_MAX_TOKENS = 16384
+CPU_MAX_TOKENS = 256
+
+
+def calibrate(
+    out: Annotated[
+        Path,
+        typer.Option(help="Profile to write, e.g. hardware_profiles/h100-sxm-calibrated.yaml."),
+    ],
+    profile: Annotated[
+        str, typer.Option(help="Base profile (name or path) whose datasheet figures are kept.")
+    ] = "h100-sxm",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Model whose expert shape to measure (repeatable; preset or config)."),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="cuda (bundled CUDA C++ microbenchmark, built with nvcc), torch (PyTorch, on "
+            "CUDA when present), or cpu (NumPy; the whole pipeline without a GPU)."
+        ),
+    ] = "cuda",
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Dtypes to measure (repeatable; default: bf16 and fp8 where the GPU "
+            "has fp8, fp32 on the CPU)."
+        ),
+    ] = None,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel split of the expert width.")] = 1,
+    experts: Annotated[int, typer.Option(help="Experts in each grouped call.")] = 8,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Largest tokens per expert (default {GPU_MAX_TOKENS} on a GPU, "
+            f"{CPU_MAX_TOKENS} on the CPU)."
+        ),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per case (median kept).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
+    copy_mib: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes of the memory-bandwidth copy, MiB (default 1024 on a GPU, 256 on the CPU)."
+        ),
+    ] = None,
+    results: Annotated[
+        Path, typer.Option(help="Folder for the raw measurements and their plot.")
+    ] = Path("results/calibration"),
+    seed: Annotated[int, typer.Option(help="Seed of the inputs and uneven token vectors.")] = 0,
+) -> None:
+    """Measure expert FFN times, memory, host-link and launch costs on this machine's device;
+    fit the calibrated cost model; write the raw file, a plot, and a profile citing them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moesim.calibration.backends import default_dtypes
+    from moesim.calibration.plan import make_plan, shapes_for
+    from moesim.calibration.run import HOLDOUT_TARGET
+    from moesim.calibration.run import calibrate as run_calibration
+    from moesim.cli.render import progress_bar
+    from moesim.errors import CalibrationError
+    from moesim.hardware.catalog import find_profile
+    from moesim.models.presets import resolve_model
+
+    with reported():
+        on_cpu = backend == "cpu" or (backend == "torch" and not _torch_cuda())
+        dtypes = dtype or default_dtypes(backend)
+        shapes = []
+        for name in model or ["mixtral-8x7b"]:
+            shapes += [s for s in shapes_for(resolve_model(name), tp, dtypes) if s not in shapes]
+        try:
+            plan = make_plan(
+                shapes,
+                experts,
+                max_tokens or (CPU_MAX_TOKENS if on_cpu else GPU_MAX_TOKENS),
+                seed=seed,
+                repeats=repeats,
+                warmup=warmup,
+                copy_bytes=(copy_mib or (256 if on_cpu else 1024)) << 20,
+            )
+        except ValueError as e:
+            raise CalibrationError(str(e)) from e
+        base = find_profile(profile)
+        with progress_bar(len(plan.cases), "cases", "measuring") as hook:
+            done = [0]
+
+            def tick(_label: str) -> None:
+                done[0] += 1
+                hook(done[0], len(plan.cases))
+
+            result = run_calibration(plan, backend, base, out, results, seed, tick)
+        doc = result.document
+        console = Console()
+        t = Table(title=f"calibration on {doc['device']} ({doc['backend']})")
+        t.add_column("shape", no_wrap=True)
+        for col in ("experts", "cases", "held out", "fit median", "held-out max", "check"):
+            t.add_column(col, no_wrap=True)
+        for row in result.summary_rows():
+            ok = row["holdout_max_abs_error"] <= HOLDOUT_TARGET
+            t.add_row(
+                row["shape"],
+                str(row["experts"]),
+                str(sum(1 for r in doc["expert_ffn"] if _key(r) == row["shape"])),
+                str(row["holdout_cases"]),
+                f"{row['fit_median_abs_error']:.1%}",
+                f"{row['holdout_max_abs_error']:.1%}",
+                "[green]within 10%[/]" if ok else "[red]over 10%[/]",
+            )
+        console.print(t)
+        console.print(f"memory copy: {doc['memory']['gb_per_s']:.1f} GB/s (read + written)")
+        link = doc["host_link"]
+        console.print(
+            "host link: "
+            + (
+                link["skipped"]
+                if "skipped" in link
+                else f"H2D {link['h2d_gb_per_s']:.1f} GB/s, D2H {link['d2h_gb_per_s']:.1f}"
+                f" GB/s, H2D during GEMM {link['h2d_during_gemm_gb_per_s']:.1f} GB/s"
+            )
+        )
+        console.print(f"launch overhead: {doc['launch']['seconds'] * 1e6:.2f} us")
+        console.print(f"wrote {result.raw_path}, {result.plot_path}, {result.profile_path}")
+
+
+def _key(r: dict) -> str:
+    return f"h{r['hidden']}-w{r['width']}-m{r['matrices']}-{r['dtype']}"
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

@@ -1,0 +1,82 @@
+"""The bundled CUDA microbenchmark compiles with nvcc against cuBLAS (CI has nvcc, no GPU), and
+its output is read into the raw measurement document."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moesim.calibration.cuda import build, find_toolchain, gpu_capability, parse_output, plan_text
+from moesim.calibration.plan import ExpertShape, make_plan
+from moesim.errors import CalibrationError
+
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH"
+)
+
+
+@needs_nvcc
+def test_moebench_compiles_and_links_for_hopper(tmp_path: Path) -> None:
+    binary = build("sm_90", out_dir=tmp_path)
+    assert binary.is_file() and binary.stat().st_size > 100_000
+    assert build("sm_90", out_dir=tmp_path) == binary  # cached
+    if gpu_capability() is None:
+        # no GPU here: the first CUDA call's status is checked and reported, not ignored
+        out = subprocess.run([str(binary)], input="run\n", capture_output=True, text=True)
+        assert out.returncode == 3
+        assert "moebench: cudaGetDeviceProperties" in out.stderr
+
+
+@needs_nvcc
+def test_toolchain_finds_cublas() -> None:
+    tools = find_toolchain()
+    assert (tools.include / "cublasLt.h").is_file()
+    assert tools.cublaslt.name.startswith("libcublasLt.so")
+
+
+def test_plan_text_and_output_parsing_round_trip() -> None:
+    plan = make_plan([ExpertShape(64, 128, 3, "bf16")], 2, 4, repeats=3)
+    text = plan_text(plan)
+    assert text.splitlines()[0] == "repeats 3" and text.endswith("run\n")
+    assert len([x for x in text.splitlines() if x.startswith("case ")]) == len(plan.cases)
+    lines = [json.dumps({"device": "NVIDIA H100 80GB HBM3", "capability": [9, 0]})]
+    lines += [
+        json.dumps(
+            {
+                "case": i,
+                "sets": 2,
+                "check_rel_error": 3e-3,
+                "samples": [1e-5 * (1 + i), 1.1e-5 * (1 + i), 0.9e-5 * (1 + i)],
+            }
+        )
+        for i in range(len(plan.cases))
+    ]
+    lines += [
+        json.dumps({"memory": {"bytes": 2 << 30, "samples": [1e-3, 0.7e-3, 0.8e-3]}}),
+        json.dumps(
+            {
+                "host_link": {
+                    "bytes": 1 << 28,
+                    "h2d_samples": [5e-3],
+                    "d2h_samples": [5e-3],
+                    "h2d_during_gemm_samples": [6e-3],
+                }
+            }
+        ),
+        json.dumps({"launch": {"samples": [2e-6, 3e-6, 2.5e-6]}}),
+        json.dumps({"peer": {"skipped": "1 CUDA device(s)"}}),
+    ]
+    doc = parse_output(lines, plan)
+    assert doc["device"] == "NVIDIA H100 80GB HBM3"
+    assert doc["memory"]["gb_per_s"] == pytest.approx((2 << 30) / 0.8e-3 / 1e9)
+    assert doc["launch"]["seconds"] == 2.5e-6
+    assert doc["expert_ffn"][1]["seconds"] == pytest.approx(2e-5)
+    with pytest.raises(CalibrationError, match="incomplete"):
+        parse_output(lines[:-2], plan)
+    bad = [lines[0], json.dumps({"case": 0, "sets": 2, "check_rel_error": 0.5, "samples": [1]})]
+    with pytest.raises(CalibrationError, match="refusing to time a wrong result"):
+        parse_output(bad, plan)

@@ -1,0 +1,176 @@
+"""``moesim calibrate --backend cpu`` end to end, and a scenario run on the profile it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from moesim.calibration.fit import ExpertTimeTable
+from moesim.cli.app import app
+from moesim.config.loading import load_scenario
+from moesim.hardware.catalog import load_profile
+from moesim.runner import simulate
+from moesim.timing.costs import CalibratedCostModel, RooflineCostModel, cost_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cal")
+    model = tmp / "tiny-moe.yaml"
+    from tests.calibration.conftest import TINY_MODEL
+
+    model.write_text(TINY_MODEL, encoding="utf-8")
+    out = tmp / "profiles" / "tiny-cpu.yaml"
+    args = [
+        "calibrate",
+        "--backend",
+        "cpu",
+        "--profile",
+        "h100-sxm",
+        "--model",
+        str(model),
+        "--max-tokens",
+        "64",
+        "--repeats",
+        "5",
+        "--copy-mib",
+        "32",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp / "results"),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "held-out" in res.output and "memory copy" in res.output
+    return out, model
+
+
+def test_cpu_calibration_writes_raw_data_plot_and_a_profile_citing_them(
+    calibrated: tuple[Path, Path],
+) -> None:
+    out, _ = calibrated
+    prof = load_profile(str(out))
+    assert prof.calibration is not None and prof.calibration.backend == "cpu"
+    raw = (out.parent / prof.calibration.measurements).resolve()
+    assert raw.is_file() and raw.with_suffix(".html").is_file()
+    doc = json.loads(raw.read_text())
+    assert doc["format"] == "moesim-calibration/1"
+    assert doc["host_link"] == {"skipped": "the cpu backend has no device-host link"}
+    (fit,) = doc["fit"].values()
+    table = prof.calibration.experts[0]
+    assert (table.hidden, table.width, table.matrices, table.dtype) == (256, 512, 3, "fp32")
+    assert table.holdout_cases == fit["holdout_cases"] >= 1
+    # every case was checked against float64 before it was timed; inputs were random
+    assert all(r["check_rel_error"] < 1e-4 for r in doc["expert_ffn"])
+    assert all(len(r["samples"]) == 5 for r in doc["expert_ffn"])
+    # measured figures cite the raw file; the rest keep the base profile's sources
+    assert str(prof.calibration.measurements) in prof.sources["gpu.memory_efficiency"]
+    assert prof.gpu.memory_efficiency == pytest.approx(
+        doc["memory"]["gb_per_s"] / prof.gpu.hbm_bandwidth_gb_per_s, rel=1e-3
+    )
+    assert (
+        prof.sources["node.nic_gb_per_s"] == load_profile("h100-sxm").sources["node.nic_gb_per_s"]
+    )
+
+
+def test_a_scenario_on_the_calibrated_profile_uses_the_tables(
+    calibrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out, model = calibrated
+    scen = tmp_path / "s.yaml"
+    scen.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-cal",
+                "model": str(model),
+                "hardware": str(out),
+                "cluster": {"nodes": 1},
+                "parallelism": {"ep": 8, "tp": 1, "dp": 1},
+                "workload": {
+                    "mode": "decode",
+                    "batch_size": 64,
+                    "context_len": 128,
+                    "steps": 2,
+                    "dtype": "fp32",
+                },
+                "policies": {"capacity": {"type": "dropless"}},
+            }
+        )
+    )
+    r = load_scenario(scen)
+    costs = cost_model(r.hardware, r.model, "fp32", 1)
+    assert isinstance(costs, CalibratedCostModel)
+    t = r.hardware.calibration.experts[0]  # type: ignore[union-attr]
+    table = ExpertTimeTable(np.array(t.tokens), np.array(t.seconds), t.overhead_s)
+    v = np.array([[3, 0, 17, 1], [0, 0, 0, 0]])
+    assert costs.experts(v).tolist() == table.predict(v).tolist()
+    summary = simulate(r).summary
+    assert summary["cost_sources"]["experts"].startswith("calibrated: ")
+    assert summary["cost_sources"]["attention"] == "roofline"
+    # another dtype has no table: the roofline, and the summary says why
+    other = cost_model(r.hardware, r.model, "bf16", 1)
+    assert isinstance(other, RooflineCostModel) and not isinstance(other, CalibratedCostModel)
+    assert "not for hidden 256" in other.source
+
+
+def test_calibrate_never_overwrites_and_rejects_what_the_cpu_cannot_measure(
+    calibrated: tuple[Path, Path],
+) -> None:
+    out, model = calibrated
+    res = CliRunner().invoke(
+        app, ["calibrate", "--backend", "cpu", "--model", str(model), "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "never overwrites" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--backend",
+            "cpu",
+            "--model",
+            str(model),
+            "--dtype",
+            "bf16",
+            "--out",
+            str(out.with_name("x.yaml")),
+        ],
+    )
+    assert res.exit_code == 2 and "fp32 only" in res.output
+    assert not out.with_name("x.yaml").exists()
+
+
+def test_a_profile_calibration_table_must_be_well_formed(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "hardware_profiles" / "h100-sxm.yaml").read_text())
+    data["calibration"] = {
+        "backend": "cpu",
+        "device": "x",
+        "created": "now",
+        "measurements": "m.json",
+        "experts": [
+            {
+                "hidden": 8,
+                "width": 8,
+                "matrices": 3,
+                "dtype": "fp32",
+                "tokens": [4, 2],
+                "seconds": [1e-6, 2e-6],
+                "overhead_s": 0,
+                "holdout_cases": 1,
+                "holdout_max_abs_error": 0.01,
+            }
+        ],
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    from moesim.errors import ConfigError, ConfigErrors
+
+    with pytest.raises((ConfigError, ConfigErrors), match="ascending"):
+        load_profile(str(path))
