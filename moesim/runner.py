@@ -14,6 +14,7 @@ import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
 from moesim.metrics.collector import Collector
+from moesim.metrics.links import links_summary, links_table
 from moesim.metrics.summary import layers_table, offload_summary, summarize
 from moesim.routing.stage import RoutingStage
 from moesim.timing.costs import cost_model
@@ -32,6 +33,7 @@ class RunResult:
         timeline: Chrome-trace events of the first steps.
         collector: The raw arrays.
         events_processed: SimPy events processed (for benchmarks).
+        links: The ``links.parquet`` table (:mod:`moesim.metrics.links`).
     """
 
     resolved: ResolvedScenario
@@ -40,6 +42,7 @@ class RunResult:
     timeline: list[dict[str, Any]]
     collector: Collector
     events_processed: int
+    links: pd.DataFrame | None = None
 
 
 def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResult:
@@ -67,9 +70,11 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     engine.run(progress)
     summary = summarize(r, col, usage, costs.source)
     summary["cost_sources"] = dict(costs.sources)
+    links = links_table(engine.topology, engine.net.records)
+    summary["links"] = links_summary(links, s.workload.steps)
     if engine.offload is not None:
         summary["offload"] = offload_summary(r, col, engine.offload.stats(s.workload.steps))
-    return RunResult(r, summary, layers_table(col), col.events, col, counter())
+    return RunResult(r, summary, layers_table(col), col.events, col, counter(), links)
 
 
 def _count_events(engine: Engine) -> Any:

@@ -141,9 +141,34 @@ def html_page(title: str, intro: str, figs: list[Any], footer: str = "") -> str:
     )
 
 
+def links_figure(result: RunResult) -> Any | None:
+    """Busiest link of each kind in every collective phase: utilisation against time."""
+    table = result.links
+    if table is None or table.empty:
+        return None
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    peak = table.groupby(["kind", "phase"], observed=True).agg(
+        start_s=("start_s", "first"), utilisation=("utilisation", "max")
+    )
+    for kind, g in peak.groupby(level="kind", observed=True):
+        fig.add_scatter(x=g["start_s"] * 1e3, y=g["utilisation"], mode="markers", name=str(kind))
+    fig.update_layout(
+        title="Busiest link per kind in each collective phase (bytes / capacity / phase span)",
+        xaxis_title="phase start (ms)",
+        yaxis_title="utilisation",
+        height=380,
+    )
+    return fig
+
+
 def write_report(result: RunResult, path: Path) -> None:
     """Write the report to ``path`` as one HTML file with plotly.js inlined."""
     figs = [timeline_figure(result), breakdown_figure(result), tokens_figure(result)]
+    links = links_figure(result)
+    if links is not None:
+        figs.append(links)
     drops = drops_by_position_figure({result.resolved.scenario.name: result.summary})
     if drops is not None:
         figs.append(drops)

@@ -5,6 +5,8 @@ Layout of ``results/<scenario>/<run-id>/``:
 - ``scenario.yaml``: the resolved scenario (after ``--set`` overrides), plus model and hardware;
 - ``summary.json``: see :mod:`moesim.metrics.summary`;
 - ``layers.parquet``: one row per (step, layer, gpu);
+- ``links.parquet``: one row per (collective phase, link with traffic): bytes and utilisation
+  (:mod:`moesim.metrics.links`);
 - ``timeline.json``: Chrome trace events (open in https://ui.perfetto.dev or chrome://tracing);
 - ``report.html``: plotly report (timeline, per-layer breakdown, tokens per GPU).
 
@@ -89,6 +91,8 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
         (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")
         (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.layers.to_parquet(tmp / "layers.parquet", index=False)
+        if result.links is not None:
+            result.links.to_parquet(tmp / "links.parquet", index=False)
         trace = {"traceEvents": _trace_metadata(result) + result.timeline, "displayTimeUnit": "ms"}
         (tmp / "timeline.json").write_text(json.dumps(trace), encoding="utf-8")
         if r.scenario.output.report:

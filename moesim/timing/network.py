@@ -48,7 +48,20 @@ class _Transfer:
     pending: dict[int, int]
     finish: dict[int, float]
     on_done: DoneFn
+    start: float = 0.0
+    load: np.ndarray | None = None  # bytes per link
     signalled: set[int] = field(default_factory=set)
+
+
+@dataclass
+class LinkRecord:
+    """What one transfer put on the links: bytes per link (non-zero ones) between its start
+    and its last arrival."""
+
+    start: float
+    end: float
+    links: np.ndarray
+    nbytes: np.ndarray
 
 
 class FlowNetwork:
@@ -74,6 +87,7 @@ class FlowNetwork:
         self._next_tid = 0
         self._last = 0.0
         self._generation = 0
+        self.records: list[LinkRecord] = []
 
     def transfer(
         self, flows: Flows, gpus: np.ndarray, on_done: DoneFn, finish: np.ndarray | None = None
@@ -95,7 +109,9 @@ class FlowNetwork:
         pending = dict.fromkeys(gpus.tolist(), 0)
         for g in flows.src.tolist() + flows.dst.tolist():
             pending[g] = pending.get(g, 0) + 1
-        t = _Transfer(pending=pending, finish=dict.fromkeys(pending, now), on_done=on_done)
+        t = _Transfer(
+            pending=pending, finish=dict.fromkeys(pending, now), on_done=on_done, start=now
+        )
         self._transfers[tid] = t
         for g, c in pending.items():
             if c == 0:
@@ -106,6 +122,7 @@ class FlowNetwork:
         paths, lat, private = self.topology.route(flows.src, flows.dst, flows.via_nic)
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
+        t.load = self.link_load(flows, paths)
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             if finish is None:
@@ -129,15 +146,19 @@ class FlowNetwork:
         )
         self._reschedule()
 
-    def window(self, flows: Flows, paths: np.ndarray, lat: np.ndarray) -> float:
-        """The batching window of a transfer: ``tolerance`` times the seconds it needs at
-        least (its busiest link's bytes alone, plus the longest path latency)."""
+    def link_load(self, flows: Flows, paths: np.ndarray) -> np.ndarray:
+        """Bytes the flows put on each link."""
         live = paths >= 0
-        load = np.bincount(
+        return np.bincount(
             paths[live],
             weights=np.repeat(flows.nbytes, live.sum(axis=1)),
             minlength=self.topology.capacity.size,
         )
+
+    def window(self, flows: Flows, paths: np.ndarray, lat: np.ndarray) -> float:
+        """The batching window of a transfer: ``tolerance`` times the seconds it needs at
+        least (its busiest link's bytes alone, plus the longest path latency)."""
+        load = self.link_load(flows, paths)
         latency = float(lat.max())
         return self.tolerance * (float((load / self.topology.capacity).max()) + latency)
 
@@ -227,6 +248,10 @@ class FlowNetwork:
                 self._signal(t, g, self.env.now)
         if len(t.signalled) == len(t.pending):
             del self._transfers[tid]
+            if t.load is not None:
+                used = np.nonzero(t.load)[0]
+                end = max(t.finish.values())
+                self.records.append(LinkRecord(t.start, end, used, t.load[used]))
 
     def _signal(self, t: _Transfer, gpu: int, now: float) -> None:
         t.signalled.add(gpu)

@@ -27,6 +27,7 @@ def test_run_folder_has_every_file(result, tmp_path: Path) -> None:
         "scenario.yaml",
         "summary.json",
         "layers.parquet",
+        "links.parquet",
         "timeline.json",
         "report.html",
     }
@@ -46,6 +47,19 @@ def test_run_folder_has_every_file(result, tmp_path: Path) -> None:
         assert key in summary["breakdown_s"]
     table = pd.read_parquet(folder / "layers.parquet")
     assert len(table) == 2 * 32 * 8  # steps x layers x gpus
+    links = pd.read_parquet(folder / "links.parquet")
+    assert list(links.columns) == [
+        "phase",
+        "start_s",
+        "end_s",
+        "link",
+        "kind",
+        "bytes",
+        "utilisation",
+    ]
+    # the intra-node bytes of the summary are the NVLink bytes, counted once per flow
+    nvlink = links[links["kind"] == "nvlink"]["bytes"].sum() / 2 / 2  # up + down, 2 steps
+    assert nvlink == pytest.approx(summary["bytes_intra_node"], rel=1e-6)
     trace = json.loads((folder / "timeline.json").read_text())
     assert {e["ph"] for e in trace["traceEvents"]} == {"M", "X"}
     assert "plotly" in (folder / "report.html").read_text()[:5_000_000].lower()

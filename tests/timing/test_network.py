@@ -138,3 +138,27 @@ def test_nccl_tests_busbw_relation_on_uniform_all_to_all(per_gpu_mb: int) -> Non
     expected = link * (1 - p.node.nvlink_latency_s / done.max())  # latency is not bandwidth
     assert busbw == pytest.approx(expected, rel=1e-9)
     assert busbw / link > (0.99 if per_gpu_mb >= 512 else 0.95)
+
+
+def test_link_records_carry_every_byte_and_the_bottleneck_is_full() -> None:
+    from moesim.metrics.links import links_summary, links_table
+
+    topo = Topology(load_profile("h100-sxm"), 1)
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo, 0.0)
+    gpus = np.arange(8)
+    copies = np.full((8, 8), 1000)
+    flows = flows_of(copies, gpus, 8192.0)
+    net.transfer(flows, gpus, lambda g, t: None)
+    env.run()
+    table = links_table(topo, net.records)
+    # every flow crosses its sender's uplink and its receiver's downlink: twice its bytes
+    assert table["bytes"].sum() == pytest.approx(2 * flows.nbytes.sum())
+    assert set(table["kind"]) == {"nvlink"} and table["phase"].nunique() == 1
+    # uniform exchange: every link is the bottleneck, busy all the phase but the latency
+    lat = load_profile("h100-sxm").node.nvlink_latency_s
+    span = table["end_s"].iloc[0] - table["start_s"].iloc[0]
+    assert table["utilisation"].to_numpy() == pytest.approx(np.full(16, 1 - lat / span), rel=1e-6)
+    summary = links_summary(table, steps=1)
+    assert summary["by_kind"]["nvlink"]["bytes_per_step"] == pytest.approx(table["bytes"].sum())
+    assert summary["busiest_link"]["mean_utilisation"] <= 1.0
