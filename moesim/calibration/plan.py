@@ -39,6 +39,11 @@ class ExpertShape:
         return 2.0 * tokens * self.matrices * self.hidden * self.width
 
 
+def record_key(record: dict[str, Any]) -> str:
+    """The shape key of a raw measurement record (a case's JSON with its results)."""
+    return ExpertShape(record["hidden"], record["width"], record["matrices"], record["dtype"]).key
+
+
 @dataclass(frozen=True)
 class Case:
     """One measured call: ``counts[i]`` tokens to expert ``i``."""

@@ -23,7 +23,7 @@ import yaml
 
 from moesim.calibration.backends import Progress, get_backend
 from moesim.calibration.fit import ExpertTimeTable, fit_cases
-from moesim.calibration.plan import Plan
+from moesim.calibration.plan import Plan, record_key
 from moesim.errors import CalibrationError
 
 HOLDOUT_TARGET = 0.10
@@ -51,8 +51,7 @@ def fit_document(doc: dict[str, Any]) -> dict[str, ExpertTimeTable]:
     """Fit every shape of a raw document; the fits and their checks are added to it."""
     by_shape: dict[str, list[dict[str, Any]]] = {}
     for r in doc["expert_ffn"]:
-        key = f"h{r['hidden']}-w{r['width']}-m{r['matrices']}-{r['dtype']}"
-        by_shape.setdefault(key, []).append(r)
+        by_shape.setdefault(record_key(r), []).append(r)
     tables, fits = {}, {}
     for key, records in by_shape.items():
         table, check = fit_cases(records)
@@ -61,6 +60,7 @@ def fit_document(doc: dict[str, Any]) -> dict[str, ExpertTimeTable]:
         fits[key] = {
             **{k: first[k] for k in ("hidden", "width", "matrices", "dtype")},
             "experts": len(first["counts"]),
+            "cases": len(records),
             "tokens": table.tokens.tolist(),
             "seconds": table.seconds.tolist(),
             "overhead_s": table.overhead_s,
@@ -139,11 +139,7 @@ def plot_html(doc: dict[str, Any], tables: dict[str, ExpertTimeTable]) -> str:
 
     figs = []
     for key, table in tables.items():
-        records = [
-            r
-            for r in doc["expert_ffn"]
-            if f"h{r['hidden']}-w{r['width']}-m{r['matrices']}-{r['dtype']}" == key
-        ]
+        records = [r for r in doc["expert_ffn"] if record_key(r) == key]
         fig = make_subplots(
             rows=1,
             cols=2,

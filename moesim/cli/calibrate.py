@@ -113,7 +113,7 @@ def calibrate(
             t.add_row(
                 row["shape"],
                 str(row["experts"]),
-                str(sum(1 for r in doc["expert_ffn"] if _key(r) == row["shape"])),
+                str(row["cases"]),
                 str(row["holdout_cases"]),
                 f"{row['fit_median_abs_error']:.1%}",
                 f"{row['holdout_max_abs_error']:.1%}",
@@ -133,10 +133,6 @@ def calibrate(
         )
         console.print(f"launch overhead: {doc['launch']['seconds'] * 1e6:.2f} us")
         console.print(f"wrote {result.raw_path}, {result.plot_path}, {result.profile_path}")
-
-
-def _key(r: dict) -> str:
-    return f"h{r['hidden']}-w{r['width']}-m{r['matrices']}-{r['dtype']}"
 
 
 def _torch_cuda() -> bool:
