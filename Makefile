@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test bench lint install dev clean
+.PHONY: demo test bench bench-b4 lint install dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(DEVSTAMP)
 
 bench: $(DEVSTAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
+
+# B4 (issue 4): a 1,024-GPU all-to-all phase; about two minutes today (target 2 s).
+bench-b4: $(DEVSTAMP)
+	$(BIN)/python benchmarks/b4_alltoall.py --out benchmarks/b4.json
 
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check moesim tests benchmarks
