@@ -226,13 +226,11 @@ class TorchBackend:
         w1, w2, x = buf
         i = next(k for k, n in enumerate(case.counts) if n > 0)
         n = min(case.counts[i], 64)
-        start = sum(case.counts[:i]) if isinstance(got, torch.Tensor) else 0
-        out = got[start : start + n] if isinstance(got, torch.Tensor) else got[0][:n]
-        xs = (
-            x[i * rows : i * rows + n]
-            if not isinstance(got, torch.Tensor)
-            else x[start : start + n]
-        )
+        if isinstance(got, torch.Tensor):  # grouped: experts' rows packed one after another
+            start = sum(case.counts[:i])
+            out, xs = got[start : start + n], x[start : start + n]
+        else:  # loop: one output per busy expert; expert i's inputs start at row i * rows
+            out, xs = got[0][:n], x[i * rows : i * rows + n]
         x64 = xs.to(torch.float64).cpu().numpy()
         w164 = w1[i].to(torch.float64).cpu().numpy() * scales[0]
         w264 = w2[i].to(torch.float64).cpu().numpy() * scales[1]

@@ -13,13 +13,13 @@ tokens cost nothing.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from moesim.dtypes import ELEMENT_BYTES
-from moesim.hardware.profile import HardwareProfile
+from moesim.hardware.profile import Calibration, ExpertCalibration, HardwareProfile
 from moesim.models.spec import ModelSpec
 
 ACT_BYTES = 2.0  # activations are kept in bf16
@@ -112,24 +112,30 @@ class CalibratedCostModel(RooflineCostModel):
     ``T(v) = c + sum_i f(v_i)`` over the per-expert token vector; everything else is roofline.
 
     Args:
-        hw: Hardware profile with a ``calibration`` table for the model's expert shape.
+        hw: Hardware profile.
         model: Model description.
         dtype: Weight and compute dtype.
-        tp: Tensor-parallel degree (the table must be for the expert width divided by ``tp``).
+        tp: Tensor-parallel degree.
+        table: The profile's table for the model's expert shape on one GPU (width / ``tp``)
+            and ``dtype`` (:func:`cost_model` looks it up).
+        cal: The profile's calibration (cited in ``source``).
     """
 
-    def __init__(self, hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> None:
+    def __init__(
+        self,
+        hw: HardwareProfile,
+        model: ModelSpec,
+        dtype: str,
+        tp: int,
+        table: ExpertCalibration,
+        cal: Calibration,
+    ) -> None:
         from moesim.calibration.fit import ExpertTimeTable
 
         super().__init__(hw, model, dtype, tp)
-        table = expert_table(hw, model, dtype, tp)
-        if table is None:
-            raise ValueError("no calibration table for this expert shape and dtype")
         self.table = ExpertTimeTable(
             np.asarray(table.tokens), np.asarray(table.seconds), table.overhead_s
         )
-        cal = hw.calibration
-        assert cal is not None
         self.source = (
             f"calibrated (experts: {cal.backend} on {cal.device}, {cal.measurements}; "
             "other kernels: roofline)"
@@ -140,24 +146,19 @@ class CalibratedCostModel(RooflineCostModel):
         return self.table.predict(slot_tokens)
 
 
-def expert_table(hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> Any:
-    """The profile's calibration table for ``model``'s expert shape on one GPU, or None."""
-    if hw.calibration is None:
-        return None
-    width = model.moe.expert_intermediate_size // tp
-    return hw.calibration.table_for(model.hidden_size, width, model.moe.matrices, dtype)
-
-
 def cost_model(hw: HardwareProfile, model: ModelSpec, dtype: str, tp: int) -> CostModel:
     """The calibrated model where the profile has a table for this shape and dtype, else the
     roofline (whose ``source`` then says why)."""
-    if expert_table(hw, model, dtype, tp) is not None:
-        return CalibratedCostModel(hw, model, dtype, tp)
+    cal = hw.calibration
+    if cal is None:
+        return RooflineCostModel(hw, model, dtype, tp)
+    width = model.moe.expert_intermediate_size // tp
+    table = cal.table_for(model.hidden_size, width, model.moe.matrices, dtype)
+    if table is not None:
+        return CalibratedCostModel(hw, model, dtype, tp, table, cal)
     roof = RooflineCostModel(hw, model, dtype, tp)
-    if hw.calibration is not None:
-        width = model.moe.expert_intermediate_size // tp
-        roof.source = (
-            f"roofline (profile calibrated, but not for hidden {model.hidden_size}, "
-            f"width {width}, {model.moe.matrices} matrices, {dtype})"
-        )
+    roof.source = (
+        f"roofline (profile calibrated, but not for hidden {model.hidden_size}, "
+        f"width {width}, {model.moe.matrices} matrices, {dtype})"
+    )
     return roof

@@ -126,13 +126,13 @@ class FlowNetwork:
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             if finish is None:
-                window = self.window(flows, paths, lat)
+                window = self.window(t.load, lat)
                 (finish,) = batched_fluid_schedule(
                     self.topology.capacity, [paths], [nbytes], np.array([window])
                 )
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
-        window = self.window(flows, paths, lat)
+        window = self.window(t.load, lat)
         self._advance(now)
         self._append(
             paths=paths,
@@ -155,10 +155,10 @@ class FlowNetwork:
             minlength=self.topology.capacity.size,
         )
 
-    def window(self, flows: Flows, paths: np.ndarray, lat: np.ndarray) -> float:
-        """The batching window of a transfer: ``tolerance`` times the seconds it needs at
-        least (its busiest link's bytes alone, plus the longest path latency)."""
-        load = self.link_load(flows, paths)
+    def window(self, load: np.ndarray, lat: np.ndarray) -> float:
+        """The batching window of a transfer with ``load`` bytes per link (:meth:`link_load`):
+        ``tolerance`` times the seconds it needs at least (its busiest link's bytes alone, plus
+        the longest path latency)."""
         latency = float(lat.max())
         return self.tolerance * (float((load / self.topology.capacity).max()) + latency)
 
@@ -174,7 +174,7 @@ class FlowNetwork:
                 picked.append(i)
                 paths.append(p)
                 sizes.append(f.nbytes.astype(np.float64))
-                windows.append(self.window(f, p, lat))
+                windows.append(self.window(self.link_load(f, p), lat))
         out: list[np.ndarray | None] = [None] * len(transfers)
         if picked:
             finish = batched_fluid_schedule(self.topology.capacity, paths, sizes, np.array(windows))
