@@ -107,6 +107,26 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
                 "expert offload is simulated for inference (decode, prefill), not training",
             )
         )
+    if s.policies.overlap.micro_batches > 1:
+        seqs = w.batch_size // par.ep if w.batch_size % par.ep == 0 else 0
+        tokens = seqs * (1 if w.mode == "decode" else w.seq_len)
+        if tokens < 2:
+            problems.append(
+                ConfigError(
+                    f,
+                    "policies.overlap.micro_batches",
+                    f"two micro-batches need at least 2 tokens per EP rank; {w.mode} with "
+                    f"batch_size {w.batch_size} over ep {par.ep} gives {tokens}",
+                )
+            )
+        if s.policies.offload.type != "none":
+            problems.append(
+                ConfigError(
+                    f,
+                    "policies.overlap.micro_batches",
+                    "two-batch overlap is not simulated together with expert offload",
+                )
+            )
     redundant = s.policies.placement.redundant_experts
     if redundant and (m.moe.num_experts + redundant) % par.ep:
         problems.append(

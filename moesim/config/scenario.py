@@ -302,6 +302,15 @@ class Overlap(_Section):
         description="Compute the shared experts on the compute stream while the dispatch "
         "all-to-all is in flight (forward), instead of after the routed experts.",
     )
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="2: two-batch overlap (DeepSeek-V3 / SGLang TBO). Each step's sequences "
+        "split into two micro-batches with their own routing counts, capacity and "
+        "collectives; both walk the layers at once on one compute stream, so one's "
+        "all-to-all runs while the other computes.",
+    )
 
 
 class Policies(_Section):

@@ -73,11 +73,16 @@ class Collector:
         self.tokens_per_step = np.zeros(steps, dtype=np.int64)
 
     def on_phase(
-        self, step: int, layer: int, gpu: int, phase: str, start: float, end: float
+        self, step: int, layer: int, gpu: int, phase: str, start: float, end: float, mb: int = 0
     ) -> None:
-        """A GPU spent [start, end) seconds in ``phase`` of ``layer``."""
+        """A GPU spent [start, end) seconds in ``phase`` of ``layer`` of micro-batch ``mb``.
+
+        Timeline rows: one per GPU, and with two-batch overlap one more per GPU (``tid`` gpus +
+        gpu) for the second micro-batch, so the overlapping spans do not share a row.
+        """
         self.phase_s[step, layer, gpu, PHASE_INDEX[phase]] += end - start
         if step < self.timeline_steps and end > start:
+            args = {"step": step, "layer": layer} | ({"micro_batch": mb} if mb else {})
             self.events.append(
                 {
                     "name": phase,
@@ -86,8 +91,8 @@ class Collector:
                     "ts": start * 1e6,
                     "dur": (end - start) * 1e6,
                     "pid": gpu // self.gpn,
-                    "tid": gpu,
-                    "args": {"step": step, "layer": layer},
+                    "tid": gpu + mb * self.phase_s.shape[2],
+                    "args": args,
                 }
             )
 

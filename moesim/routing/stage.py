@@ -30,7 +30,9 @@ class StepRouting:
     Every array in a :class:`LayerCounts` has the MoE layers as its first axis.
     ``migration`` is ``[ranks, ranks]`` expert bytes (per tensor-parallel GPU) moved from rank
     ``s`` to rank ``d`` before the step when the placement changed, else None. ``aux_loss`` is
-    ``[moe_layers]`` the re-gating's load-balancing loss (None without re-gating).
+    ``[moe_layers]`` the re-gating's load-balancing loss (None without re-gating). With
+    two-batch overlap, ``micro`` holds each micro-batch's own routing (its tokens, counts and
+    capacity) and ``replicas`` their sums.
     """
 
     batch: TokenBatch
@@ -38,6 +40,7 @@ class StepRouting:
     migration: np.ndarray | None = None
     bins: int = 1
     aux_loss: np.ndarray | None = None
+    micro: tuple[StepRouting, ...] = ()
 
 
 COACTIVATION_TOKENS = 8192
@@ -93,6 +96,7 @@ class RoutingStage:
             seq_id=batch.seq_id.ravel(),
         )
         self.ema: np.ndarray | None = None
+        self.micro_batches = scenario.policies.overlap.micro_batches
 
     def _placement_input(self, loads: np.ndarray) -> PlacementInput:
         pcfg, moe = self.scenario.policies.placement, self.model.moe
@@ -181,15 +185,16 @@ class RoutingStage:
             per_layer = per_layer // self.model.moe.top_k * self.model.moe.num_experts
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
         self._aux: list[float] = []
-        w = self.scenario.workload
-        replicas = []
+        w, par = self.scenario.workload, self.scenario.parallelism
+        columns = micro_columns(batches[0], w.batch_size // par.ep, self.micro_batches)
+        replicas, micro = [], []
         for batch in batches:
             pos_bin = (
                 np.minimum(batch.position * self.bins // max(w.seq_len, 1), self.bins - 1)
                 if self.bins > 1
                 else None
             )
-            parts = []
+            parts: list[list[LayerCounts]] = [[] for _ in columns]
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
                 if self.gate is None:
@@ -203,27 +208,45 @@ class RoutingStage:
                         draw.experts, self.loads[layers], self.rule.reroute_depth, self.rng
                     )
                     draw = RoutingDraw(draw.experts, draw.weights, fallback)
-                parts.append(
-                    count_layers(
-                        draw,
-                        layers,
-                        self.placement,
-                        self.chooser,
-                        self.step_rule,
-                        self.rank_node,
-                        self.rng,
-                        pos_bin,
-                        self.bins,
+                for part, cols in zip(parts, columns, strict=True):
+                    part.append(
+                        count_layers(
+                            _take(draw, cols),
+                            layers,
+                            self.placement,
+                            self.chooser,
+                            self.step_rule,
+                            self.rank_node,
+                            self.rng,
+                            None if pos_bin is None else pos_bin[:, cols],
+                            self.bins,
+                        )
                     )
-                )
-            replicas.append(_concat(parts))
+            counts = [_concat(p) for p in parts]
+            micro.append(counts)
+            replicas.append(counts[0] if len(counts) == 1 else _add(counts))
         observed = np.sum([c.expert_routed for c in replicas], axis=0, dtype=np.float64)
         observed /= np.maximum(observed.sum(axis=1, keepdims=True), 1)
         decay = self.scenario.policies.placement.load_decay
         self.ema = observed if self.ema is None else decay * self.ema + (1 - decay) * observed
         aux = np.array(self._aux).reshape(len(batches), n_moe).mean(axis=0) if self._aux else None
+        sub: tuple[StepRouting, ...] = ()
+        if len(columns) > 1:
+            sub = tuple(
+                StepRouting(
+                    batch=TokenBatch(batches[0].seq_id[:, c], batches[0].position[:, c]),
+                    replicas=[m[i] for m in micro],
+                    bins=self.bins,
+                )
+                for i, c in enumerate(columns)
+            )
         return StepRouting(
-            batch=batches[0], replicas=replicas, migration=migration, bins=self.bins, aux_loss=aux
+            batch=batches[0],
+            replicas=replicas,
+            migration=migration,
+            bins=self.bins,
+            aux_loss=aux,
+            micro=sub,
         )
 
     def _regate(self, step: int, layers: np.ndarray, batch: TokenBatch) -> RoutingDraw:
@@ -272,6 +295,42 @@ def migration_bytes(
                 near = [r for r in holders if rank_node[r] == rank_node[d]]
                 out[(near or holders)[0], d] += expert_bytes
     return out
+
+
+def micro_columns(batch: TokenBatch, seqs_per_rank: int, count: int) -> list[np.ndarray]:
+    """Token columns of each of ``count`` micro-batches.
+
+    Sequences split into ``count`` groups (as SGLang's two-batch overlap splits requests); a
+    rank holding fewer sequences than micro-batches splits its tokens by position instead.
+    """
+    tokens = batch.tokens_per_rank
+    if count == 1:
+        return [np.arange(tokens)]
+    if seqs_per_rank >= count:
+        local = batch.seq_id[0] - batch.seq_id[0].min()
+        part = local * count // seqs_per_rank
+    else:
+        part = np.arange(tokens) * count // tokens
+    return [np.flatnonzero(part == i) for i in range(count)]
+
+
+def _take(draw: RoutingDraw, cols: np.ndarray) -> RoutingDraw:
+    """The draw of the tokens ``cols`` (all of them when ``cols`` covers every token)."""
+    if cols.size == draw.experts.shape[2]:
+        return draw
+    w, f = draw.weights, draw.fallback
+    return RoutingDraw(
+        draw.experts[:, :, cols],
+        None if w is None else w[:, :, cols],
+        None if f is None else f[:, :, cols],
+    )
+
+
+def _add(parts: list[LayerCounts]) -> LayerCounts:
+    """Counts of several micro-batches added up (every field is a count)."""
+    return LayerCounts(
+        **{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(LayerCounts)}
+    )
 
 
 def _concat(parts: list[LayerCounts]) -> LayerCounts:

@@ -4,7 +4,11 @@ Per layer, forward: attention -> (tp all-reduce) -> gate -> dispatch -> routed e
 shared experts -> combine -> (tp all-reduce) (with ``policies.overlap.shared_experts`` the
 shared experts are queued on the compute stream before the dispatch, so they run while it is in
 flight); a dense layer runs its FFN instead of the MoE
-block. Training then walks the layers backwards with every compute piece doubled and the two
+block. With two-batch overlap (``policies.overlap.micro_batches: 2``) each GPU runs one such
+walk per micro-batch at once: they share the GPU's in-order compute stream and the network,
+so one micro-batch's all-to-all proceeds while the other computes.
+
+Training then walks the layers backwards with every compute piece doubled and the two
 all-to-alls reversed. Steps are separated by a barrier (the next decode token, or the optimizer
 step, needs every GPU). Consecutive compute pieces go to the compute stream as one event; their
 individual spans are recorded arithmetically.
@@ -86,12 +90,15 @@ class Engine:
             routing = ahead[step] if ahead else self.routing.step(step)
             plan = make_plan(self.r, self.layout, self.costs, routing, step)
             self._record_routing(step, plan)
-            self._pre = self._precompute(plan)
+            micro = [
+                make_plan(self.r, self.layout, self.costs, m, step) for m in routing.micro
+            ] or [plan]
+            self._pre = self._precompute(micro, routing.migration)
             self._migrating = routing.migration is not None
             start = self.env.now
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
             yield self.env.all_of(
-                [self.env.process(self._gpu_step(g, step, plan)) for g in range(self.r.world)]
+                [self.env.process(self._gpu_step(g, step, micro)) for g in range(self.r.world)]
             )
             busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
             tokens = plan.tokens_per_rank * self.layout.ep * self.r.scenario.parallelism.dp
@@ -107,25 +114,29 @@ class Engine:
             else ("dispatch", "combine")
         )
 
-    def _precompute(self, plan: StepPlan) -> dict[tuple[Any, ...], tuple[Flows, Any]]:
-        """Flows of every collective of the step and, for isolated ones, their fluid
-        schedule, computed together (keys: (layer, phase, first GPU of the group))."""
+    def _precompute(
+        self, plans: list[StepPlan], migration: np.ndarray | None
+    ) -> dict[tuple[Any, ...], tuple[Flows, Any]]:
+        """Flows of every collective of the step (one plan per micro-batch) and, for isolated
+        ones, their fluid schedule, computed together (keys: (micro-batch, layer, phase,
+        first GPU of the group))."""
         keys: list[tuple[Any, ...]] = []
         flows: list[Flows] = []
         leaders = sorted({int(g[0]) for g in self.layout.ep_groups})
-        for layer, moe in self.moe_index.items():
-            for phase in self._phases():
-                for g in leaders:
-                    keys.append((layer, phase, g))
-                    flows.append(self.flows.alltoall(plan, moe, g, phase))
-        if plan.routing.migration is not None:
+        for mb, plan in enumerate(plans):
+            for layer, moe in self.moe_index.items():
+                for phase in self._phases():
+                    for g in leaders:
+                        keys.append((mb, layer, phase, g))
+                        flows.append(self.flows.alltoall(plan, moe, g, phase))
+            if self.layout.tp > 1:
+                for g in sorted({int(t[0]) for t in self.layout.tp_groups}):
+                    keys.append((mb, "tp", "tp_comm", g))
+                    flows.append(self.flows.tp_allreduce(plan, g))
+        if migration is not None:
             for g in leaders:
-                keys.append((0, "migrate", g))
-                flows.append(self.flows.migration(plan.routing.migration, g))
-        if self.layout.tp > 1:
-            for g in sorted({int(t[0]) for t in self.layout.tp_groups}):
-                keys.append(("tp", "tp_comm", g))
-                flows.append(self.flows.tp_allreduce(plan, g))
+                keys.append((0, 0, "migrate", g))
+                flows.append(self.flows.migration(migration, g))
         finish = self.net.plan_isolated(flows)
         return {k: (f, fin) for k, f, fin in zip(keys, flows, finish, strict=True)}
 
@@ -160,19 +171,31 @@ class Engine:
         ).mean(axis=0)
 
     # --- one GPU, one step ------------------------------------------------------------
-    def _gpu_step(self, g: int, step: int, plan: StepPlan) -> Generator[simpy.Event, Any, None]:
-        layers = range(self.r.model.num_layers)
-        train = self.r.scenario.workload.mode == "train"
+    def _gpu_step(
+        self, g: int, step: int, plans: list[StepPlan]
+    ) -> Generator[simpy.Event, Any, None]:
         if self._migrating:  # experts move to their new slots before the step
-            yield from self._comm(g, step, 0, "migrate")
+            yield from self._comm(g, step, 0, "migrate", 0)
+        if len(plans) == 1:
+            yield from self._walk(g, step, plans[0], 0)
+        else:  # two-batch overlap: the micro-batches share the GPU's streams
+            yield self.env.all_of(
+                [self.env.process(self._walk(g, step, p, mb)) for mb, p in enumerate(plans)]
+            )
+
+    def _walk(
+        self, g: int, step: int, plan: StepPlan, mb: int
+    ) -> Generator[simpy.Event, Any, None]:
+        """One micro-batch's pass over the layers (forward, then backward when training)."""
+        layers = range(self.r.model.num_layers)
         for layer in layers:
-            yield from self._layer(g, step, layer, plan, backward=False)
-        if train:
+            yield from self._layer(g, step, layer, plan, mb, backward=False)
+        if self.r.scenario.workload.mode == "train":
             for layer in reversed(layers):
-                yield from self._layer(g, step, layer, plan, backward=True)
+                yield from self._layer(g, step, layer, plan, mb, backward=True)
 
     def _layer(
-        self, g: int, step: int, layer: int, plan: StepPlan, backward: bool
+        self, g: int, step: int, layer: int, plan: StepPlan, mb: int, backward: bool
     ) -> Generator[simpy.Event, Any, None]:
         k = BACKWARD if backward else 1.0
         tp = self.layout.tp > 1
@@ -188,69 +211,71 @@ class Engine:
             ]
         if backward:  # mirror of the forward order
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm")
+                yield from self._comm(g, step, layer, "tp_comm", mb)
             if moe is None:
-                yield from self._compute(g, step, layer, mlp_compute)
+                yield from self._compute(g, step, layer, mlp_compute, mb)
             else:
-                yield from self._comm(g, step, layer, "combine_bwd")
-                yield from self._compute(g, step, layer, experts)
-                yield from self._comm(g, step, layer, "dispatch_bwd")
-                yield from self._compute(g, step, layer, pre)
+                yield from self._comm(g, step, layer, "combine_bwd", mb)
+                yield from self._compute(g, step, layer, experts, mb)
+                yield from self._comm(g, step, layer, "dispatch_bwd", mb)
+                yield from self._compute(g, step, layer, pre, mb)
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm")
-            yield from self._compute(g, step, layer, attn)
+                yield from self._comm(g, step, layer, "tp_comm", mb)
+            yield from self._compute(g, step, layer, attn, mb)
             return
         if moe is None:
-            yield from self._compute(g, step, layer, attn if tp else attn + mlp_compute)
+            yield from self._compute(g, step, layer, attn if tp else attn + mlp_compute, mb)
             if tp:
-                yield from self._comm(g, step, layer, "tp_comm")
-                yield from self._compute(g, step, layer, mlp_compute)
+                yield from self._comm(g, step, layer, "tp_comm", mb)
+                yield from self._compute(g, step, layer, mlp_compute, mb)
         else:
             if tp:
-                yield from self._compute(g, step, layer, attn)
-                yield from self._comm(g, step, layer, "tp_comm")
-            yield from self._compute(g, step, layer, pre if tp else attn + pre)
+                yield from self._compute(g, step, layer, attn, mb)
+                yield from self._comm(g, step, layer, "tp_comm", mb)
+            yield from self._compute(g, step, layer, pre if tp else attn + pre, mb)
             ready = None if self.offload is None else self.offload.issue(g, step, moe)
             if self.r.scenario.policies.overlap.shared_experts and plan.shared > 0:
                 # queue the shared experts now: they run while the dispatch is in flight
-                self._submit(g, step, layer, [experts.pop()])
-            yield from self._comm(g, step, layer, "dispatch")
+                self._submit(g, step, layer, [experts.pop()], mb)
+            yield from self._comm(g, step, layer, "dispatch", mb)
             if ready is not None:
                 arrive = self.env.now
                 yield ready
                 self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
-            yield from self._compute(g, step, layer, experts)
-            yield from self._comm(g, step, layer, "combine")
+            yield from self._compute(g, step, layer, experts, mb)
+            yield from self._comm(g, step, layer, "combine", mb)
         if tp:
-            yield from self._comm(g, step, layer, "tp_comm")
+            yield from self._comm(g, step, layer, "tp_comm", mb)
 
     def _submit(
-        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]]
+        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]], mb: int
     ) -> simpy.Event:
         """Queue ``pieces`` on ``g``'s compute stream; the event at their end."""
         start, done = self.gpus[g].compute.submit(sum(d for _, d in pieces))
         t = start
         for phase, d in pieces:
-            self.col.on_phase(step, layer, g, phase, t, t + d)
+            self.col.on_phase(step, layer, g, phase, t, t + d, mb)
             t += d
         return done
 
     def _compute(
-        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]]
+        self, g: int, step: int, layer: int, pieces: list[tuple[str, float]], mb: int
     ) -> Generator[simpy.Event, Any, None]:
-        yield self._submit(g, step, layer, pieces)
+        yield self._submit(g, step, layer, pieces, mb)
 
-    def _comm(self, g: int, step: int, layer: int, phase: str) -> Generator[simpy.Event, Any, None]:
+    def _comm(
+        self, g: int, step: int, layer: int, phase: str, mb: int
+    ) -> Generator[simpy.Event, Any, None]:
         arrive = self.env.now
         tp = phase == "tp_comm"
         members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
-        key = (step, layer, phase, int(members[0]))
-        pre = self._pre[("tp" if tp else layer, phase, int(members[0]))]
+        key = (step, mb, layer, phase, int(members[0]))
+        pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]
         ev = self._join(key, g, members, pre, step, layer)
         started = yield ev
         self.col.on_wait(step, g, started - arrive)
         name = "tp_comm" if phase == "tp_comm" else phase.removesuffix("_bwd")
-        self.col.on_phase(step, layer, g, name, arrive, self.env.now)
+        self.col.on_phase(step, layer, g, name, arrive, self.env.now, mb)
 
     def _join(
         self,

@@ -91,12 +91,13 @@ def make_plan(
     """Price one step's compute for every GPU."""
     m, w = r.model, r.scenario.workload
     batch = routing.batch
-    tokens, seqs = batch.tokens_per_rank, w.batch_size // layout.ep
+    tokens = batch.tokens_per_rank
+    seqs = int(np.unique(batch.seq_id[0]).size)  # a micro-batch holds part of them
     if w.mode == "decode":
         context = kv = float(w.context_len + step)
         kv_tokens = seqs * kv
-    else:
-        context, kv_tokens = w.seq_len / 2.0, 0.0
+    else:  # mean causal context of the batch's queries (seq_len/2 for whole sequences)
+        context, kv_tokens = float(batch.position[0].mean()) + 0.5, 0.0
     slot = np.stack([c.slot_tokens for c in routing.replicas])  # [dp, L, ep, S]
     per_gpu = slot[layout.replica, :, layout.rank, :]  # [world, L, S]
     per_gpu = np.moveaxis(per_gpu, 0, 1)  # [L, world, S]

@@ -77,6 +77,18 @@ BAD = [
         "unknown drop policy 'oldest'",
     ),
     ("bad skew", {"routing.skew": 9}, "routing.skew", "less than or equal to 4"),
+    (
+        "two micro-batches of one token",
+        {"workload.batch_size": 8, "policies.overlap.micro_batches": 2},
+        "policies.overlap.micro_batches",
+        "at least 2 tokens per EP rank",
+    ),
+    (
+        "three micro-batches",
+        {"policies.overlap.micro_batches": 3},
+        "policies.overlap.micro_batches",
+        "less than or equal to 2",
+    ),
 ]
 
 
