@@ -2,9 +2,10 @@
 
 Every isolated transfer of a step is known before the step runs (its flows follow from the
 routing), and the transfers never share a link. This module advances all of them together:
-each round runs one max-min progressive filling in which every transfer fills its own copy of
-the link set, then retires each transfer's earliest flow and those due within its window
-(the rule of the dynamic network, :mod:`moesim.timing.network`). One transfer alone is the
+each round computes the max-min rates of all of them at once (every transfer has its own copy
+of the link set, so they cannot disturb one another), then retires each transfer's earliest
+flow and those due within its window (the rule of the dynamic network,
+:mod:`moesim.timing.network`). One transfer alone is the
 same call with a list of one.
 """
 
@@ -12,49 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesim.timing.maxmin import SATURATED
-
-
-def _lockstep_rates(
-    cap: np.ndarray,
-    flow: np.ndarray,
-    link: np.ndarray,
-    tid: np.ndarray,
-    alive: np.ndarray,
-    n_links: int,
-) -> np.ndarray:
-    """Max-min rates of the alive flows, every transfer filling its own links.
-
-    Args:
-        cap: ``[transfers * n_links]`` capacity of each transfer's copy of each link.
-        flow / link: Incidence entries (flow index, link index in the copied link space).
-        tid: ``[flows]`` transfer of each flow.
-        alive: ``[flows]`` flows still sending.
-        n_links: Links of the topology.
-    """
-    transfers = cap.size // n_links
-    keep = alive[flow]
-    f, lk = flow[keep], link[keep]
-    remaining = cap.copy()
-    rate = np.zeros(alive.size)
-    frozen = ~alive
-    level = np.zeros(transfers)
-    while f.size:
-        count = np.bincount(lk, minlength=cap.size)
-        used = count > 0
-        share = np.full(cap.size, np.inf)
-        share[used] = remaining[used] / count[used]
-        step = share.reshape(transfers, n_links).min(axis=1)
-        step[~np.isfinite(step)] = 0.0
-        level += step
-        remaining -= np.repeat(step, n_links) * count
-        full = used & (remaining <= SATURATED * cap)
-        hit = f[full[lk]]
-        rate[hit] = level[tid[hit]]
-        frozen[hit] = True
-        live = ~frozen[f]
-        f, lk = f[live], lk[live]
-    return rate
+from moesim.timing.maxmin import max_min_rates
 
 
 def batched_fluid_schedule(
@@ -84,7 +43,11 @@ def batched_fluid_schedule(
     finish = np.zeros(rem.size)
     now = np.zeros(transfers)
     while alive.any():
-        rate = _lockstep_rates(cap, flow, link, tid, alive, n_links)
+        keep = alive[flow]
+        rate = np.zeros(rem.size)
+        rate[alive] = max_min_rates(
+            cap, np.cumsum(alive)[flow[keep]] - 1, link[keep], int(alive.sum())
+        )
         idx = np.nonzero(alive)[0]
         t = tid[idx]
         ends = now[t] + np.maximum(rem[idx], 0.0) / rate[idx]

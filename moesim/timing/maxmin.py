@@ -1,9 +1,18 @@
-"""Max-min fair rates of flows sharing links (progressive filling), on arrays.
+"""Max-min fair rates of flows sharing links, on arrays.
 
 Flows and links are given as a sparse incidence in coordinate form: entry ``i`` says flow
-``flow_of[i]`` crosses link ``link_of[i]``. All unfrozen flows grow at the same rate until some
-link is full; flows crossing a full link freeze at that rate; repeat. The result is the unique
-max-min fair allocation.
+``flow_of[i]`` crosses link ``link_of[i]``.
+
+Progressive filling grows every unfrozen flow at one rate until some link is full and freezes
+that link's flows; it needs one round per distinct rate (hundreds on a skewed 256-GPU
+all-to-all). This module freezes many links per round instead. A link's *share* is its
+remaining capacity over its unfrozen flows; shares never fall during the filling (a flow
+freezes at the smallest share, at most the share of every link it crosses). So a link whose
+share is no larger than the share of any link its unfrozen flows cross (a *local* bottleneck)
+is where those flows freeze, at that share, whatever happens elsewhere; every round freezes
+all local bottlenecks at once, and the global smallest share is always one of them. The
+result is the same unique max-min allocation; rounds are the depth of the bottleneck chain
+(a few) instead of the number of distinct rates.
 """
 
 from __future__ import annotations
@@ -11,10 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 SATURATED = 1e-9
+_TIE = 1e-12  # relative: shares this close are equal
 
 
 def max_min_rates(
-    capacity: np.ndarray, flow_of: np.ndarray, link_of: np.ndarray, n_flows: int
+    capacity: np.ndarray,
+    flow_of: np.ndarray,
+    link_of: np.ndarray,
+    n_flows: int,
+    tolerance: float = 0.0,
 ) -> np.ndarray:
     """Max-min fair rate of every flow.
 
@@ -27,25 +41,26 @@ def max_min_rates(
     Returns:
         ``[n_flows]`` float64 rates in bytes per second.
     """
-    links, link_idx = np.unique(link_of, return_inverse=True)
-    cap = capacity[links].astype(np.float64)
-    remaining = cap.copy()
+    links, lk = np.unique(link_of, return_inverse=True)
+    remaining = capacity[links].astype(np.float64)
+    count = np.bincount(lk, minlength=links.size).astype(np.float64)
     rate = np.zeros(n_flows)
-    frozen = np.zeros(n_flows, dtype=bool)
-    f = flow_of
-    level = 0.0
+    f = np.asarray(flow_of)
     while f.size:
-        count = np.bincount(link_idx, minlength=links.size)
-        used = count > 0
-        share = np.full(links.size, np.inf)
-        share[used] = remaining[used] / count[used]
-        step = share.min()
-        level += step
-        remaining -= step * count
-        full = used & (remaining <= SATURATED * cap)
-        hit = f[full[link_idx]]
-        rate[hit] = level
-        frozen[hit] = True
-        keep = ~frozen[f]
-        f, link_idx = f[keep], link_idx[keep]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(count > 0, np.maximum(remaining, 0.0) / count, np.inf)
+        entry_share = share[lk]
+        flow_min = np.full(n_flows, np.inf)
+        np.minimum.at(flow_min, f, entry_share)  # each flow's tightest link
+        link_min = np.full(links.size, np.inf)
+        np.minimum.at(link_min, lk, flow_min[f])  # tightest link any of its flows cross
+        local = share <= link_min * (1 + max(tolerance, _TIE))
+        hit = local[lk]
+        frozen = np.zeros(n_flows, dtype=bool)
+        frozen[f[hit]] = True
+        rate[frozen] = flow_min[frozen]
+        done = frozen[f]
+        remaining -= np.bincount(lk[done], weights=rate[f[done]], minlength=links.size)
+        count -= np.bincount(lk[done], minlength=links.size)
+        f, lk = f[~done], lk[~done]
     return rate
