@@ -73,6 +73,10 @@ class Exchange:
 
 AllToAllFn = Callable[[Exchange, float], Flows]
 ALL_TO_ALL: Registry[AllToAllFn] = Registry("all-to-all")
+SM_FREE = frozenset({"low_latency"})
+"""Algorithms whose transfers hold no SMs while in flight: DeepEP's low-latency kernels post
+RDMA writes and receive through a hook, "without occupying any SM resource" (DeepEP README);
+the others run copy kernels on the GPU's SMs (``gpu.comm_sms`` in the profile)."""
 
 
 def _pairs(counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float) -> Flows:

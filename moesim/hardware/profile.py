@@ -27,6 +27,12 @@ class GPUSpec(_Frozen):
     hbm_bytes: float = Field(gt=0, description="Device memory in bytes.")
     hbm_bandwidth_gb_per_s: float = Field(gt=0, description="Peak device memory bandwidth, GB/s.")
     sm_count: int = Field(gt=0, description="Streaming multiprocessors (compute units).")
+    comm_sms: int = Field(
+        0,
+        ge=0,
+        description="SMs that kernel-driven collectives (NCCL, DeepEP normal kernels) occupy "
+        "while in flight; compute overlapping them runs on the rest (0: not modelled).",
+    )
     kernel_launch_s: float = Field(ge=0, description="Fixed cost per kernel launch, seconds.")
     matmul_efficiency: float = Field(
         gt=0, le=1, description="Fraction of peak matrix FLOP/s that large GEMMs reach."
@@ -37,6 +43,19 @@ class GPUSpec(_Frozen):
     workspace_bytes: float = Field(
         ge=0, description="HBM reserved for the runtime, communication buffers and allocator."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> GPUSpec:
+        if self.comm_sms >= self.sm_count:
+            raise ValueError(
+                f"comm_sms ({self.comm_sms}) must leave SMs for compute (sm_count {self.sm_count})"
+            )
+        return self
+
+    @property
+    def comm_compute_rate(self) -> float:
+        """Compute speed while a kernel-driven collective holds ``comm_sms`` SMs."""
+        return (self.sm_count - self.comm_sms) / self.sm_count
 
 
 class NodeSpec(_Frozen):

@@ -52,6 +52,7 @@ class Collector:
         self.wait_s = np.zeros((steps, gpus))
         self.step_time_s = np.zeros(steps)
         self.compute_busy_s = np.zeros((steps, gpus))
+        self.sm_contention_s = np.zeros((steps, gpus))
         n_moe = len(moe_layers)
         self.moe_layers = moe_layers
         self.gpu_tokens = np.zeros((steps, n_moe, gpus), dtype=np.int64)
@@ -121,8 +122,18 @@ class Collector:
             src, weights=nbytes, minlength=self.bytes_out.shape[2]
         )
 
-    def on_step(self, step: int, seconds: float, compute_busy: np.ndarray, tokens: int) -> None:
-        """Step ``step`` took ``seconds``; ``compute_busy`` is ``[gpus]`` seconds of compute."""
+    def on_step(
+        self,
+        step: int,
+        seconds: float,
+        compute_busy: np.ndarray,
+        tokens: int,
+        sm_contention: np.ndarray | None = None,
+    ) -> None:
+        """Step ``step`` took ``seconds``; ``compute_busy`` is ``[gpus]`` seconds of compute,
+        ``sm_contention`` the part of it added by communication kernels holding SMs."""
         self.step_time_s[step] = seconds
         self.compute_busy_s[step] = compute_busy
+        if sm_contention is not None:
+            self.sm_contention_s[step] = sm_contention
         self.tokens_per_step[step] = tokens

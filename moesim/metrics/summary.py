@@ -7,7 +7,9 @@
 - ``breakdown_s``: seconds per step in attention, gate, dispatch, expert_compute,
   shared_expert, dense_ffn, combine, tp_comm; ``exposed_comm`` is the step time the compute
   stream is idle (communication not hidden, including waiting for peers); ``straggler_wait``
-  is the part spent waiting at collectives for the slowest GPU;
+  is the part spent waiting at collectives for the slowest GPU; ``sm_contention`` is the
+  compute time added by communication kernels holding ``gpu.comm_sms`` SMs while compute
+  overlaps them (two-batch or shared-expert overlap; included in the compute phases);
 - ``imbalance_max_over_mean``: tokens computed by the busiest EP rank over the mean, averaged
   over steps and MoE layers (``imbalance_worst`` is the largest);
 - ``drop_rate``: dropped / routed token-expert assignments; ``drop_rate_by_layer`` per MoE
@@ -54,6 +56,7 @@ def summarize(
     exposed = (col.step_time_s[:, None] - col.compute_busy_s - waits).mean()
     breakdown["exposed_comm"] = float(max(exposed, 0.0))
     breakdown["straggler_wait"] = float(col.wait_s.mean())
+    breakdown["sm_contention"] = float(col.sm_contention_s.mean())
     total_time = float(col.step_time_s.sum())
     routed = int(col.routed.sum())
     return {

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.comm.alltoall import Flows
+from moesim.comm.alltoall import SM_FREE, Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.hardware.topology import Topology
 from moesim.metrics.collector import Collector
 from moesim.routing.stage import RoutingStage, StepRouting
 from moesim.timing.costs import CostModel
-from moesim.timing.gpu import GPU
+from moesim.timing.gpu import GPU, SharedSMStream
 from moesim.timing.network import FlowNetwork
 from moesim.timing.offload import OffloadTiming
 from moesim.timing.plan import BACKWARD, FlowBuilder, Layout, StepPlan, make_plan
@@ -66,7 +66,13 @@ class Engine:
         self.layout = Layout.of(r)
         self.flows = FlowBuilder(r, self.layout)
         gpn = r.gpus_per_node
-        self.gpus = [GPU(self.env, g, g // gpn) for g in range(r.world)]
+        ov = r.scenario.policies.overlap
+        # compute meets communication kernels only when something overlaps them
+        rate = (
+            r.hardware.gpu.comm_compute_rate if ov.micro_batches > 1 or ov.shared_experts else 1.0
+        )
+        self.gpus = [GPU(self.env, g, g // gpn, rate) for g in range(r.world)]
+        self.a2a_uses_sms = r.scenario.policies.all_to_all.type not in SM_FREE
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
         self._migrating = False
         self.offload: OffloadTiming | None = None
@@ -97,12 +103,14 @@ class Engine:
             self._migrating = routing.migration is not None
             start = self.env.now
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
+            slow0 = np.array([_slowed(g) for g in self.gpus])
             yield self.env.all_of(
                 [self.env.process(self._gpu_step(g, step, micro)) for g in range(self.r.world)]
             )
             busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
+            slowed = np.array([_slowed(g) for g in self.gpus]) - slow0
             tokens = plan.tokens_per_rank * self.layout.ep * self.r.scenario.parallelism.dp
-            self.col.on_step(step, self.env.now - start, busy, tokens)
+            self.col.on_step(step, self.env.now - start, busy, tokens, slowed)
             if progress:
                 progress(step + 1, steps)
 
@@ -251,12 +259,11 @@ class Engine:
         self, g: int, step: int, layer: int, pieces: list[tuple[str, float]], mb: int
     ) -> simpy.Event:
         """Queue ``pieces`` on ``g``'s compute stream; the event at their end."""
-        start, done = self.gpus[g].compute.submit(sum(d for _, d in pieces))
-        t = start
-        for phase, d in pieces:
-            self.col.on_phase(step, layer, g, phase, t, t + d, mb)
-            t += d
-        return done
+
+        def span(phase: str, start: float, end: float) -> None:
+            self.col.on_phase(step, layer, g, phase, start, end, mb)
+
+        return self.gpus[g].compute.run(pieces, span)
 
     def _compute(
         self, g: int, step: int, layer: int, pieces: list[tuple[str, float]], mb: int
@@ -272,7 +279,12 @@ class Engine:
         key = (step, mb, layer, phase, int(members[0]))
         pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]
         ev = self._join(key, g, members, pre, step, layer)
+        sms = self.gpus[g].compute if tp or phase == "migrate" or self.a2a_uses_sms else None
+        if isinstance(sms, SharedSMStream):  # the collective's kernel holds SMs until it ends
+            sms.comm_started()
         started = yield ev
+        if isinstance(sms, SharedSMStream):
+            sms.comm_ended()
         self.col.on_wait(step, g, started - arrive)
         name = "tp_comm" if phase == "tp_comm" else phase.removesuffix("_bwd")
         self.col.on_phase(step, layer, g, name, arrive, self.env.now, mb)
@@ -302,3 +314,8 @@ class Engine:
 
             self.net.transfer(flows, members, done, finish)
         return ev
+
+
+def _slowed(gpu: GPU) -> float:
+    """Seconds ``gpu``'s compute has lost to communication kernels holding SMs so far."""
+    return gpu.compute.slowed_s if isinstance(gpu.compute, SharedSMStream) else 0.0
