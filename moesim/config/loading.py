@@ -127,6 +127,17 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
                     "two-batch overlap is not simulated together with expert offload",
                 )
             )
+    if s.policies.offload.type != "none" and s.policies.offload.miss == "cpu":
+        absent = [k for k in ("host_memory_gb_per_s", "host_tflops") if getattr(hw.node, k) is None]
+        if absent:
+            problems.append(
+                ConfigError(
+                    f,
+                    "policies.offload.miss",
+                    f"miss cpu runs experts on the host, but hardware profile {hw.name} has no "
+                    f"node.{' or node.'.join(absent)}",
+                )
+            )
     redundant = s.policies.placement.redundant_experts
     if redundant and (m.moe.num_experts + redundant) % par.ep:
         problems.append(

@@ -261,6 +261,12 @@ class Offload(_Section):
         description="Prefetch of the next layer's experts: none, affinity (from cross-layer "
         "affinity), oracle (the actual next layer: a bound).",
     )
+    miss: Literal["copy", "cpu"] = Field(
+        "copy",
+        description="An expert missing from HBM: copy (its weights over PCIe into the cache) or "
+        "cpu (run it on the host CPUs, as Fiddler does: only its tokens cross PCIe; the cache "
+        "then changes only by prefetch).",
+    )
 
     @field_validator("policy")
     @classmethod

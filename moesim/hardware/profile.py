@@ -82,6 +82,12 @@ class NodeSpec(_Frozen):
     )
     nic_efficiency: float = Field(1, gt=0, le=1, description="Reachable fraction of NIC rate.")
     host_memory_bytes: float = Field(gt=0, description="Host DRAM per node, bytes.")
+    host_memory_gb_per_s: float | None = Field(
+        None, gt=0, description="Host DRAM bandwidth per node, GB/s (CPU expert execution)."
+    )
+    host_tflops: float | None = Field(
+        None, gt=0, description="Host CPUs' peak FP32 TFLOP/s per node (CPU expert execution)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NodeSpec:

@@ -25,7 +25,9 @@
 - ``policies``: the scenario's policy settings (for comparisons);
 - ``offload`` (expert offload only): ``hit_rate`` of the HBM expert caches, demand and
   prefetch copies per step, ``prefetch_useful`` (fraction of prefetches used),
-  ``pcie_bytes_per_step``, ``stall_s`` (seconds per step a GPU waits for expert copies,
+  ``pcie_bytes_per_step`` (weights copied, or tokens sent to the host with ``miss: cpu``),
+  ``cpu_experts_per_step`` and ``cpu_s_per_step`` (missed experts run on the host CPUs),
+  ``stall_s`` (seconds per step a GPU waits for expert copies or host experts,
   ``offload_wait`` in the breakdown) and ``per_token_latency_s`` (decode: the step time).
 
 ``layers.parquet`` has one row per (step, layer, gpu) with the seconds of every phase and, for

@@ -88,7 +88,8 @@ class CacheRun:
 
     Attributes:
         hits / accesses: ``[T]`` int, needed experts found in HBM / needed in all.
-        demand: ``[T]`` int, experts copied on demand at ``t``.
+        demand: ``[T]`` int, experts copied on demand at ``t`` (0 without admission).
+        missed: ``missed[t]``: items needed at ``t`` and not in HBM, in access order.
         prefetch_used: ``[T]`` list of bool per prefetch copy issued at ``t`` for ``t + 1``,
             in issue order: whether ``t + 1`` used it.
     """
@@ -97,6 +98,7 @@ class CacheRun:
     accesses: np.ndarray
     demand: np.ndarray
     prefetch_used: list[list[bool]]
+    missed: list[list[int]]
 
 
 def simulate_cache(
@@ -104,6 +106,7 @@ def simulate_cache(
     prefetch: list[list[int]],
     capacity: int,
     policy: str,
+    admit: bool = True,
 ) -> CacheRun:
     """Run one cache over the access sequence.
 
@@ -112,6 +115,10 @@ def simulate_cache(
         prefetch: ``prefetch[t]``: items to copy at ``t`` for ``t + 1``, best first.
         capacity: Items the cache holds.
         policy: Eviction-policy registry name.
+        admit: Copy a missed item into the cache. False: misses run elsewhere (on the host
+            CPUs); the cache starts with the run's most used items, as Fiddler places the most
+            popular experts on the GPU from a profile of their use, and changes only by
+            prefetch.
 
     Raises:
         ValueError: one time needs more items than the cache holds.
@@ -126,6 +133,12 @@ def simulate_cache(
     n = len(needed)
     hits, accesses, demand = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     issued: list[list[int]] = [[] for _ in range(n)]
+    missed: list[list[int]] = [[] for _ in range(n)]
+
+    if not admit:
+        for i in sorted(uses, key=lambda i: (-len(uses[i]), i))[:capacity]:
+            cache.add(i)
+            st.last_use[i] = -1
 
     def insert(item: int, protected: set[int]) -> bool:
         if len(cache) >= capacity:
@@ -140,7 +153,7 @@ def simulate_cache(
     for t in range(n):
         st.now = t
         need = set(needed[t])
-        if len(need) > capacity:
+        if admit and len(need) > capacity:
             raise ValueError(
                 f"one MoE layer needs {len(need)} experts on a GPU but the offload cache holds "
                 f"{capacity}; raise policies.offload.cache_experts (or cache_gib)"
@@ -150,8 +163,10 @@ def simulate_cache(
             if i in cache:
                 hits[t] += 1
             else:
-                insert(i, need)
-                demand[t] += 1
+                missed[t].append(i)
+                if admit:
+                    insert(i, need)
+                    demand[t] += 1
             st.last_use[i] = t
             st.count[i] = st.count.get(i, 0) + 1
         protected = need | set(prefetch[t])
@@ -159,7 +174,7 @@ def simulate_cache(
             if i not in cache and insert(i, protected):
                 issued[t].append(i)
     used = [[i in set(needed[t + 1]) if t + 1 < n else False for i in issued[t]] for t in range(n)]
-    return CacheRun(hits=hits, accesses=accesses, demand=demand, prefetch_used=used)
+    return CacheRun(hits=hits, accesses=accesses, demand=demand, prefetch_used=used, missed=missed)
 
 
 def affinity_prefetch(loads: np.ndarray, transition: np.ndarray, slots: np.ndarray) -> list[int]:

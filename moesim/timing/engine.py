@@ -94,7 +94,8 @@ class Engine:
             )
         for step in range(steps):
             routing = ahead[step] if ahead else self.routing.step(step)
-            plan = make_plan(self.r, self.layout, self.costs, routing, step)
+            on_gpu = None if self.offload is None else self.offload.gpu_slots(step, self.r.world)
+            plan = make_plan(self.r, self.layout, self.costs, routing, step, on_gpu)
             self._record_routing(step, plan)
             micro = [
                 make_plan(self.r, self.layout, self.costs, m, step) for m in routing.micro
@@ -250,7 +251,12 @@ class Engine:
                 arrive = self.env.now
                 yield ready
                 self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
+            host = None if self.offload is None else self.offload.cpu(g, step, moe)
             yield from self._compute(g, step, layer, experts, mb)
+            if host is not None:  # the experts run on the CPUs come back
+                arrive = self.env.now
+                yield host
+                self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
             yield from self._comm(g, step, layer, "combine", mb)
         if tp:
             yield from self._comm(g, step, layer, "tp_comm", mb)

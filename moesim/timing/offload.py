@@ -9,6 +9,12 @@ expert compute waits for its demand copies and for the prefetched copies it uses
 (``offload_wait``). Copies go one at a time
 through the GPU's PCIe switch uplink to host memory (GPUs behind one switch share it) at the
 profile's PCIe rate times its efficiency, plus its latency.
+
+With ``miss: cpu`` a missing expert runs on the node's CPUs instead (Fiddler): its tokens go to
+the host and back over PCIe, and the CPUs take max(weight bytes / host memory bandwidth,
+FLOPs / host peak FLOP/s) per expert, one expert at a time per node, starting when the
+dispatch has delivered the tokens and overlapping the GPU's own experts; the GPU computes only
+the experts it holds. Host rates are the profile's peaks, so CPU times are lower bounds.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import simpy
 from moesim.config.loading import ResolvedScenario
 from moesim.policies.offload import CacheRun, affinity_prefetch, simulate_cache
 from moesim.routing.stage import RoutingStage, StepRouting
+from moesim.timing.costs import ACT_BYTES
 from moesim.timing.memory import cache_items, expert_bytes
 
 
@@ -57,7 +64,12 @@ class OffloadTiming:
         )
         self.gpus_per_switch = node.gpus_per_pcie_switch
         self.links: dict[int, simpy.PriorityResource] = {}
-        spr = stage.slots_per_rank
+        spr = self.spr = stage.slots_per_rank
+        self.on_cpu = off.miss == "cpu"
+        self.gpus_per_node = r.gpus_per_node
+        self.cpus: dict[int, simpy.Resource] = {}
+        self.cpu_s: dict[tuple[int, int], np.ndarray] = {}
+        self.activation_bytes = 0.0
         transition = None
         if off.prefetch == "affinity" and self.n_moe > 1:
             nxt = stage.coactivation()[1]
@@ -87,8 +99,70 @@ class OffloadTiming:
                             np.asarray(loads[t], dtype=np.float64), transition[m], nxt_slots
                         )
                         prefetch[t] = [(m + 1) * spr + s for s in picks]
-                self.runs[(rep, rk)] = simulate_cache(needed, prefetch, self.capacity, off.policy)
+                run = simulate_cache(
+                    needed, prefetch, self.capacity, off.policy, admit=not self.on_cpu
+                )
+                self.runs[(rep, rk)] = run
+                if self.on_cpu:
+                    tokens = [
+                        [int(sr.replicas[rep].slot_tokens[m, rk, i % spr]) for i in run.missed[t]]
+                        for t, (sr, m) in enumerate(
+                            (sr, m) for sr in routings for m in range(self.n_moe)
+                        )
+                    ]
+                    self.cpu_s[(rep, rk)] = np.array([self._cpu_seconds(r, n) for n in tokens])
+                    self.activation_bytes += sum(sum(n) for n in tokens) * self._token_bytes(r)
         self._pending: dict[tuple[int, int, int], simpy.Event | None] = {}
+
+    @staticmethod
+    def _token_bytes(r: ResolvedScenario) -> float:
+        """PCIe bytes one token takes to the host and back (bf16 activations)."""
+        return 2 * r.model.hidden_size * ACT_BYTES
+
+    def _cpu_seconds(self, r: ResolvedScenario, tokens: list[int]) -> float:
+        """Host seconds for the missed experts of one layer visit, ``tokens`` each."""
+        node, tp = r.hardware.node, r.scenario.parallelism.tp
+        assert node.host_memory_gb_per_s is not None and node.host_tflops is not None
+        pcie = node.pcie_gb_per_s * 1e9 * node.pcie_efficiency
+        total = 0.0
+        for n in tokens:
+            weights = self.bytes / (node.host_memory_gb_per_s * 1e9)
+            math = 2.0 * n * r.model.expert_params / tp / (node.host_tflops * 1e12)
+            total += max(weights, math) + n * self._token_bytes(r) / pcie + 2 * node.pcie_latency_s
+        return total
+
+    def gpu_slots(self, step: int, world: int) -> np.ndarray:
+        """``[moe_layers, world, slots]`` True where GPU ``g`` computes the slot itself (all of
+        them unless misses run on the CPUs)."""
+        mask = np.ones((self.n_moe, world, self.spr), dtype=bool)
+        if not self.on_cpu:
+            return mask
+        for g in range(world):
+            run = self.run_of(g)
+            for m in range(self.n_moe):
+                for item in run.missed[step * self.n_moe + m]:
+                    mask[m, g, item % self.spr] = False
+        return mask
+
+    def cpu(self, g: int, step: int, moe: int) -> simpy.Event | None:
+        """Run ``g``'s missed experts of MoE layer ``moe`` on its node's CPUs; the event at
+        their end (None when there are none)."""
+        if not self.on_cpu:
+            return None
+        key = (int(self.replica[g]), int(self.rank[g]))
+        seconds = float(self.cpu_s[key][step * self.n_moe + moe])
+        if seconds <= 0:
+            return None
+        node = g // self.gpus_per_node
+        if node not in self.cpus:
+            self.cpus[node] = simpy.Resource(self.env, 1)
+
+        def work() -> Generator[simpy.Event, Any, None]:
+            with self.cpus[node].request() as req:
+                yield req
+                yield self.env.timeout(seconds)
+
+        return self.env.process(work())
 
     def run_of(self, g: int) -> CacheRun:
         """The cache run of GPU ``g``'s EP rank."""
@@ -131,11 +205,15 @@ class OffloadTiming:
         useful = sum(sum(x) for r in self.runs.values() for x in r.prefetch_used)
         copies = demand + pre
         tp = len(self.replica) // max(len(self.runs), 1)
+        cpu = sum(len(m) for r in self.runs.values() for m in r.missed) if self.on_cpu else 0
+        pcie = copies * self.bytes * tp + self.activation_bytes * tp
         return {
             "cache_experts": self.capacity,
             "hit_rate": hits / acc if acc else 1.0,
             "demand_copies_per_step": demand / steps,
             "prefetch_copies_per_step": pre / steps,
             "prefetch_useful": useful / pre if pre else 0.0,
-            "pcie_bytes_per_step": copies * self.bytes * tp / steps,
+            "cpu_experts_per_step": cpu / steps,
+            "cpu_s_per_step": sum(float(c.sum()) for c in self.cpu_s.values()) / steps,
+            "pcie_bytes_per_step": pcie / steps,
         }

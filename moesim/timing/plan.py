@@ -86,9 +86,15 @@ class StepPlan:
 
 
 def make_plan(
-    r: ResolvedScenario, layout: Layout, costs: CostModel, routing: StepRouting, step: int
+    r: ResolvedScenario,
+    layout: Layout,
+    costs: CostModel,
+    routing: StepRouting,
+    step: int,
+    on_gpu: np.ndarray | None = None,
 ) -> StepPlan:
-    """Price one step's compute for every GPU."""
+    """Price one step's compute for every GPU (``on_gpu``: ``[L, world, slots]`` the slots a
+    GPU computes itself; the others run on the host CPUs)."""
     m, w = r.model, r.scenario.workload
     batch = routing.batch
     tokens = batch.tokens_per_rank
@@ -108,7 +114,7 @@ def make_plan(
         dense=float(costs.gemm(np.float64(tokens), m.dense_ffn_params))
         if m.dense_ffn_params
         else 0.0,
-        experts=costs.experts(per_gpu),
+        experts=costs.experts(per_gpu if on_gpu is None else per_gpu * on_gpu),
         gpu_tokens=per_gpu.sum(axis=-1),
         routing=routing,
         tokens_per_rank=tokens,

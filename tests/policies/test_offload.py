@@ -103,3 +103,51 @@ def test_offload_is_for_inference(write_scenario) -> None:
     )
     with pytest.raises(ConfigErrors, match="inference"):
         load_scenario(write_scenario(data))
+
+
+def test_without_admission_the_cache_holds_the_most_used_items() -> None:
+    needed = [[0, 1], [2, 0], [0, 3], [2, 4]]  # uses: 0 x3, 2 x2, then 1, 3, 4 once
+    run = simulate_cache(needed, [[] for _ in needed], capacity=2, policy="lru", admit=False)
+    assert run.missed == [[1], [], [3], [4]]
+    assert run.hits.tolist() == [1, 2, 1, 1]
+    assert run.demand.sum() == 0  # nothing is copied on a miss
+    # prefetches still fill (and evict from) the cache
+    pre = simulate_cache(needed, [[3], [], [], []], capacity=2, policy="lru", admit=False)
+    assert pre.missed == [[1], [2], [], [2, 4]]  # 3 replaced 2 (the only unprotected item)
+    assert pre.prefetch_used[0] == [False]  # fetched at t=0, not needed until t=2
+
+
+def test_cpu_execution_of_missed_experts_beats_copying_them() -> None:
+    # Fiddler's case: a decode token reads a 352 MB expert from host DRAM faster than it
+    # copies the expert over PCIe Gen4
+    path = SCENARIOS / "mixtral-8x7b-offload-1xrtx4090.yaml"
+    runs = {
+        m: simulate(load_scenario(path, [f"policies.offload.miss={m}", "workload.steps=4"]))
+        for m in ("copy", "cpu")
+    }
+    cpu, copy = runs["cpu"].summary, runs["copy"].summary
+    off = cpu["offload"]
+    assert off["demand_copies_per_step"] == 0 and off["cpu_experts_per_step"] > 0
+    r = runs["cpu"].resolved
+    node, m = r.hardware.node, r.model
+    # each missed expert streams its weights from host memory once
+    per_expert = m.expert_params * 2 / (node.host_memory_gb_per_s * 1e9)
+    assert off["cpu_s_per_step"] >= off["cpu_experts_per_step"] * per_expert
+    # only tokens cross PCIe: one token (batch 1) to the host and back per missed expert
+    token = 2 * m.hidden_size * 2
+    assert off["pcie_bytes_per_step"] == pytest.approx(off["cpu_experts_per_step"] * token)
+    assert off["stall_s"] > 0
+    assert cpu["breakdown_s"]["offload_wait"] == pytest.approx(off["stall_s"])
+    assert cpu["step_time_s"] < copy["step_time_s"]
+    assert cpu["step_time_s"] >= off["cpu_s_per_step"]  # one CPU, one token: serial
+
+
+def test_cpu_execution_needs_host_figures(write_scenario) -> None:
+    from moesim.errors import ConfigErrors
+    from tests.conftest import small_scenario
+
+    data = small_scenario(
+        **{"policies.offload": {"type": "cache", "cache_experts": 64, "miss": "cpu"}}
+    )
+    with pytest.raises(ConfigErrors, match=r"node\.host_memory_gb_per_s or node\.host_tflops"):
+        load_scenario(write_scenario(data))
