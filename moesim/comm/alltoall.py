@@ -153,3 +153,25 @@ def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
     per_pair = np.bincount(relay * ranks + d, weights=fwd[s, d], minlength=ranks * ranks)
     forward = _pairs(per_pair.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes)
     return _concat([local, rdma, forward])
+
+
+@ALL_TO_ALL.register("pxn")
+def pxn(ex: Exchange, token_bytes: float) -> Flows:
+    """NCCL's all-to-all with PXN (PCI x NVLink, on by default since NCCL 2.12 on
+    rail-optimised fabrics): a token for another node first crosses NVLink to the GPU of its
+    own node on the destination's rail, which sends what its node has for that destination in
+    one RDMA stream over its NIC; the inter-node traffic never leaves its rail. NVLink
+    transfers between one pair of GPUs (direct and relayed) form one flow."""
+    node = ex.rank_node
+    ranks = ex.copies.shape[0]
+    same = node[:, None] == node[None, :]
+    peer = rdma_peer(node)  # [ranks, nodes]: the rank of each node on a rank's rail
+    cross = np.where(same, 0, ex.copies)
+    s, d = np.nonzero(cross)
+    relay = peer[d, node[s]]  # in the source's node, on the destination's rail
+    nv = np.where(same, ex.copies, 0).astype(np.float64).ravel()
+    nv += np.bincount(s * ranks + relay, weights=cross[s, d], minlength=ranks * ranks)
+    nvlink = _pairs(nv.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    rdma = np.bincount(relay * ranks + d, weights=cross[s, d], minlength=ranks * ranks)
+    wire = _pairs(rdma.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    return _concat([nvlink, wire])

@@ -235,7 +235,11 @@ class Placement(_Section):
 class AllToAll(_Section):
     """The dispatch/combine communication algorithm."""
 
-    type: str = Field("direct", description="All-to-all algorithm (registry name).")
+    type: str = Field(
+        "direct",
+        description="All-to-all algorithm (registry name): direct, pxn, hierarchical, "
+        "low_latency, allgather.",
+    )
 
     @field_validator("type")
     @classmethod

@@ -121,6 +121,27 @@ def test_hierarchical_crosses_rdma_once_per_node() -> None:
     ]
 
 
+def test_pxn_relays_over_nvlink_to_the_destination_rail() -> None:
+    from moesim.comm.alltoall import Exchange, Flows, pxn
+
+    def rows(f: Flows) -> list[tuple[int, int, float]]:
+        return sorted(zip(f.src.tolist(), f.dst.tolist(), f.nbytes.tolist(), strict=True))
+
+    # 4 ranks on 2 nodes (GPUs 0, 1 | 8, 9). Rank 0 sends 10 tokens to rank 3 (GPU 9, rail 1)
+    # and 5 to rank 1 (its own node); rank 1 sends 7 to rank 3 (its own rail).
+    copies = np.zeros((4, 4), dtype=np.int64)
+    copies[0, 3], copies[0, 1], copies[1, 3] = 10, 5, 7
+    node_copies = np.zeros((4, 2), dtype=np.int64)
+    ex = Exchange(copies, node_copies, np.array([0, 1, 8, 9]), np.array([0, 0, 1, 1]), copies, 10)
+    f = pxn(ex, 1.0)
+    # rank 0's 10 tokens hop to GPU 1 (rail 1) in one NVLink flow with its 5 local tokens;
+    # GPU 1 sends its node's 17 tokens for GPU 9 in one RDMA stream, on rail 1
+    assert rows(f) == [(0, 1, 15.0), (1, 9, 17.0)]
+    inter = f.src // 8 != f.dst // 8
+    assert (f.src[inter] % 8 == f.dst[inter] % 8).all()
+    assert f.nbytes[inter].sum() == copies[:2, 2:].sum()
+
+
 def test_allgather_and_low_latency_volumes() -> None:
     from moesim.comm.alltoall import Exchange, allgather, low_latency
 
