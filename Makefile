@@ -31,7 +31,7 @@ test: $(DEVSTAMP)
 bench: $(DEVSTAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
 
-# B4 (issue 4): a 1,024-GPU all-to-all phase; about two minutes today (target 2 s).
+# B4 (issue 4): a 1,024-GPU all-to-all phase, pxn and direct (target 2 s; direct takes ~70 s).
 bench-b4: $(DEVSTAMP)
 	$(BIN)/python benchmarks/b4_alltoall.py --out benchmarks/b4.json
 
