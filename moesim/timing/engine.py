@@ -11,7 +11,8 @@ so one micro-batch's all-to-all proceeds while the other computes.
 Training then walks the layers backwards with every compute piece doubled and the two
 all-to-alls reversed. Steps are separated by a barrier (the next decode token, or the optimizer
 step, needs every GPU). Consecutive compute pieces go to the compute stream as one event; their
-individual spans are recorded arithmetically.
+individual spans are recorded arithmetically (or as they end, on a compute stream that
+communication kernels slow down: :class:`moesim.timing.gpu.SharedSMStream`).
 """
 
 from __future__ import annotations
@@ -247,19 +248,22 @@ class Engine:
                 # queue the shared experts now: they run while the dispatch is in flight
                 self._submit(g, step, layer, [experts.pop()], mb)
             yield from self._comm(g, step, layer, "dispatch", mb)
-            if ready is not None:
-                arrive = self.env.now
-                yield ready
-                self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
+            yield from self._offload_wait(g, step, layer, ready)
             host = None if self.offload is None else self.offload.cpu(g, step, moe)
             yield from self._compute(g, step, layer, experts, mb)
-            if host is not None:  # the experts run on the CPUs come back
-                arrive = self.env.now
-                yield host
-                self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
+            yield from self._offload_wait(g, step, layer, host)  # experts run on the CPUs
             yield from self._comm(g, step, layer, "combine", mb)
         if tp:
             yield from self._comm(g, step, layer, "tp_comm", mb)
+
+    def _offload_wait(
+        self, g: int, step: int, layer: int, ev: simpy.Event | None
+    ) -> Generator[simpy.Event, Any, None]:
+        """Wait for expert copies or host-run experts (``offload_wait``), if any."""
+        if ev is not None:
+            arrive = self.env.now
+            yield ev
+            self.col.on_phase(step, layer, g, "offload_wait", arrive, self.env.now)
 
     def _submit(
         self, g: int, step: int, layer: int, pieces: list[tuple[str, float]], mb: int

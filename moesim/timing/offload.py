@@ -131,12 +131,12 @@ class OffloadTiming:
             total += max(weights, math) + n * self._token_bytes(r) / pcie + 2 * node.pcie_latency_s
         return total
 
-    def gpu_slots(self, step: int, world: int) -> np.ndarray:
-        """``[moe_layers, world, slots]`` True where GPU ``g`` computes the slot itself (all of
-        them unless misses run on the CPUs)."""
-        mask = np.ones((self.n_moe, world, self.spr), dtype=bool)
+    def gpu_slots(self, step: int, world: int) -> np.ndarray | None:
+        """``[moe_layers, world, slots]`` True where GPU ``g`` computes the slot itself; None
+        when GPUs compute every slot (misses are copied, not run on the CPUs)."""
         if not self.on_cpu:
-            return mask
+            return None
+        mask = np.ones((self.n_moe, world, self.spr), dtype=bool)
         for g in range(world):
             run = self.run_of(g)
             for m in range(self.n_moe):
