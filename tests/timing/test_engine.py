@@ -219,14 +219,19 @@ def test_micro_batches_have_their_own_capacity(write_scenario) -> None:
     assert per_mb[0] == per_mb[1] == kept(one) // 2
 
 
-def test_two_batch_overlap_hides_communication(write_scenario) -> None:
-    # Qwen3 prefill over two nodes: the all-to-all crosses the NICs and dominates
-    base = {
+def _two_node_prefill(batch_size: int, seq_len: int) -> dict[str, Any]:
+    """Qwen3 prefill over two H100 nodes (EP16): the all-to-all crosses the NICs."""
+    return {
         "model": "qwen3-30b-a3b",
         "cluster.nodes": 2,
         "parallelism.ep": 16,
-        "workload": {"mode": "prefill", "batch_size": 32, "seq_len": 512, "steps": 1},
+        "workload": {"mode": "prefill", "batch_size": batch_size, "seq_len": seq_len, "steps": 1},
     }
+
+
+def test_two_batch_overlap_hides_communication(write_scenario) -> None:
+    # Qwen3 prefill over two nodes: the all-to-all crosses the NICs and dominates
+    base = _two_node_prefill(batch_size=32, seq_len=512)
     one = run(write_scenario, **base)
     two = run(write_scenario, **base, **{"policies.overlap.micro_batches": 2})
     b1, b2 = one.summary["breakdown_s"], two.summary["breakdown_s"]
@@ -284,12 +289,7 @@ def test_low_latency_kernels_leave_the_sms_to_compute(write_scenario) -> None:
 
 
 def test_pxn_keeps_inter_node_traffic_on_its_rail(write_scenario) -> None:
-    base = {
-        "model": "qwen3-30b-a3b",
-        "cluster.nodes": 2,
-        "parallelism.ep": 16,
-        "workload": {"mode": "prefill", "batch_size": 16, "seq_len": 256, "steps": 1},
-    }
+    base = _two_node_prefill(batch_size=16, seq_len=256)
     direct = run(write_scenario, **base).summary
     pxn = run(write_scenario, **base, **{"policies.all_to_all": {"type": "pxn"}}).summary
     # the same tokens cross nodes once either way
