@@ -19,16 +19,38 @@ needs_nvcc = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def moebench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("sm_90", out_dir=tmp_path_factory.mktemp("moebench"))
+
+
 @needs_nvcc
-def test_moebench_compiles_and_links_for_hopper(tmp_path: Path) -> None:
-    binary = build("sm_90", out_dir=tmp_path)
+def test_moebench_compiles_and_links_for_hopper(moebench: Path) -> None:
+    binary = moebench
     assert binary.is_file() and binary.stat().st_size > 100_000
-    assert build("sm_90", out_dir=tmp_path) == binary  # cached
+    assert build("sm_90", out_dir=binary.parent) == binary  # cached
     if gpu_capability() is None:
         # no GPU here: the first CUDA call's status is checked and reported, not ignored
         out = subprocess.run([str(binary)], input="run\n", capture_output=True, text=True)
         assert out.returncode == 3
         assert "moebench: cudaGetDeviceProperties" in out.stderr
+
+
+@needs_nvcc
+@pytest.mark.parametrize(
+    "line",
+    [
+        "case 0 64 128 3 bf16 2 0 0",
+        "case 0 64 128 3 bf16 -1",
+        "case 0 64 128 3 fp16 2 1 1",
+        "case 0 64 128 3 bf16 3 1 1",
+        "warp 9",
+    ],
+)
+def test_moebench_rejects_a_bad_plan_before_touching_the_gpu(moebench: Path, line: str) -> None:
+    out = subprocess.run([str(moebench)], input=f"{line}\nrun\n", capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith("moebench: ") and line.split()[0] in out.stderr
 
 
 @needs_nvcc

@@ -17,7 +17,11 @@
 // Before timing, the first rows of the first busy expert are checked against a float64
 // reference computed on the host from the same (quantised) inputs. Inputs are random (a hash),
 // never zeros; timings are CUDA events, medians taken by the caller over `repeats` samples,
-// each sample on the next of several rotating weight and input sets.
+// each sample on the next of several rotating weight and input sets. The experts' token rows lie
+// one after another in X (each expert's padded to 16); layouts and cuBLASLt algorithms are
+// chosen before timing, so the timed loop only launches. Every CUDA and cuBLAS status is
+// checked; exit codes: 2 bad plan, 3 CUDA error, 4 cuBLAS error, 5 no cuBLASLt algorithm,
+// 6 a copy's check failed, 7 a case does not fit in the GPU's free memory.
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -31,8 +35,10 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #define CUDA_OK(call)                                                                   \
@@ -118,52 +124,117 @@ struct Buffers {
   void *w1 = nullptr, *w2 = nullptr, *x = nullptr;
 };
 
+// Rows of one expert's slice of X: its token count padded to 16, so that every slice starts
+// aligned and fp8 GEMMs get the row multiple they need.
+int padded(int n) { return (n + kFp8Rows - 1) / kFp8Rows * kFp8Rows; }
+
 class ExpertFFN {
  public:
-  ExpertFFN(cublasLtHandle_t lt, const Case& c, int rows, void* workspace, size_t ws_bytes)
-      : lt_(lt), c_(c), rows_(rows), ws_(workspace), ws_bytes_(ws_bytes) {
+  ExpertFFN(cublasLtHandle_t lt, const Case& c, void* workspace, size_t ws_bytes)
+      : lt_(lt), c_(c), ws_(workspace), ws_bytes_(ws_bytes) {
     fp8_ = c.dtype == "fp8";
     esize_ = fp8_ ? 1 : 2;
     up_ = c.matrices == 3 ? 2 * c.width : c.width;
-    CUDA_OK(cudaMalloc(&h_, size_t(rows) * up_ * 2));
-    CUDA_OK(cudaMalloc(&a_, size_t(rows) * c.width * esize_));
-    CUDA_OK(cudaMalloc(&y_, size_t(rows) * c.hidden * 2));
+    for (int n : c.counts) {  // X holds the experts' token rows one after another
+      row_off_.push_back(rows_total_);
+      rows_total_ += size_t(padded(n));
+      rows_max_ = std::max(rows_max_, padded(n));
+    }
+    CUDA_OK(cudaMalloc(&h_, size_t(rows_max_) * up_ * 2));
+    CUDA_OK(cudaMalloc(&a_, size_t(rows_max_) * c.width * esize_));
+    CUDA_OK(cudaMalloc(&y_, size_t(rows_max_) * c.hidden * 2));
     CUDA_OK(cudaMalloc(&scales_, 3 * sizeof(float)));
-    // fp8 values are N(0,1)-like with per-tensor scales; bf16 values carry the scale.
+    // fp8 values are uniform in [-1.7, 1.7] with per-tensor scales; bf16 values carry the scale.
     float host_scales[3] = {1.0f, fp8_ ? 1.0f / std::sqrt(float(c.hidden)) : 1.0f,
                             fp8_ ? 1.0f / std::sqrt(float(c.width)) : 1.0f};
     CUDA_OK(cudaMemcpy(scales_, host_scales, sizeof(host_scales), cudaMemcpyHostToDevice));
-    BLAS_OK(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
-    BLAS_OK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
-    BLAS_OK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof(n)));
+    for (int which = 0; which < 2; ++which) {  // 0: up (gate+up) GEMM, 1: down GEMM
+      cublasLtMatmulDesc_t& d = desc_[which];
+      BLAS_OK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      BLAS_OK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
+      BLAS_OK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof(n)));
+      if (fp8_) {
+        float* a_scale = static_cast<float*>(scales_) + 1 + which;
+        float* b_scale = static_cast<float*>(scales_);
+        BLAS_OK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale,
+                                               sizeof(a_scale)));
+        BLAS_OK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale,
+                                               sizeof(b_scale)));
+      }
+    }
     BLAS_OK(cublasLtMatmulPreferenceCreate(&pref_));
     BLAS_OK(cublasLtMatmulPreferenceSetAttribute(
         pref_, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes_, sizeof(ws_bytes_)));
   }
+  ExpertFFN(const ExpertFFN&) = delete;
+  ExpertFFN& operator=(const ExpertFFN&) = delete;
   ~ExpertFFN() {
-    cublasLtMatmulPreferenceDestroy(pref_);
-    cublasLtMatmulDescDestroy(desc_);
-    cudaFree(h_);
-    cudaFree(a_);
-    cudaFree(y_);
-    cudaFree(scales_);
+    for (auto& [key, g] : gemms_) {
+      BLAS_OK(cublasLtMatrixLayoutDestroy(g.a));
+      BLAS_OK(cublasLtMatrixLayoutDestroy(g.b));
+      BLAS_OK(cublasLtMatrixLayoutDestroy(g.c));
+    }
+    BLAS_OK(cublasLtMatmulPreferenceDestroy(pref_));
+    for (auto& d : desc_) BLAS_OK(cublasLtMatmulDescDestroy(d));
+    CUDA_OK(cudaFree(h_));
+    CUDA_OK(cudaFree(a_));
+    CUDA_OK(cudaFree(y_));
+    CUDA_OK(cudaFree(scales_));
   }
 
-  size_t weight_bytes() const { return size_t(c_.experts) * (up_ + c_.width) * c_.hidden * esize_; }
-  size_t input_bytes() const { return size_t(c_.experts) * rows_ * c_.hidden * esize_; }
-  int up() const { return up_; }
+  size_t w1_elems() const { return size_t(c_.experts) * up_ * c_.hidden; }
+  size_t w2_elems() const { return size_t(c_.experts) * c_.hidden * c_.width; }
+  size_t x_elems() const { return rows_total_ * c_.hidden; }
+  size_t set_bytes() const { return (w1_elems() + w2_elems() + x_elems()) * esize_; }
+
+  // One set of random weights and inputs (a hash of `seed`, never zeros), on the device.
+  Buffers allocate(uint64_t seed) const {
+    Buffers b;
+    CUDA_OK(cudaMalloc(&b.w1, w1_elems() * esize_));
+    CUDA_OK(cudaMalloc(&b.w2, w2_elems() * esize_));
+    CUDA_OK(cudaMalloc(&b.x, x_elems() * esize_));
+    float s1 = fp8_ ? 1.0f : 1.0f / std::sqrt(float(c_.hidden));
+    float s2 = fp8_ ? 1.0f : 1.0f / std::sqrt(float(c_.width));
+    if (fp8_) {
+      fill(static_cast<__nv_fp8_e4m3*>(b.w1), w1_elems(), seed, 1.7f * s1);
+      fill(static_cast<__nv_fp8_e4m3*>(b.w2), w2_elems(), seed + 1, 1.7f * s2);
+      fill(static_cast<__nv_fp8_e4m3*>(b.x), x_elems(), seed + 2, 1.7f);
+    } else {
+      fill(static_cast<__nv_bfloat16*>(b.w1), w1_elems(), seed, 1.7f * s1);
+      fill(static_cast<__nv_bfloat16*>(b.w2), w2_elems(), seed + 1, 1.7f * s2);
+      fill(static_cast<__nv_bfloat16*>(b.x), x_elems(), seed + 2, 1.7f);
+    }
+    CUDA_OK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+    return b;
+  }
+  static void release(Buffers& b) {
+    CUDA_OK(cudaFree(b.w1));
+    CUDA_OK(cudaFree(b.w2));
+    CUDA_OK(cudaFree(b.x));
+  }
+
+  // Layouts and cuBLASLt algorithms of every GEMM the case runs, chosen before timing so
+  // that the timed calls only launch.
+  void prepare() {
+    for (int e = 0; e < c_.experts; ++e) {
+      if (c_.counts[e] == 0) continue;
+      int m = rows_for(c_.counts[e]);
+      gemm_for(0, up_, m, c_.hidden);
+      gemm_for(1, c_.hidden, m, c_.width);
+    }
+  }
 
   // One grouped call: every busy expert's up GEMM, activation, down GEMM.
   void run(const Buffers& b, cudaStream_t s) {
     for (int e = 0; e < c_.experts; ++e) {
       int n = c_.counts[e];
       if (n == 0) continue;
-      int m = fp8_ ? (n + kFp8Rows - 1) / kFp8Rows * kFp8Rows : n;
+      int m = rows_for(n);
       const char* w1 = static_cast<const char*>(b.w1) + size_t(e) * up_ * c_.hidden * esize_;
       const char* w2 = static_cast<const char*>(b.w2) + size_t(e) * c_.hidden * c_.width * esize_;
-      const char* x = static_cast<const char*>(b.x) + size_t(e) * rows_ * c_.hidden * esize_;
-      gemm(w1, x, h_, up_, m, c_.hidden, 1, s);
+      const char* x = static_cast<const char*>(b.x) + row_off_[e] * c_.hidden * esize_;
+      gemm(0, w1, x, h_, up_, m, c_.hidden, s);
       int blocks = int(std::min<size_t>(4096, (size_t(m) * c_.width + 255) / 256));
       if (fp8_) {
         activation<__nv_fp8_e4m3><<<blocks, 256, 0, s>>>(
@@ -175,12 +246,12 @@ class ExpertFFN {
             c_.matrices == 3);
       }
       LAUNCH_OK();
-      gemm(w2, a_, y_, c_.hidden, m, c_.width, 2, s);
+      gemm(1, w2, a_, y_, c_.hidden, m, c_.width, s);
     }
   }
 
-  // Last call's output rows of the last busy expert are in y_; the check runs the first
-  // busy expert alone and compares its first `rows` rows with a float64 host reference.
+  // Runs the first busy expert alone and compares its first `check_rows` output rows with a
+  // float64 host reference computed from the same (quantised) inputs.
   double check(const Buffers& b, cudaStream_t s, int check_rows) {
     int first = -1;
     for (int e = 0; e < c_.experts && first < 0; ++e)
@@ -194,7 +265,8 @@ class ExpertFFN {
     CUDA_OK(cudaStreamSynchronize(s));
     int r = std::min(check_rows, c_.counts[first]);
     int H = c_.hidden, W = c_.width;
-    std::vector<double> x = fetch(static_cast<const char*>(b.x) + size_t(first) * rows_ * H * esize_, size_t(r) * H);
+    const char* xs = static_cast<const char*>(b.x) + row_off_[first] * H * esize_;
+    std::vector<double> x = fetch(xs, size_t(r) * H);
     std::vector<double> w1 = fetch(static_cast<const char*>(b.w1) + size_t(first) * up_ * H * esize_, size_t(up_) * H);
     std::vector<double> w2 = fetch(static_cast<const char*>(b.w2) + size_t(first) * H * W * esize_, size_t(H) * W);
     std::vector<uint16_t> yraw(size_t(r) * H);
@@ -226,37 +298,43 @@ class ExpertFFN {
   }
 
  private:
+  struct Gemm {
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  int rows_for(int n) const { return fp8_ ? padded(n) : n; }
+
   // C[m_out x n_tok] (column-major, i.e. row-major [n_tok x m_out]) = A^T B, A = W [m_out x k]
   // row-major (column-major k x m_out, transposed), B = X row-major [n_tok x k].
-  void gemm(const void* w, const void* x, void* out, int m_out, int n_tok, int k, int which,
-            cudaStream_t s) {
+  const Gemm& gemm_for(int which, int m_out, int n_tok, int k) {
+    auto key = std::make_tuple(which, m_out, n_tok, k);
+    auto it = gemms_.find(key);
+    if (it != gemms_.end()) return it->second;
     cudaDataType_t in = fp8_ ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-    cublasLtMatrixLayout_t la, lb, lc;
-    BLAS_OK(cublasLtMatrixLayoutCreate(&la, in, k, m_out, k));
-    BLAS_OK(cublasLtMatrixLayoutCreate(&lb, in, k, n_tok, k));
-    BLAS_OK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, m_out, n_tok, m_out));
-    if (fp8_) {
-      float* a_scale = static_cast<float*>(scales_) + which;
-      float* b_scale = static_cast<float*>(scales_);
-      BLAS_OK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                                             &a_scale, sizeof(a_scale)));
-      BLAS_OK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                                             &b_scale, sizeof(b_scale)));
-    }
+    Gemm g;
+    BLAS_OK(cublasLtMatrixLayoutCreate(&g.a, in, k, m_out, k));
+    BLAS_OK(cublasLtMatrixLayoutCreate(&g.b, in, k, n_tok, k));
+    BLAS_OK(cublasLtMatrixLayoutCreate(&g.c, CUDA_R_16BF, m_out, n_tok, m_out));
     cublasLtMatmulHeuristicResult_t heur{};
     int found = 0;
-    BLAS_OK(cublasLtMatmulAlgoGetHeuristic(lt_, desc_, la, lb, lc, lc, pref_, 1, &heur, &found));
+    BLAS_OK(cublasLtMatmulAlgoGetHeuristic(lt_, desc_[which], g.a, g.b, g.c, g.c, pref_, 1, &heur,
+                                           &found));
     if (found == 0) {
       std::fprintf(stderr, "moebench: no cuBLASLt algorithm for %s %dx%dx%d\n", c_.dtype.c_str(),
                    m_out, n_tok, k);
       std::exit(5);
     }
+    g.algo = heur.algo;
+    return gemms_.emplace(key, g).first->second;
+  }
+
+  void gemm(int which, const void* w, const void* x, void* out, int m_out, int n_tok, int k,
+            cudaStream_t s) {
+    const Gemm& g = gemm_for(which, m_out, n_tok, k);
     float alpha = 1.0f, beta = 0.0f;
-    BLAS_OK(cublasLtMatmul(lt_, desc_, &alpha, w, la, x, lb, &beta, out, lc, out, lc, &heur.algo,
-                           ws_, ws_bytes_, s));
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(lc);
+    BLAS_OK(cublasLtMatmul(lt_, desc_[which], &alpha, w, g.a, x, g.b, &beta, out, g.c, out, g.c,
+                           &g.algo, ws_, ws_bytes_, s));
   }
 
   std::vector<double> fetch(const void* p, size_t n) const {
@@ -283,12 +361,16 @@ class ExpertFFN {
 
   cublasLtHandle_t lt_;
   Case c_;
-  int rows_, up_, esize_;
-  bool fp8_;
-  void *ws_, *h_ = nullptr, *a_ = nullptr, *y_ = nullptr, *scales_ = nullptr;
+  void* ws_;
   size_t ws_bytes_;
-  cublasLtMatmulDesc_t desc_ = nullptr;
+  int up_ = 0, esize_ = 2, rows_max_ = 0;
+  bool fp8_ = false;
+  std::vector<size_t> row_off_;
+  size_t rows_total_ = 0;
+  void *h_ = nullptr, *a_ = nullptr, *y_ = nullptr, *scales_ = nullptr;
+  cublasLtMatmulDesc_t desc_[2] = {nullptr, nullptr};
   cublasLtMatmulPreference_t pref_ = nullptr;
+  std::map<std::tuple<int, int, int, int>, Gemm> gemms_;
 };
 
 void print_samples(const std::vector<float>& ms) {
@@ -317,47 +399,32 @@ std::vector<float> time_events(int warmup, int repeats, cudaStream_t s,
 
 void run_case(cublasLtHandle_t lt, const Case& c, const Plan& plan, void* ws, size_t ws_bytes,
               cudaStream_t s) {
-  int top = *std::max_element(c.counts.begin(), c.counts.end());
-  int rows = (top + kFp8Rows - 1) / kFp8Rows * kFp8Rows;
-  ExpertFFN ffn(lt, c, rows, ws, ws_bytes);
-  size_t set_bytes = ffn.weight_bytes() + ffn.input_bytes();
+  ExpertFFN ffn(lt, c, ws, ws_bytes);
+  size_t set_bytes = ffn.set_bytes();
   int sets = int(std::min<size_t>(kMaxSets, std::max<size_t>(2, (2 * kCacheBytes + set_bytes - 1) / set_bytes)));
   size_t free_b = 0, total_b = 0;
   CUDA_OK(cudaMemGetInfo(&free_b, &total_b));
-  while (sets > 1 && size_t(sets) * set_bytes > free_b * 8 / 10) --sets;
-  bool fp8 = c.dtype == "fp8";
-  std::vector<Buffers> bufs(sets);
-  for (int i = 0; i < sets; ++i) {
-    size_t nw1 = size_t(c.experts) * ffn.up() * c.hidden, nw2 = size_t(c.experts) * c.hidden * c.width;
-    size_t nx = size_t(c.experts) * rows * c.hidden, es = fp8 ? 1 : 2;
-    CUDA_OK(cudaMalloc(&bufs[i].w1, nw1 * es));
-    CUDA_OK(cudaMalloc(&bufs[i].w2, nw2 * es));
-    CUDA_OK(cudaMalloc(&bufs[i].x, nx * es));
-    float s1 = fp8 ? 1.0f : 1.0f / std::sqrt(float(c.hidden));
-    float s2 = fp8 ? 1.0f : 1.0f / std::sqrt(float(c.width));
-    uint64_t seed = 1000ull * c.id + 3ull * i;
-    if (fp8) {
-      fill(static_cast<__nv_fp8_e4m3*>(bufs[i].w1), nw1, seed, 1.7f * s1);
-      fill(static_cast<__nv_fp8_e4m3*>(bufs[i].w2), nw2, seed + 1, 1.7f * s2);
-      fill(static_cast<__nv_fp8_e4m3*>(bufs[i].x), nx, seed + 2, 1.7f);
-    } else {
-      fill(static_cast<__nv_bfloat16*>(bufs[i].w1), nw1, seed, 1.7f * s1);
-      fill(static_cast<__nv_bfloat16*>(bufs[i].w2), nw2, seed + 1, 1.7f * s2);
-      fill(static_cast<__nv_bfloat16*>(bufs[i].x), nx, seed + 2, 1.7f);
-    }
+  size_t usable = free_b / 10 * 8;
+  if (set_bytes > usable) {
+    std::fprintf(stderr,
+                 "moebench: case %d (%s, %d experts, hidden %d, width %d) needs %.2f GiB for one "
+                 "set of weights and inputs, %.2f GiB of the GPU is free; lower --experts or "
+                 "--max-tokens\n",
+                 c.id, c.dtype.c_str(), c.experts, c.hidden, c.width, set_bytes / 1073741824.0,
+                 free_b / 1073741824.0);
+    std::exit(7);
   }
-  CUDA_OK(cudaDeviceSynchronize());
+  while (sets > 1 && size_t(sets) * set_bytes > usable) --sets;
+  std::vector<Buffers> bufs;
+  for (int i = 0; i < sets; ++i) bufs.push_back(ffn.allocate(1000ull * c.id + 3ull * i));
   double err = ffn.check(bufs[0], s, 8);
+  ffn.prepare();
   auto ms = time_events(plan.warmup, plan.repeats, s, [&](int i) { ffn.run(bufs[i % sets], s); });
   std::printf("{\"case\": %d, \"sets\": %d, \"check_rel_error\": %.6g, \"samples\": ", c.id, sets, err);
   print_samples(ms);
   std::printf("}\n");
   std::fflush(stdout);
-  for (auto& b : bufs) {
-    CUDA_OK(cudaFree(b.w1));
-    CUDA_OK(cudaFree(b.w2));
-    CUDA_OK(cudaFree(b.x));
-  }
+  for (auto& b : bufs) ExpertFFN::release(b);
 }
 
 void run_memory(const Plan& plan, cudaStream_t s) {
@@ -366,6 +433,7 @@ void run_memory(const Plan& plan, cudaStream_t s) {
   CUDA_OK(cudaMalloc(&src, n * 2));
   CUDA_OK(cudaMalloc(&dst, n * 2));
   fill(static_cast<__nv_bfloat16*>(src), n, 7, 1.0f);
+  CUDA_OK(cudaDeviceSynchronize());  // the fill ran on the legacy stream, which `s` does not wait on
   CUDA_OK(cudaMemcpyAsync(dst, src, n * 2, cudaMemcpyDeviceToDevice, s));
   CUDA_OK(cudaStreamSynchronize(s));
   std::vector<uint16_t> a(4096), b(4096);
@@ -405,7 +473,8 @@ void run_host_link(const Plan& plan, cudaStream_t s, cublasLtHandle_t lt, void* 
   auto d2h = time_events(plan.warmup, plan.repeats, s, [&](int) {
     CUDA_OK(cudaMemcpyAsync(host, dev, n, cudaMemcpyDeviceToHost, s));
   });
-  // H2D while a large bf16 expert FFN runs on another stream (the offload path's contention).
+  // H2D while a large bf16 expert FFN (Mixtral's shape, 8 experts x 4096 tokens) runs on
+  // another stream: the offload path's contention.
   Case big;
   big.id = 999999;
   big.hidden = 4096;
@@ -413,15 +482,9 @@ void run_host_link(const Plan& plan, cudaStream_t s, cublasLtHandle_t lt, void* 
   big.experts = 8;
   big.dtype = "bf16";
   big.counts.assign(8, 4096);
-  ExpertFFN ffn(lt, big, 4096, ws, ws_bytes);
-  Buffers b;
-  size_t nw1 = size_t(8) * ffn.up() * 4096, nw2 = size_t(8) * 4096 * 14336, nx = size_t(8) * 4096 * 4096;
-  CUDA_OK(cudaMalloc(&b.w1, nw1 * 2));
-  CUDA_OK(cudaMalloc(&b.w2, nw2 * 2));
-  CUDA_OK(cudaMalloc(&b.x, nx * 2));
-  fill(static_cast<__nv_bfloat16*>(b.w1), nw1, 21, 0.02f);
-  fill(static_cast<__nv_bfloat16*>(b.w2), nw2, 22, 0.01f);
-  fill(static_cast<__nv_bfloat16*>(b.x), nx, 23, 1.0f);
+  ExpertFFN ffn(lt, big, ws, ws_bytes);
+  Buffers b = ffn.allocate(21);
+  ffn.prepare();
   cudaStream_t side;
   CUDA_OK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   CUDA_OK(cudaDeviceSynchronize());
@@ -442,9 +505,7 @@ void run_host_link(const Plan& plan, cudaStream_t s, cublasLtHandle_t lt, void* 
   print_samples(during);
   std::printf("}}\n");
   CUDA_OK(cudaStreamDestroy(side));
-  CUDA_OK(cudaFree(b.w1));
-  CUDA_OK(cudaFree(b.w2));
-  CUDA_OK(cudaFree(b.x));
+  ExpertFFN::release(b);
   CUDA_OK(cudaFreeHost(host));
   CUDA_OK(cudaFree(dev));
 }
@@ -475,18 +536,37 @@ void run_peer(const Plan& plan) {
   CUDA_OK(cudaSetDevice(1));
   CUDA_OK(cudaMalloc(&b, n));
   CUDA_OK(cudaSetDevice(0));
-  if (can) cudaDeviceEnablePeerAccess(1, 0);
-  cudaGetLastError();  // enabling twice reports an error that is not one
+  if (can) {
+    cudaError_t e = cudaDeviceEnablePeerAccess(1, 0);
+    if (e == cudaErrorPeerAccessAlreadyEnabled) {
+      (void)cudaGetLastError();  // already enabled is fine; clear the error it recorded
+    } else {
+      CUDA_OK(e);
+    }
+  }
   CUDA_OK(cudaMalloc(&a, n));
   fill(static_cast<__nv_bfloat16*>(a), n / 2, 31, 1.0f);
+  CUDA_OK(cudaDeviceSynchronize());
   cudaStream_t s;
   CUDA_OK(cudaStreamCreate(&s));
+  CUDA_OK(cudaMemcpyPeerAsync(b, 1, a, 0, n, s));
+  CUDA_OK(cudaStreamSynchronize(s));
+  std::vector<unsigned char> sent(4096), got(4096);
+  CUDA_OK(cudaMemcpy(sent.data(), a, sent.size(), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaSetDevice(1));
+  CUDA_OK(cudaMemcpy(got.data(), b, got.size(), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaSetDevice(0));
+  if (sent != got) {
+    std::fprintf(stderr, "moebench: peer copy check failed\n");
+    std::exit(6);
+  }
   auto ms = time_events(3, plan.repeats, s, [&](int) {
     CUDA_OK(cudaMemcpyPeerAsync(b, 1, a, 0, n, s));
   });
   std::printf("{\"peer\": {\"bytes\": %zu, \"p2p\": %d, \"samples\": ", n, can);
   print_samples(ms);
   std::printf("}}\n");
+  CUDA_OK(cudaStreamDestroy(s));
   CUDA_OK(cudaFree(a));
   CUDA_OK(cudaSetDevice(1));
   CUDA_OK(cudaFree(b));
@@ -507,9 +587,15 @@ Plan read_plan(std::istream& in) {
     else if (key == "case") {
       Case c;
       ls >> c.id >> c.hidden >> c.width >> c.matrices >> c.dtype >> c.experts;
+      if (!ls || c.experts < 1 || c.hidden < 1 || c.width < 1 || c.experts > (1 << 20)) {
+        std::fprintf(stderr, "moebench: bad plan line: %s\n", line.c_str());
+        std::exit(2);
+      }
       c.counts.resize(c.experts);
       for (auto& n : c.counts) ls >> n;
-      if (!ls || (c.dtype != "bf16" && c.dtype != "fp8")) {
+      bool counts_ok = std::all_of(c.counts.begin(), c.counts.end(), [](int n) { return n >= 0; }) &&
+                       std::any_of(c.counts.begin(), c.counts.end(), [](int n) { return n > 0; });
+      if (!ls || !counts_ok || (c.dtype != "bf16" && c.dtype != "fp8")) {
         std::fprintf(stderr, "moebench: bad plan line: %s\n", line.c_str());
         std::exit(2);
       }
