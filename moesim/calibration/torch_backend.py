@@ -91,7 +91,9 @@ class TorchBackend:
         count = torch.cuda.device_count() if cuda else 0
         if count >= 2:
             doc["peer"] = self._peer(plan)
-            doc["alltoall"] = alltoall_nccl(count, plan.alltoall_bytes or _A2A_SIZES, plan)
+            doc["alltoall"] = measure_alltoall(
+                count, plan.alltoall_bytes or A2A_SIZES, plan.repeats
+            )
         else:
             why = f"{count} CUDA device(s); peer and all-to-all need two or more"
             doc["peer"] = {"skipped": why}
@@ -163,13 +165,15 @@ class TorchBackend:
         return out
 
     def _grouped_ok(self, shape: ExpertShape) -> bool:
+        """bf16 runs as ``torch._grouped_mm`` where PyTorch has it: on CUDA by default;
+        ``MOESIM_TORCH_GROUPED=0`` times the per-expert loop instead, ``=1`` uses the grouped
+        call on the CPU too (PyTorch has a CPU version, so the path is tested without a GPU)."""
         torch = _torch()
-        return (
-            self.dev.type == "cuda"
-            and shape.dtype == "bf16"
-            and hasattr(torch, "_grouped_mm")
-            and os.environ.get("MOESIM_TORCH_GROUPED", "1") != "0"
-        )
+        mode = os.environ.get("MOESIM_TORCH_GROUPED", "auto")
+        if mode not in ("auto", "0", "1"):
+            raise CalibrationError(f"MOESIM_TORCH_GROUPED must be auto, 0 or 1, not '{mode}'")
+        wanted = mode == "1" or (mode == "auto" and self.dev.type == "cuda")
+        return wanted and shape.dtype == "bf16" and hasattr(torch, "_grouped_mm")
 
     def _ffn(
         self, shape: ExpertShape, case: Case, rows: int, grouped: bool, scales: tuple[float, float]
@@ -345,58 +349,97 @@ class TorchBackend:
         return {"bytes": 4 * n, "gb_per_s": 4 * n / sec / 1e9, "pair": [0, 1]}
 
 
-_A2A_SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 27]
+A2A_SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 27]
 
 
-def alltoall_nccl(world: int, sizes: list[int], plan: Plan) -> dict[str, Any]:
-    """NCCL all-to-all through ``torch.distributed`` on ``world`` local GPUs: per message size
-    (bytes each rank sends in total), the median time, algbw and busbw (nccl-tests' relation
-    ``busbw = algbw * (n-1)/n``)."""
+def _a2a_chunk(size: int, world: int) -> int:
+    """bf16 elements one rank sends to each rank for a message of ``size`` bytes in all."""
+    return max(1, size // 2 // world)
+
+
+def measure_alltoall(
+    world: int, sizes: list[int], repeats: int, backend: str = "nccl"
+) -> dict[str, Any]:
+    """All-to-all through ``torch.distributed`` on ``world`` local ranks (NCCL on GPUs; ``gloo``
+    runs the same on CPU processes): per message size (bytes each rank sends in total), the
+    median over ranks' medians of ``repeats`` timed calls, algbw and busbw (nccl-tests'
+    relation ``busbw = algbw * (n-1)/n``). Every rank checks one call's output first."""
+    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
+    with socket.socket() as s:  # a free port, so two runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_a2a_worker, args=(world, sizes, plan.repeats, d), nprocs=world, join=True)
+        mp.spawn(
+            _a2a_worker,
+            args=(world, sizes, repeats, d, backend, port),
+            nprocs=world,
+            join=True,
+        )
         rows = np.load(os.path.join(d, "a2a.npy"))
+    sent = [2 * world * _a2a_chunk(b, world) for b in sizes]
     return {
         "world": world,
+        "backend": backend,
         "rows": [
             {
-                "bytes": int(b),
+                "bytes": b,
                 "seconds": float(t),
                 "algbw_gb_per_s": b / t / 1e9,
                 "busbw_gb_per_s": b / t / 1e9 * (world - 1) / world,
             }
-            for b, t in zip(sizes, rows, strict=True)
+            for b, t in zip(sent, rows, strict=True)
         ],
     }
 
 
-def _a2a_worker(rank: int, world: int, sizes: list[int], repeats: int, folder: str) -> None:
+def _a2a_worker(
+    rank: int, world: int, sizes: list[int], repeats: int, folder: str, backend: str, port: int
+) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group(backend, rank=rank, world_size=world)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     times = []
     for size in sizes:
-        n = size // 2 // world * world
-        x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        chunk = _a2a_chunk(size, world)
+        # chunk j goes to rank j; value = 1000 * sender + receiver + position / chunk
+        pos = torch.arange(chunk, device=dev, dtype=torch.float32) / chunk
+        x = torch.cat([1000 * rank + j + pos for j in range(world)]).to(torch.bfloat16)
         y = torch.empty_like(x)
-        for _ in range(3):
+        dist.all_to_all_single(y, x)
+        want = torch.cat([1000 * j + rank + pos for j in range(world)]).to(torch.bfloat16)
+        if not torch.equal(y, want):
+            raise CalibrationError(f"all-to-all check failed on rank {rank} at {size} bytes")
+        for _ in range(2):
             dist.all_to_all_single(y, x)
-        torch.cuda.synchronize()
+        sync()
         samples = []
         for _ in range(repeats):
             dist.barrier()
             t0 = time.perf_counter()
             dist.all_to_all_single(y, x)
-            torch.cuda.synchronize()
+            sync()
             samples.append(time.perf_counter() - t0)
         times.append(statistics.median(samples))
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(times, gathered, dst=0)
     if rank == 0:
-        np.save(os.path.join(folder, "a2a.npy"), np.array(times))
+        assert gathered is not None
+        np.save(os.path.join(folder, "a2a.npy"), np.median(np.array(gathered), axis=0))
     dist.destroy_process_group()

@@ -35,3 +35,54 @@ def test_fp8_needs_a_gpu_with_fp8() -> None:
     plan = make_plan([ExpertShape(128, 256, 3, "fp8")], 4, 8, repeats=1)
     with pytest.raises(CalibrationError, match="fp8 needs a CUDA GPU"):
         TorchBackend().measure(plan)
+
+
+def test_grouped_mm_path_packs_experts_and_passes_its_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grouped bf16 call that runs on GPUs (experts' rows packed, offsets, one call per
+    GEMM), run here through PyTorch's CPU ``_grouped_mm``; uneven and empty experts included."""
+    from moesim.calibration.plan import Case, Plan
+    from moesim.calibration.torch_backend import TorchBackend
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no _grouped_mm")
+    monkeypatch.setenv("MOESIM_TORCH_GROUPED", "1")
+    shape = ExpertShape(64, 96, 3, "bf16")
+    cases = [Case(shape, counts, str(counts)) for counts in [(5, 0, 17, 2), (0, 0, 0, 9)]]
+    plan = Plan(cases, 1 << 20, 1 << 20, repeats=2, warmup=1)
+    doc = TorchBackend(seed=3).measure(plan)
+    assert [r["impl"] for r in doc["expert_ffn"]] == ["torch._grouped_mm"] * 2
+    assert all(0 < r["check_rel_error"] < 2e-2 for r in doc["expert_ffn"])
+    monkeypatch.setenv("MOESIM_TORCH_GROUPED", "yes")
+    with pytest.raises(CalibrationError, match="MOESIM_TORCH_GROUPED must be"):
+        TorchBackend().measure(plan)
+
+
+def test_fp8_scaled_mm_path_passes_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp8 path of GPUs (``torch._scaled_mm`` per expert, rows padded to 16, per-tensor
+    weight scales) through PyTorch's CPU ``_scaled_mm``; only the GPU gate is bypassed."""
+    from moesim.calibration import torch_backend
+    from moesim.calibration.plan import Case, Plan
+
+    if not hasattr(torch, "_scaled_mm"):
+        pytest.skip(f"torch {torch.__version__} has no _scaled_mm")
+    monkeypatch.setattr(torch_backend, "torch_capability", lambda: (9, 0))
+    shape = ExpertShape(64, 96, 3, "fp8")
+    plan = Plan([Case(shape, (3, 0, 20, 16), "uneven")], 1 << 20, 1 << 20, repeats=2, warmup=1)
+    rec = torch_backend.TorchBackend(seed=2).measure(plan)["expert_ffn"][0]
+    assert rec["impl"] == "loop" and 0 < rec["check_rel_error"] < 8e-2
+
+
+def test_alltoall_measurement_runs_and_checks_on_cpu_ranks() -> None:
+    """The all-to-all measurement that runs on NCCL with two or more GPUs, here over gloo with
+    two CPU processes: spawn, per-rank output check, timing, the bandwidth columns."""
+    from moesim.calibration.torch_backend import measure_alltoall
+
+    out = measure_alltoall(2, [4096, 1 << 16], repeats=3, backend="gloo")
+    assert out["world"] == 2 and out["backend"] == "gloo"
+    assert [r["bytes"] for r in out["rows"]] == [4096, 1 << 16]
+    for r in out["rows"]:
+        assert r["seconds"] > 0
+        assert r["algbw_gb_per_s"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
+        assert r["busbw_gb_per_s"] == pytest.approx(r["algbw_gb_per_s"] / 2)

@@ -256,6 +256,6 @@ def _alltoall(plan: Plan) -> dict[str, Any]:
     count = torch.cuda.device_count()
     if count < 2:
         return {"skipped": f"{count} CUDA device(s); all-to-all needs two or more"}
-    from moesim.calibration.torch_backend import _A2A_SIZES, alltoall_nccl
+    from moesim.calibration.torch_backend import A2A_SIZES, measure_alltoall
 
-    return alltoall_nccl(count, plan.alltoall_bytes or _A2A_SIZES, plan)
+    return measure_alltoall(count, plan.alltoall_bytes or A2A_SIZES, plan.repeats)
