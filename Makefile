@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $@
 
 $(DEVSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,trace,cuda]'
+	$(BIN)/pip install --quiet -e '.[dev,trace,cuda,distributed]'
 	touch $@
 
 install: $(STAMP)

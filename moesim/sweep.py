@@ -1,10 +1,14 @@
-"""Sweeps: a scenario run over a grid of overrides, in local processes, into one table.
+"""Sweeps: a scenario run over a grid of overrides, into one table.
 
     moesim sweep scenarios/x.yaml --grid policies.placement.type=contiguous,eplb \
         --grid parallelism.ep=8,16
 
 Each grid point is the scenario with one ``key=value`` per ``--grid`` (the Cartesian product,
-in the order given); points run in a pool of processes and the rows come back in grid order.
+in the order given); the rows come back in grid order. Points run in a pool of local processes,
+or on a Dask cluster (``--scheduler tcp://host:8786``, or ``--scheduler local`` for a local Dask
+cluster; ``pip install 'moesim[distributed]'``). With Dask every point's scenario is validated
+and resolved here and shipped whole, so workers need moesim but not the scenario file; files the
+scenario names (a routing trace) must be readable at the same path on the workers.
 A point that fails (bad combination, does not fit in HBM) gets its error in the ``error``
 column and the others still run. Values are split on commas, so one value cannot hold one.
 """
@@ -15,11 +19,16 @@ import itertools
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from moesim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moesim.config.loading import ResolvedScenario
+
+CONNECT_TIMEOUT_S = 20  # how long to wait for a Dask scheduler
 
 
 def expand_grid(grid: list[str]) -> list[list[str]]:
@@ -38,12 +47,27 @@ def expand_grid(grid: list[str]) -> list[list[str]]:
 
 def run_point(scenario: str, overrides: list[str]) -> dict[str, Any]:
     """Simulate one grid point; its summary, or ``{"error": message}``."""
+    resolved = _resolve_point(scenario, overrides)
+    return resolved if isinstance(resolved, dict) else simulate_point(resolved)
+
+
+def _resolve_point(scenario: str, overrides: list[str]) -> ResolvedScenario | dict[str, Any]:
     from moesim.config.loading import load_scenario
+    from moesim.errors import MoesimError
+
+    try:
+        return load_scenario(scenario, overrides)
+    except (MoesimError, ValueError) as exc:
+        return {"error": str(exc)}
+
+
+def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
+    """Simulate a resolved grid point (what a Dask worker runs); its summary or its error."""
     from moesim.errors import MoesimError
     from moesim.runner import simulate
 
     try:
-        return simulate(load_scenario(scenario, overrides)).summary
+        return simulate(resolved).summary
     except (MoesimError, ValueError) as exc:
         return {"error": str(exc)}
 
@@ -74,8 +98,10 @@ def run_sweep(
     base_overrides: list[str] | None = None,
     jobs: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    scheduler: str | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Run every grid point (``jobs`` processes; 1 runs here) and return the table.
+    """Run every grid point and return the table: in ``jobs`` local processes (1 runs here),
+    or on the Dask cluster at ``scheduler`` (``"local"`` starts one of ``jobs`` workers).
 
     Returns:
         ``(table, summaries)`` in grid order.
@@ -83,7 +109,9 @@ def run_sweep(
     points = expand_grid(grid)
     full = [(base_overrides or []) + p for p in points]
     summaries: list[dict[str, Any]] = [{} for _ in points]
-    if jobs <= 1:
+    if scheduler:
+        _run_on_dask(str(scenario), full, summaries, scheduler, jobs, progress)
+    elif jobs <= 1:
         for i, o in enumerate(full):
             summaries[i] = run_point(str(scenario), o)
             if progress:
@@ -96,6 +124,61 @@ def run_sweep(
                 if progress:
                     progress(done, len(points))
     return sweep_table(points, summaries), summaries
+
+
+def _run_on_dask(
+    scenario: str,
+    full: list[list[str]],
+    summaries: list[dict[str, Any]],
+    scheduler: str,
+    jobs: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Fill ``summaries`` from a Dask cluster; points whose scenario is invalid are not sent."""
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ConfigError(
+            None,
+            "--scheduler",
+            "sweeping on Dask needs dask.distributed: pip install 'moesim[distributed]'",
+        ) from None
+    todo: dict[int, ResolvedScenario] = {}
+    for i, o in enumerate(full):
+        resolved = _resolve_point(scenario, o)
+        if isinstance(resolved, dict):
+            summaries[i] = resolved
+        else:
+            todo[i] = resolved
+    done = len(full) - len(todo)
+    if progress and done:
+        progress(done, len(full))
+    if not todo:
+        return
+    if scheduler == "local":
+        cluster = LocalCluster(
+            n_workers=max(1, jobs), threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    else:
+        cluster = None
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                None, "--scheduler", f"cannot reach the Dask scheduler at '{scheduler}': {exc}"
+            ) from None
+    try:
+        futures = {client.submit(simulate_point, r, pure=False): i for i, r in todo.items()}
+        for fut in as_completed(futures):
+            summaries[futures[fut]] = fut.result()
+            done += 1
+            if progress:
+                progress(done, len(full))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def write_sweep(

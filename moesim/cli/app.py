@@ -143,15 +143,28 @@ def sweep(
     ],
     overrides: SetOpt = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", help="Local processes (default: CPUs, at most 8).")
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Local processes, or workers of --scheduler local (default: CPUs, at most 8).",
+        ),
     ] = 0,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the points on Dask: a scheduler address (tcp://host:8786), or 'local' for "
+            "a local Dask cluster. Needs moesim[distributed] here and on the workers; files the "
+            "scenario names must be readable at the same path on the workers.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Results root (default: the scenario's output.dir, 'results')."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
-    """Run SCENARIO over a grid of overrides in local processes into one Parquet table.
+    """Run SCENARIO over a grid of overrides (local processes or Dask) into one Parquet table.
 
     Writes results/<scenario>/<run-id>-sweep/ (sweep.parquet, summaries.json, report.html).
     A grid point that fails keeps its error in the table; the exit code is then 1.
@@ -168,7 +181,7 @@ def sweep(
         points = expand_grid(grid)
         n_jobs = jobs or min(os.cpu_count() or 1, 8, len(points))
         with progress_bar(len(points), f"sweep of {base.scenario.name}") as tick:
-            table, summaries = run_sweep(scenario, grid, overrides or [], n_jobs, tick)
+            table, summaries = run_sweep(scenario, grid, overrides or [], n_jobs, tick, scheduler)
         root = out if out is not None else Path(base.scenario.output.dir)
         folder = write_sweep(table, summaries, base.scenario.name, root)
         if json_out:

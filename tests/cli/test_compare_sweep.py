@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from moesim.cli import app
@@ -100,3 +101,36 @@ def test_sweep_writes_one_parquet_table_and_reports_failures(
         & (ok["policies.placement.redundant_experts"] == "16")
     ]
     assert eplb16["imbalance"].iloc[0] < ok["imbalance"].iloc[0]
+
+
+def test_sweep_on_a_local_dask_cluster_gives_the_local_table(write_scenario) -> None:
+    """Dask workers get each point's resolved scenario and return the same summaries, byte for
+    byte, as a run here; an invalid point is reported without being sent."""
+    pytest.importorskip("distributed", reason="`make test` installs moesim[distributed]")
+    from moesim.sweep import run_sweep
+
+    path = write_scenario(_skewed())
+    grid = ["policies.placement.type=contiguous,eplb", "policies.placement.redundant_experts=0,16"]
+    here, here_s = run_sweep(path, grid, jobs=1)
+    ticks: list[tuple[int, int]] = []
+    dask, dask_s = run_sweep(
+        path, grid, jobs=2, scheduler="local", progress=lambda d, n: ticks.append((d, n))
+    )
+    assert json.dumps(dask_s, sort_keys=True) == json.dumps(here_s, sort_keys=True)
+    pd.testing.assert_frame_equal(dask, here)
+    assert (dask["error"] != "").sum() == 1
+    assert ticks[-1] == (4, 4) and ticks[0] == (1, 4)  # the invalid point is counted first
+
+
+def test_sweep_names_an_unreachable_dask_scheduler(write_scenario, monkeypatch) -> None:
+    pytest.importorskip("distributed", reason="`make test` installs moesim[distributed]")
+    import moesim.sweep
+
+    monkeypatch.setattr(moesim.sweep, "CONNECT_TIMEOUT_S", 1)
+    path = write_scenario(_skewed())
+    res = runner.invoke(
+        app,
+        ["sweep", str(path), "--grid", "workload.steps=1,2", "--scheduler", "tcp://127.0.0.1:9"],
+    )
+    assert res.exit_code != 0
+    assert "--scheduler" in res.output and "cannot reach the Dask scheduler" in res.output
