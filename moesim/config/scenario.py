@@ -155,7 +155,9 @@ class Capacity(_Section):
     drop: str = Field(
         "position",
         description="Which assignments are dropped when an expert is full: position (latest "
-        "tokens), probs (lowest gate weights), random, reroute (to the next choice with room).",
+        "tokens), probs (lowest gate weights), random, reroute (to the next choice with room: "
+        "by the trace's router logits or the re-gating scores where there are any, else drawn "
+        "from the layer's popularity).",
     )
     scope: Literal["rank", "global"] = Field(
         "rank",

@@ -16,7 +16,9 @@ the expert is full:
 - ``random`` keeps a uniformly random subset (seeded);
 - ``reroute`` keeps the earliest tokens, then sends each dropped assignment to the token's next
   choice (the next experts in its preference order) that still has room, in token order, up to
-  ``reroute_depth`` tries.
+  ``reroute_depth`` tries. The preference order is the router's: a trace's recorded logits, or
+  the scores a re-gating policy routed by; where there are no scores, it is drawn from the
+  layer's popularity (:func:`moesim.routing.sources.next_choices`).
 """
 
 from __future__ import annotations

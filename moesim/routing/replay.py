@@ -92,6 +92,8 @@ class TraceSource:
             )
         self.weights = None if dense.weights is None else dense.weights[:, order]
         self.logits = None if dense.logits is None else dense.logits[:, order]
+        # recorded router logits give rerouting the router's own next choices
+        self.records_scores = self.logits is not None
         self.path = cfg.path
         _, counts = load_counts(trace)  # per recorded layer, in dense.layers order
         self.loads = (counts / counts.sum(axis=1, keepdims=True))[self.layer_idx]

@@ -218,6 +218,29 @@ def next_choices(
     return out.reshape(n_layers, ranks, tokens, depth)
 
 
+def next_choices_by_score(experts: np.ndarray, scores: np.ndarray, depth: int) -> np.ndarray:
+    """Each token's next ``depth`` choices after its top-k: its highest router scores among the
+    experts it has not chosen (a recorded trace's logits, or the scores a gate routed by).
+
+    Args:
+        experts: ``[L, R, T, k]`` chosen experts (``-1`` where a gate left a slot empty).
+        scores: ``[L, R, T, E]`` router scores of the same tokens.
+        depth: Next choices wanted (at most ``E - k``).
+
+    Returns:
+        ``[L, R, T, depth]`` int64, best first.
+    """
+    from moesim.policies.gating import top_indices
+
+    n_layers, ranks, tokens, k = experts.shape
+    e = scores.shape[-1]
+    depth = min(depth, e - k)
+    chosen = np.where(experts >= 0, experts, experts[..., :1]).reshape(-1, k).astype(np.int64)
+    s = np.array(scores, dtype=np.float32).reshape(-1, e)
+    np.put_along_axis(s, chosen, -np.inf, axis=1)
+    return top_indices(s, depth).reshape(n_layers, ranks, tokens, depth)
+
+
 class SyntheticSource:
     """Uniform or Zipf-skewed top-k routing with fixed per-layer popularity."""
 

@@ -18,7 +18,13 @@ from moesim.policies.placement import Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
-from moesim.routing.sources import SOURCES, RoutingDraw, RoutingSource, next_choices
+from moesim.routing.sources import (
+    SOURCES,
+    RoutingDraw,
+    RoutingSource,
+    next_choices,
+    next_choices_by_score,
+)
 
 CHUNK_ASSIGNMENTS = 1 << 22
 
@@ -197,15 +203,21 @@ class RoutingStage:
             parts: list[list[LayerCounts]] = [[] for _ in columns]
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
+                scores = None  # router scores of the batch, where there are any
                 if self.gate is None:
                     draw = self.source.draw(
                         step, layers, batch, self.rng, with_weights=self.rule.factor is not None
                     )
+                    if self.rule.reroutes and getattr(self.source, "records_scores", False):
+                        scores = self.source.scores(step, layers, batch, self.rng)  # type: ignore[attr-defined]
                 else:
-                    draw = self._regate(step, layers, batch)
+                    draw, scores = self._regate(step, layers, batch)
                 if self.rule.reroutes:
-                    fallback = next_choices(
-                        draw.experts, self.loads[layers], self.rule.reroute_depth, self.rng
+                    depth = self.rule.reroute_depth
+                    fallback = (
+                        next_choices(draw.experts, self.loads[layers], depth, self.rng)
+                        if scores is None
+                        else next_choices_by_score(draw.experts, scores, depth)
                     )
                     draw = RoutingDraw(draw.experts, draw.weights, fallback)
                 for part, cols in zip(parts, columns, strict=True):
@@ -249,8 +261,11 @@ class RoutingStage:
             micro=sub,
         )
 
-    def _regate(self, step: int, layers: np.ndarray, batch: TokenBatch) -> RoutingDraw:
-        """Route ``batch`` with the scenario's gate from the source's router scores."""
+    def _regate(
+        self, step: int, layers: np.ndarray, batch: TokenBatch
+    ) -> tuple[RoutingDraw, np.ndarray]:
+        """Route ``batch`` with the scenario's gate from the source's router scores; the draw
+        and the scores."""
         from moesim.policies.gating import aux_loss, gate_weights
 
         scores_fn = getattr(self.source, "scores", None)
@@ -274,7 +289,7 @@ class RoutingStage:
         pad = [np.pad(x, ((0, 0), (0, m - x.shape[1])), constant_values=-1) for x in chosen]
         wpad = [np.pad(w, ((0, 0), (0, m - w.shape[1]))) for w in weights]
         shape = (n_layers, ranks, tokens, m)
-        return RoutingDraw(np.stack(pad).reshape(shape), np.stack(wpad).reshape(shape))
+        return RoutingDraw(np.stack(pad).reshape(shape), np.stack(wpad).reshape(shape)), scores
 
 
 def migration_bytes(

@@ -256,3 +256,45 @@ def test_global_scope_shares_capacity_across_ranks() -> None:
     assert per_rank.sum() == 2 + 1 + 2  # rank 0: two of expert 0, one of 1; rank 1: two
     # global: expert 0 takes rank 0's 3 tokens; expert 1 takes rank 0's one then 3 of rank 1
     assert glob[0, 0, :, 0].all() and glob[0, 1, :, 0].tolist() == [True, True, True, False]
+
+
+def test_reroute_follows_the_traces_router_logits(tmp_path) -> None:
+    """With router logits in the trace, a dropped assignment goes to the token's next experts
+    by logit; without them, to draws from the layer's popularity."""
+    from moesim.config.loading import load_scenario
+    from moesim.routing.stage import RoutingStage
+    from moesim.traces.format import write_trace
+    from tests.traces.conftest import make_trace
+
+    tokens = 64
+    experts = np.tile(np.array([0, 1]), (4, tokens, 1))  # every token picks experts 0 and 1
+    logits = np.zeros((4 * tokens, 8), dtype=np.float32)
+    logits[:, [0, 1]] = 9.0
+    seq = np.arange(4 * tokens) % tokens // 16  # layer-major rows; sequences of 16 tokens
+    even = seq % 2 == 0
+    logits[even, 5], logits[even, 6] = 5.0, 4.0  # even sequences: next 5, then 6
+    logits[~even, 7], logits[~even, 2] = 5.0, 4.0  # odd sequences: next 7, then 2
+
+    def routed(**cols: np.ndarray) -> np.ndarray:
+        path = write_trace(make_trace(experts, 8, seq_len=16, **cols), tmp_path / "t.parquet")
+        r = load_scenario(
+            ROOT / "scenarios" / "quickstart.yaml",
+            [
+                f"routing.path={path}",
+                "routing.trace_steps=[0,0]",
+                "policies.capacity.drop=reroute",
+                "policies.capacity.factor=1.0",
+                "policies.capacity.reroute_depth=2",
+            ],
+        )
+        stage = RoutingStage(r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0))
+        c = stage.step(0).replicas[0]
+        path.unlink()
+        assert c.slot_tokens.sum() + c.dropped.sum() == c.routed.sum()
+        return c.expert_routed.reshape(-1, 8).sum(axis=0)
+
+    by_logit = routed(logits=logits)
+    assert by_logit[[5, 7]].min() > 0 and by_logit[[2, 6]].min() > 0
+    assert by_logit[[3, 4]].sum() == 0  # never among a token's next two by logit
+    by_popularity = routed()
+    assert by_popularity[[3, 4]].sum() > 0
