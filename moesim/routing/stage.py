@@ -38,7 +38,7 @@ class StepRouting:
     ``s`` to rank ``d`` before the step when the placement changed, else None. ``aux_loss`` is
     ``[moe_layers]`` the re-gating's load-balancing loss (None without re-gating). With
     two-batch overlap, ``micro`` holds each micro-batch's own routing (its tokens, counts and
-    capacity) and ``replicas`` their sums.
+    capacity) and ``replicas`` their sums. ``placement`` is the placement the step ran on.
     """
 
     batch: TokenBatch
@@ -47,6 +47,7 @@ class StepRouting:
     bins: int = 1
     aux_loss: np.ndarray | None = None
     micro: tuple[StepRouting, ...] = ()
+    placement: Placement | None = None
 
 
 COACTIVATION_TOKENS = 8192
@@ -172,6 +173,8 @@ class RoutingStage:
             return None
         old = self.placement
         self._set_placement(self.ema)
+        if self.scenario.policies.offload.type != "none":
+            return None  # experts live in host memory: a rank's new ones are cache misses
         moved = migration_bytes(old, self.placement, self.rank_node, self.expert_bytes)
         return moved if moved.any() else None
 
@@ -259,6 +262,7 @@ class RoutingStage:
             bins=self.bins,
             aux_loss=aux,
             micro=sub,
+            placement=self.placement,
         )
 
     def _regate(

@@ -8,7 +8,9 @@ run, so they overlap the dispatch; demand copies overtake queued prefetches; the
 expert compute waits for its demand copies and for the prefetched copies it uses
 (``offload_wait``). Copies go one at a time
 through the GPU's PCIe switch uplink to host memory (GPUs behind one switch share it) at the
-profile's PCIe rate times its efficiency, plus its latency.
+profile's PCIe rate times its efficiency, plus its latency. Cache items are (MoE layer, logical
+expert), so with re-placement (``rebalance_every_steps``) the experts a rank gains are misses
+when first used: they come from host memory over PCIe, not from a peer over the network.
 
 With ``miss: cpu`` a missing expert runs on the node's CPUs instead (Fiddler): its tokens go to
 the host and back over PCIe, and the CPUs take max(weight bytes / host memory bandwidth,
@@ -78,34 +80,49 @@ class OffloadTiming:
             uniform = np.full_like(nxt, k / nxt.shape[2])
             transition = np.where(rows > 0, nxt * k / np.maximum(rows, 1e-300), uniform)
         self.runs: dict[tuple[int, int], CacheRun] = {}
+        # cache items are (MoE layer, logical expert): m * E + e, so that a re-placement that
+        # gives a rank new experts makes them misses; held[t][item] = the rank's slots of it
+        self.held: dict[tuple[int, int], list[dict[int, list[int]]]] = {}
+        n_exp = r.model.moe.num_experts
         for rep in range(r.scenario.parallelism.dp):
             for rk in range(self.ep):
-                needed: list[list[int]] = []
-                loads = []
+                held: list[dict[int, list[int]]] = []
+                loads, maps = [], []
                 for sr in routings:
                     c = sr.replicas[rep]
+                    p2l = (sr.placement or stage.placement).phy2log[:, rk * spr : (rk + 1) * spr]
                     for m in range(self.n_moe):
-                        slots = np.nonzero(c.slot_tokens[m, rk])[0]
-                        needed.append([m * spr + int(s) for s in slots])
+                        at: dict[int, list[int]] = {}
+                        for s in np.nonzero(c.slot_tokens[m, rk])[0]:
+                            at.setdefault(m * n_exp + int(p2l[m, s]), []).append(int(s))
+                        held.append(at)
                         loads.append(c.expert_routed[m])
+                        maps.append(p2l)
+                needed = [list(at) for at in held]
                 prefetch: list[list[int]] = [[] for _ in needed]
                 for t in range(len(needed)):
                     m = t % self.n_moe
                     if off.prefetch == "oracle" and t + 1 < len(needed):
                         prefetch[t] = needed[t + 1]
                     elif transition is not None and m + 1 < self.n_moe:
-                        nxt_slots = stage.placement.phy2log[m + 1, rk * spr : (rk + 1) * spr]
+                        nxt = maps[t][m + 1]
                         picks = affinity_prefetch(
-                            np.asarray(loads[t], dtype=np.float64), transition[m], nxt_slots
+                            np.asarray(loads[t], dtype=np.float64), transition[m], nxt
                         )
-                        prefetch[t] = [(m + 1) * spr + s for s in picks]
+                        prefetch[t] = list(
+                            dict.fromkeys((m + 1) * n_exp + int(nxt[s]) for s in picks)
+                        )
                 run = simulate_cache(
                     needed, prefetch, self.capacity, off.policy, admit=not self.on_cpu
                 )
                 self.runs[(rep, rk)] = run
+                self.held[(rep, rk)] = held
                 if self.on_cpu:
                     tokens = [
-                        [int(sr.replicas[rep].slot_tokens[m, rk, i % spr]) for i in run.missed[t]]
+                        [
+                            sum(int(sr.replicas[rep].slot_tokens[m, rk, s]) for s in held[t][i])
+                            for i in run.missed[t]
+                        ]
                         for t, (sr, m) in enumerate(
                             (sr, m) for sr in routings for m in range(self.n_moe)
                         )
@@ -138,10 +155,12 @@ class OffloadTiming:
             return None
         mask = np.ones((self.n_moe, world, self.spr), dtype=bool)
         for g in range(world):
-            run = self.run_of(g)
+            key = (int(self.replica[g]), int(self.rank[g]))
+            run, held = self.runs[key], self.held[key]
             for m in range(self.n_moe):
-                for item in run.missed[step * self.n_moe + m]:
-                    mask[m, g, item % self.spr] = False
+                t = step * self.n_moe + m
+                for item in run.missed[t]:
+                    mask[m, g, held[t][item]] = False
         return mask
 
     def cpu(self, g: int, step: int, moe: int) -> simpy.Event | None:

@@ -151,3 +151,49 @@ def test_cpu_execution_needs_host_figures(write_scenario) -> None:
     )
     with pytest.raises(ConfigErrors, match=r"node\.host_memory_gb_per_s or node\.host_tflops"):
         load_scenario(write_scenario(data))
+
+
+def test_replacement_makes_a_ranks_new_experts_cache_misses() -> None:
+    """Offload with re-placement: cache items are (layer, logical expert), so an expert a rank
+    gains at a re-placement is copied from host memory when first used (nothing moves over
+    the network), even in a cache large enough to never evict."""
+    import simpy
+
+    from moesim.routing.stage import RoutingStage
+    from moesim.timing.offload import OffloadTiming
+
+    over = [
+        "routing.generator=zipf",
+        "policies.placement.type=eplb",
+        "policies.placement.redundant_experts=8",
+        "policies.placement.rebalance_every_steps=1",
+        "policies.offload.type=cache",
+        "policies.offload.cache_experts=1000",
+        "workload.steps=4",
+    ]
+    r = load_scenario(SCENARIOS / "olmoe-decode-8xl40s.yaml", over)
+    stage = RoutingStage(r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0))
+    routings = [stage.step(s) for s in range(4)]
+    assert all(sr.migration is None for sr in routings)
+    ep, spr, n_moe, n_exp = 8, stage.slots_per_rank, len(r.model.moe_layers), 64
+    timing = OffloadTiming(
+        r, stage, routings, np.zeros(ep, dtype=int), np.arange(ep), simpy.Environment()
+    )
+    new_after_first = 0
+    for rk in range(ep):
+        seen: set[int] = set()
+        expected = []
+        for step, sr in enumerate(routings):
+            assert sr.placement is not None
+            p2l = sr.placement.phy2log[:, rk * spr : (rk + 1) * spr]
+            for m in range(n_moe):
+                used = np.nonzero(sr.replicas[0].slot_tokens[m, rk])[0]
+                items = {m * n_exp + int(p2l[m, s]) for s in used}
+                expected.append(len(items - seen))
+                new_after_first += len(items - seen) if step else 0
+                seen |= items
+        assert timing.runs[(0, rk)].demand.tolist() == expected
+    assert new_after_first > 0  # the re-placements gave ranks experts they had not held
+    res = simulate(load_scenario(SCENARIOS / "olmoe-decode-8xl40s.yaml", over))
+    assert res.summary["migration_bytes"] == 0.0
+    assert res.summary["offload"]["demand_copies_per_step"] > 0
