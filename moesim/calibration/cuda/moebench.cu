@@ -427,6 +427,21 @@ void run_case(cublasLtHandle_t lt, const Case& c, const Plan& plan, void* ws, si
   for (auto& b : bufs) ExpertFFN::release(b);
 }
 
+// Exits (code 6) unless the first 8 KiB of `dst` on device `dst_dev` equal those of `src` on
+// `src_dev`: a copy is checked before it is timed. Leaves device 0 current.
+void check_copy(const void* src, int src_dev, const void* dst, int dst_dev, const char* what) {
+  std::vector<unsigned char> sent(8192), got(8192);
+  CUDA_OK(cudaSetDevice(src_dev));
+  CUDA_OK(cudaMemcpy(sent.data(), src, sent.size(), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaSetDevice(dst_dev));
+  CUDA_OK(cudaMemcpy(got.data(), dst, got.size(), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaSetDevice(0));
+  if (sent != got) {
+    std::fprintf(stderr, "moebench: %s copy check failed\n", what);
+    std::exit(6);
+  }
+}
+
 void run_memory(const Plan& plan, cudaStream_t s) {
   size_t n = plan.copy_bytes / 2;
   void *src, *dst;
@@ -436,13 +451,7 @@ void run_memory(const Plan& plan, cudaStream_t s) {
   CUDA_OK(cudaDeviceSynchronize());  // the fill ran on the legacy stream, which `s` does not wait on
   CUDA_OK(cudaMemcpyAsync(dst, src, n * 2, cudaMemcpyDeviceToDevice, s));
   CUDA_OK(cudaStreamSynchronize(s));
-  std::vector<uint16_t> a(4096), b(4096);
-  CUDA_OK(cudaMemcpy(a.data(), src, 8192, cudaMemcpyDeviceToHost));
-  CUDA_OK(cudaMemcpy(b.data(), dst, 8192, cudaMemcpyDeviceToHost));
-  if (a != b) {
-    std::fprintf(stderr, "moebench: device copy check failed\n");
-    std::exit(6);
-  }
+  check_copy(src, 0, dst, 0, "device");
   auto ms = time_events(plan.warmup, plan.repeats, s, [&](int) {
     CUDA_OK(cudaMemcpyAsync(dst, src, n * 2, cudaMemcpyDeviceToDevice, s));
   });
@@ -551,15 +560,7 @@ void run_peer(const Plan& plan) {
   CUDA_OK(cudaStreamCreate(&s));
   CUDA_OK(cudaMemcpyPeerAsync(b, 1, a, 0, n, s));
   CUDA_OK(cudaStreamSynchronize(s));
-  std::vector<unsigned char> sent(4096), got(4096);
-  CUDA_OK(cudaMemcpy(sent.data(), a, sent.size(), cudaMemcpyDeviceToHost));
-  CUDA_OK(cudaSetDevice(1));
-  CUDA_OK(cudaMemcpy(got.data(), b, got.size(), cudaMemcpyDeviceToHost));
-  CUDA_OK(cudaSetDevice(0));
-  if (sent != got) {
-    std::fprintf(stderr, "moebench: peer copy check failed\n");
-    std::exit(6);
-  }
+  check_copy(a, 0, b, 1, "peer");
   auto ms = time_events(3, plan.repeats, s, [&](int) {
     CUDA_OK(cudaMemcpyPeerAsync(b, 1, a, 0, n, s));
   });
