@@ -2,8 +2,8 @@
 
 A name is looked up as ``<dir>/<name>.yaml`` in, in order: the directory given by the
 ``MOESIM_PROFILES`` environment variable, ``hardware_profiles/`` next to the scenario file or any
-of its parents, ``hardware_profiles/`` in the working directory, and the one beside the moesim
-source tree (a checkout or editable install).
+of its parents, ``hardware_profiles/`` in the working directory, and last the profiles shipped
+as package data (``moesim/hardware/profiles/``), so an installed moesim finds them too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from moesim.hardware.profile import HardwareProfile
 from moesim.registry import closest
 
 PROFILE_DIRNAME = "hardware_profiles"
+SHIPPED_DIR = Path(__file__).parent / "profiles"
 
 
 def profile_dirs(base_dir: Path | None = None) -> list[Path]:
@@ -28,7 +29,7 @@ def profile_dirs(base_dir: Path | None = None) -> list[Path]:
     if base_dir is not None:
         found += [d / PROFILE_DIRNAME for d in (base_dir.resolve(), *base_dir.resolve().parents)]
     found.append(Path.cwd() / PROFILE_DIRNAME)
-    found.append(Path(__file__).resolve().parents[2] / PROFILE_DIRNAME)
+    found.append(SHIPPED_DIR)
     unique: list[Path] = []
     for d in found:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:

@@ -1,6 +1,7 @@
 """Hardware profiles: the device and link facts the simulator predicts from.
 
-A profile is a YAML file in ``hardware_profiles/``. Every numeric figure must be covered by an
+A profile is a YAML file: shipped in ``moesim/hardware/profiles/``, or a user's own in
+``hardware_profiles/``. Every numeric figure must be covered by an
 entry of its ``sources:`` map, keyed by the figure's dotted path or a prefix of it
 (``gpu.peak_dense_tflops`` covers ``gpu.peak_dense_tflops.bf16``); a profile with an uncited
 figure does not load. Bandwidths are in GB/s (1e9 bytes per second) per direction.

@@ -26,7 +26,7 @@ import numpy as np
 from moesim.traces.format import Trace, concat_traces
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_GLOBS = ("README.md", "moesim/**/*.py", "scenarios/*.yaml", "hardware_profiles/*.yaml")
+TRAIN_GLOBS = ("README.md", "moesim/**/*.py", "scenarios/*.yaml", "moesim/hardware/profiles/*.yaml")
 EVAL_GLOBS = ("tests/**/*.py",)
 
 

@@ -25,8 +25,10 @@ custom router. What a router returns is read as:
   config says ``norm_topk_prob``.
 
 Rows map to (sequence, position) from the model's own inputs: a hook on the top-level forward
-reads the batch shape, the attention mask (padding is not recorded) and ``cache_position`` (so
-that generation with a KV cache records real positions and keeps the sequence ids).
+reads the batch shape, the attention mask (padding is not recorded) and the KV-cache offset
+(:func:`cache_offset`: ``cache_position``, the cache's length, the mask or ``position_ids``, as
+each transformers version passes it), so that generation with a KV cache records real positions
+and keeps the sequence ids.
 """
 
 from __future__ import annotations
@@ -155,6 +157,30 @@ def find_routers(model: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def cache_offset(kwargs: dict[str, Any], length: int, mask: Any = None) -> int:
+    """KV-cache slot of the first input column of a top-level forward call.
+
+    transformers versions pass it differently, so the first that is present wins:
+    ``cache_position`` (4.36 to 5.23), the cache object's length before this call
+    (``past_key_values``, or ``cache`` from 5.24), a 2-D attention mask longer than the
+    input (it covers the cached columns too), and the largest first ``position_ids`` entry
+    (left padding lowers the others). 0 without any of them: a fresh, uncached forward.
+    """
+    cache_pos = kwargs.get("cache_position")
+    if cache_pos is not None and cache_pos.numel():
+        return int(cache_pos.reshape(-1)[0])
+    for name in ("past_key_values", "cache"):
+        past = kwargs.get(name)
+        if past is not None and hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length())
+    if mask is not None and int(mask.shape[-1]) > length:
+        return int(mask.shape[-1]) - length
+    pos = kwargs.get("position_ids")
+    if pos is not None and pos.dim() >= 1 and pos.numel():
+        return int(pos.reshape(-1, pos.shape[-1])[:, 0].max())
+    return 0
+
+
 class RoutingRecorder:
     """Collects router outputs while attached to a model; build the trace with :meth:`trace`.
 
@@ -237,20 +263,15 @@ class RoutingRecorder:
         if ids is None:
             return
         batch, length = int(ids.shape[0]), int(ids.shape[1])
-        offset = 0
-        cache_pos = kwargs.get("cache_position")
-        if cache_pos is not None and cache_pos.numel():
-            offset = int(cache_pos.reshape(-1)[0])
-        elif kwargs.get("past_key_values") is not None:
-            past = kwargs["past_key_values"]
-            offset = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        mask = mask if mask is not None and getattr(mask, "dim", lambda: 0)() == 2 else None
+        offset = cache_offset(kwargs, length, mask)
         if offset == 0 or len(self._seq_ids) != batch:
             self._seq_ids = np.arange(self.next_seq, self.next_seq + batch)
             self.next_seq += batch
         self._offset = offset
-        mask = kwargs.get("attention_mask")
         self._mask = None
-        if mask is not None and mask.dim() == 2:
+        if mask is not None:
             self._mask = mask[:, -length:].detach().cpu().numpy().astype(bool)
         if self.steps == "forward":
             self.step = self._forwards

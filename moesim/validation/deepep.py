@@ -17,7 +17,7 @@ Bytes are counted as DeepEP's tests count them ("logical" bandwidth):
 
 The prediction is those bytes over the rank's simulated phase time (the time its last flow
 arrives), averaged over ranks. Nothing here is tuned to the published figures: the hardware
-facts come from ``hardware_profiles/h800.yaml``.
+facts come from the shipped ``h800`` profile.
 """
 
 from __future__ import annotations

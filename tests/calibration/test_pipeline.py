@@ -148,7 +148,7 @@ def test_calibrate_never_overwrites_and_rejects_what_the_cpu_cannot_measure(
 
 
 def test_a_profile_calibration_table_must_be_well_formed(tmp_path: Path) -> None:
-    data = yaml.safe_load((ROOT / "hardware_profiles" / "h100-sxm.yaml").read_text())
+    data = yaml.safe_load((ROOT / "moesim" / "hardware" / "profiles" / "h100-sxm.yaml").read_text())
     data["calibration"] = {
         "backend": "cpu",
         "device": "x",

@@ -23,7 +23,7 @@ def test_profile_loads_and_cites_sources(name: str) -> None:
 
 
 def test_uncited_figure_is_refused(tmp_path) -> None:
-    data = yaml.safe_load((ROOT / "hardware_profiles" / "h100-sxm.yaml").read_text())
+    data = yaml.safe_load((ROOT / "moesim" / "hardware" / "profiles" / "h100-sxm.yaml").read_text())
     del data["sources"]["gpu.hbm_bandwidth_gb_per_s"]
     path = tmp_path / "uncited.yaml"
     path.write_text(yaml.safe_dump(data))
