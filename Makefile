@@ -1,22 +1,31 @@
 # moesim: two commands on a fresh machine: `make demo`, then `make test`.
+# Every install comes from the lock (constraints.txt), so a new release of a dependency cannot
+# turn a clean clone red; `make test-latest` meets the newest allowed versions on purpose and
+# `make test-oldest` the lower bounds of pyproject.toml.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
+EXTRAS := dev,trace,cuda,distributed
+LOCK   := constraints.txt
+# The oldest transformers the project allows (pyproject.toml, constraints-oldest.txt): make test
+# runs the capture tests on it too, overlaid on the locked environment.
+TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
-.PHONY: demo test bench bench-b4 lint install dev clean
+.PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 \
+	lint install dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK)
+	$(BIN)/pip install --quiet -c $(LOCK) -e .
 	touch $@
 
 $(DEVSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,trace,cuda,distributed]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(STAMP)
@@ -27,6 +36,48 @@ demo: $(STAMP)
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-capture-oldest test-wheel
+
+# Capture (and generate's positions) on the oldest transformers allowed.
+test-capture-oldest: $(DEVSTAMP)
+	@test -f .venv-tf-oldest/transformers-$(TF_OLDEST).stamp || { rm -rf .venv-tf-oldest && \
+	  $(BIN)/pip install --quiet --no-deps --target .venv-tf-oldest transformers==$(TF_OLDEST) && \
+	  touch .venv-tf-oldest/transformers-$(TF_OLDEST).stamp; }
+	PYTHONPATH=.venv-tf-oldest MOESIM_EXPECT_TRANSFORMERS=$(TF_OLDEST) \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/traces/test_capture.py
+
+# A wheel installed into a clean venv finds its scenarios' presets and profiles from elsewhere.
+test-wheel: $(DEVSTAMP)
+	rm -rf build/wheel .venv-wheel
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w build/wheel .
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/pip install --quiet -c $(LOCK) build/wheel/moesim-*.whl
+	.venv-wheel/bin/python tests/installed_check.py $(CURDIR)/scenarios
+
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet --upgrade -e '.[$(EXTRAS)]'
+	.venv-latest/bin/pip list 2>/dev/null | grep -iE '^(numpy|pandas|pydantic|transformers|typer) '
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
+test-oldest:
+	rm -rf .venv-oldest
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install --quiet --upgrade pip
+	.venv-oldest/bin/pip install --quiet -c constraints-oldest.txt -e '.[$(EXTRAS)]'
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider
+
+# Rewrite the lock from the newest allowed versions (then run make test and commit it).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -e '.[$(EXTRAS)]'
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable | \
+	  grep -v '^moesim' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 bench: $(DEVSTAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
@@ -41,4 +92,4 @@ lint: $(DEVSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-* build *.egg-info

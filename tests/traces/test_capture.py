@@ -6,6 +6,8 @@ separate hook on the experts module), so the test fails if capture misreads a ro
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from typer.testing import CliRunner
 from moesim.cli import app
 from moesim.traces import capture, read_trace
 from moesim.traces.format import TraceError
-from moesim.traces.recorder import RouterOutput
+from moesim.traces.recorder import RouterOutput, cache_offset
 
 COMMON = {
     "vocab_size": 64,
@@ -258,3 +260,39 @@ def test_cli_capture_on_a_local_config(tmp_path: Path) -> None:
     trace = read_trace(out)
     assert trace.meta.source == "capture" and trace.meta.capture["tokenizer"] == "utf-8 bytes"
     assert trace.rows == 2 * 1024 and trace.seq.max() == 15
+
+
+def test_the_transformers_under_test_is_the_one_asked_for() -> None:
+    """``make test`` reruns this file on the oldest transformers allowed (an overlay)."""
+    import transformers
+
+    wanted = os.environ.get("MOESIM_EXPECT_TRANSFORMERS")
+    if wanted is None:
+        wanted = importlib.metadata.version("transformers")
+    assert transformers.__version__ == wanted
+
+
+class _Cache:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize(
+    "kwargs, length, mask, offset",
+    [
+        ({"cache_position": torch.tensor([5])}, 1, None, 5),  # 4.36 to 5.23
+        ({"past_key_values": _Cache(7)}, 1, None, 7),
+        ({"cache": _Cache(9)}, 1, None, 9),  # 5.24
+        ({}, 1, torch.ones(2, 12), 11),  # the mask covers the cached columns
+        ({"position_ids": torch.tensor([[3], [6]])}, 1, None, 6),  # left padding lowers row 0
+        ({"position_ids": torch.arange(4)[None]}, 4, torch.ones(1, 4), 0),
+        ({}, 3, None, 0),
+    ],
+)
+def test_cache_offset_reads_every_form(
+    kwargs: dict, length: int, mask: torch.Tensor | None, offset: int
+) -> None:
+    assert cache_offset(kwargs, length, mask) == offset
