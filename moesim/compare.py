@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from moesim import jsonout
 from moesim.errors import MoesimError
 
 GiB = 1024**3
@@ -142,7 +143,6 @@ def write_compare(
     table: pd.DataFrame, summaries: dict[str, dict[str, Any]], out_root: str | Path
 ) -> Path:
     """Write ``<out_root>/compare/<time>-<n>runs/`` (report.html, compare.csv, summaries.json)."""
-    import json
 
     from moesim.results.report import html_page
     from moesim.results.writer import write_folder
@@ -150,7 +150,7 @@ def write_compare(
     def fill(tmp: Path) -> None:
         table.to_csv(tmp / "compare.csv", index=False)
         (tmp / "summaries.json").write_text(
-            json.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            jsonout.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         page = html_page(
             "moesim comparison",

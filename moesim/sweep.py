@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from moesim import jsonout
 from moesim.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -186,7 +187,6 @@ def write_sweep(
 ) -> Path:
     """Write ``<out_root>/<name>/<time>-sweep/`` with sweep.parquet, summaries.json and a
     report.html of each metric against the grid points."""
-    import json
 
     from moesim.results.report import html_page
     from moesim.results.writer import write_folder
@@ -194,7 +194,7 @@ def write_sweep(
     def fill(tmp: Path) -> None:
         table.to_parquet(tmp / "sweep.parquet", index=False)
         (tmp / "summaries.json").write_text(
-            json.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            jsonout.dumps(summaries, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         page = html_page(
             f"moesim sweep: {name}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,12 @@ def write_scenario(tmp_path: Path):
         return path
 
     return write
+
+
+def strict_json(text: str) -> Any:
+    """Parse JSON, rejecting NaN and Infinity (which Python's json accepts by default)."""
+
+    def reject(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=reject)

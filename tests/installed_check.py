@@ -25,13 +25,18 @@ def main(scenarios: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         where = subprocess.run(
             [sys.executable, "-c", "import moesim; print(moesim.__file__)"],
-            cwd=tmp, capture_output=True, text=True, check=True,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         if "site-packages" not in where:
             sys.exit(f"moesim was imported from {where}, not from the installed wheel")
         run = subprocess.run(
             [str(moesim), "run", str(scenarios / "quickstart.yaml"), "--out", "out", "--json"],
-            cwd=tmp, capture_output=True, text=True,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
         )
         if run.returncode:
             sys.exit(f"moesim run failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")

@@ -1,4 +1,5 @@
-"""Every shipped scenario runs and matches its stored golden summary; runs are deterministic.
+"""Every shipped scenario runs through the CLI as a user runs it (run folder and report written),
+its printed summary is strict JSON and matches its stored golden summary; runs are deterministic.
 
 Regenerate the goldens after an intended change of results with
 ``python -m tests.golden.regenerate`` and explain the change in the commit.
@@ -10,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from moesim.cli import app
 from moesim.config.loading import load_scenario
 from moesim.results.writer import summary_json
 from moesim.runner import simulate
-from tests.conftest import ROOT, SCENARIOS
+from tests.conftest import ROOT, SCENARIOS, strict_json
 
 GOLDEN = ROOT / "tests" / "golden"
 
@@ -29,11 +32,17 @@ def _close(a, b, path: str = "") -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_scenario_matches_golden(path: Path) -> None:
-    summary = simulate(load_scenario(path)).summary
+def test_scenario_runs_through_the_cli_and_matches_golden(path: Path, tmp_path: Path) -> None:
+    out = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path), "--json"])
+    assert out.exit_code == 0, out.output
+    summary = strict_json(out.stdout)
+    (folder,) = (tmp_path / summary["scenario"]).iterdir()
+    assert (folder / "report.html").stat().st_size > 10_000
+    assert strict_json((folder / "summary.json").read_text()) == summary
+    strict_json((folder / "timeline.json").read_text())
     golden = GOLDEN / f"{path.stem}.json"
     assert golden.exists(), f"no golden for {path.name}: run python -m tests.golden.regenerate"
-    diffs = _close(json.loads(golden.read_text()), json.loads(summary_json(summary)))
+    diffs = _close(json.loads(golden.read_text()), summary)
     assert not diffs, "\n".join(diffs)
 
 

@@ -11,7 +11,6 @@ Outputs (nothing is overwritten; every file is written to a temporary name and r
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from moesim import jsonout
 from moesim.calibration.backends import Progress, get_backend
 from moesim.calibration.fit import ExpertTimeTable, fit_cases
 from moesim.calibration.plan import Plan, record_key
@@ -121,7 +121,7 @@ def calibrate(
     from moesim.calibration.profile import calibrated_profile
 
     profile = calibrated_profile(base_profile, doc, out_profile, raw_path)
-    write_atomic(raw_path, json.dumps(doc, indent=1) + "\n")
+    write_atomic(raw_path, jsonout.dumps(doc, indent=1) + "\n")
     write_atomic(plot_path, plot_html(doc, tables))
     write_atomic(out_profile, yaml.safe_dump(profile, sort_keys=False, width=100))
     from moesim.hardware.catalog import load_profile

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from moesim import jsonout
 from moesim.cli import catalog
 from moesim.cli.calibrate import calibrate
 from moesim.cli.errors import reported
@@ -205,7 +206,6 @@ def validate(
     seed: Annotated[int, typer.Option(help="Seed of the benchmark routing.")] = 0,
 ) -> None:
     """Predict published measurements (DeepEP normal kernels) and print the errors."""
-    import json
 
     from moesim.cli.render import print_validation
     from moesim.validation.deepep import validate_deepep
@@ -213,7 +213,7 @@ def validate(
     with reported():
         rows = validate_deepep(seed=seed)
         if json_out:
-            typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+            typer.echo(jsonout.dumps([r.as_dict() for r in rows], indent=2))
         else:
             print_validation(rows)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moesim import jsonout
 from moesim.cli.errors import reported
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ def models_show(
             "moe_layers": list(m.moe_layers),
         }
         if json_out:
-            typer.echo(json.dumps(data, indent=2))
+            typer.echo(jsonout.dumps(data, indent=2))
             return
-        Console().print_json(json.dumps(data))
+        Console().print_json(jsonout.dumps(data))
 
 
 @profiles_app.command("list")
@@ -110,9 +110,9 @@ def profiles_show(
             return
         data = profile.model_dump(mode="json")
         if json_out:
-            typer.echo(json.dumps(data, indent=2))
+            typer.echo(jsonout.dumps(data, indent=2))
             return
-        Console().print_json(json.dumps(data))
+        Console().print_json(jsonout.dumps(data))
 
 
 def _draw(profile: HardwareProfile, nodes: int, out: Path) -> None:

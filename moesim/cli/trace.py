@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from moesim import jsonout
 from moesim.cli.errors import reported
 
 trace_app = typer.Typer(
@@ -139,7 +139,7 @@ def stats_cmd(
             refuse_existing(report, "a report", "--report")
         stats = trace_stats(read_trace(trace))
         if json_out:
-            sys.stdout.write(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+            sys.stdout.write(jsonout.dumps(stats, indent=1, sort_keys=True) + "\n")
         else:
             _print_stats(stats)
         if report is not None:

@@ -9,10 +9,10 @@ so that runs without a report never load it.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moesim import jsonout
 from moesim.metrics.collector import PHASES
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ COLORS = {
     "combine": "#E45756",
     "tp_comm": "#FF9DA6",
     "migrate": "#BAB0AC",
-    "offload": "#72B7B2",
+    "offload_wait": "#72B7B2",
 }
 
 
@@ -172,7 +172,7 @@ def write_report(result: RunResult, path: Path) -> None:
     drops = drops_by_position_figure({result.resolved.scenario.name: result.summary})
     if drops is not None:
         figs.append(drops)
-    summary = html.escape(json.dumps(result.summary, indent=2, sort_keys=True))
+    summary = html.escape(jsonout.dumps(result.summary, indent=2, sort_keys=True))
     page = html_page(
         f"moesim run: {result.resolved.scenario.name}",
         result.resolved.scenario.description,

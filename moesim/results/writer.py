@@ -17,7 +17,6 @@ so a failed run leaves nothing half-written; an existing run folder is never ove
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,13 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from moesim import jsonout
+
 if TYPE_CHECKING:
     from moesim.runner import RunResult
 
 
 def summary_json(summary: dict[str, Any]) -> str:
     """The exact text of ``summary.json`` (sorted keys, so equal runs give equal bytes)."""
-    return json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    return jsonout.dumps(summary, indent=2, sort_keys=True) + "\n"
 
 
 def _run_dir(base: Path, tag: str) -> Path:
@@ -94,7 +95,7 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
         if result.links is not None:
             result.links.to_parquet(tmp / "links.parquet", index=False)
         trace = {"traceEvents": _trace_metadata(result) + result.timeline, "displayTimeUnit": "ms"}
-        (tmp / "timeline.json").write_text(json.dumps(trace), encoding="utf-8")
+        (tmp / "timeline.json").write_text(jsonout.dumps(trace), encoding="utf-8")
         if r.scenario.output.report:
             from moesim.results.report import write_report
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim import jsonout
 from moesim.errors import MoesimError
 
 FORMAT_VERSION = 1
@@ -74,7 +75,7 @@ class TraceMeta:
 
     def to_json(self) -> str:
         """The metadata as canonical JSON (sorted keys)."""
-        return json.dumps(
+        return jsonout.dumps(
             {"format_version": FORMAT_VERSION, **asdict(self)}, sort_keys=True, default=str
         )
 

@@ -59,3 +59,17 @@ def test_reuse_between_steps_and_tokens() -> None:
     # a constant sequence reuses everything
     stats = trace_stats(make_trace(np.zeros((1, 4, 1), dtype=int), 2, seq_len=4))
     assert stats["layers"][0]["token_reuse"] == 1.0
+
+
+def test_stats_json_of_a_trace_without_weights_is_strict_json(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from moesim.cli import app
+    from tests.conftest import strict_json
+
+    experts = np.arange(2 * 64).reshape(2, 64, 1) % 8
+    path = make_trace(experts, 8).write(tmp_path / "t.parquet")  # no weights, no logits
+    out = CliRunner().invoke(app, ["trace", "stats", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    stats = strict_json(out.stdout)
+    assert stats["layers"][0]["aux_loss"] is None
