@@ -21,6 +21,11 @@ from moesim.errors import MoesimError
 T = TypeVar("T")
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for a message (a 10k-character name stays readable)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def closest(name: str, valid: list[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest valid name, or ``""``."""
     match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
@@ -56,7 +61,8 @@ class Registry(Generic[T]):
         except KeyError:
             valid = sorted(self._items)
             raise MoesimError(
-                f"unknown {self.family} '{name}'{closest(name, valid)}; valid: {', '.join(valid)}"
+                f"unknown {self.family} '{shorten(name)}'{closest(name, valid)}; "
+                f"valid: {', '.join(valid)}"
             ) from None
 
     def names(self) -> list[str]:

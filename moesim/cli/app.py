@@ -57,11 +57,16 @@ def run(
     """Simulate SCENARIO and write results/<scenario>/<run-id>/."""
     from moesim.cli.render import print_summary, progress_bar
     from moesim.config.loading import load_scenario
-    from moesim.results.writer import summary_json
+    from moesim.results.writer import output_root, summary_json
     from moesim.runner import simulate, write_run
 
     with reported():
         resolved = load_scenario(scenario, overrides or [])
+        if not no_write:
+            out = output_root(
+                out if out is not None else resolved.scenario.output.dir,
+                "--out" if out is not None else f"{scenario}: output.dir",
+            )
         with progress_bar(resolved.scenario.workload.steps, resolved.scenario.name) as tick:
             result = simulate(resolved, progress=tick)
         folder = None if no_write else write_run(result, out)

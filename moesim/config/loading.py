@@ -10,12 +10,13 @@ from pathlib import Path
 
 from moesim.config.overrides import apply_overrides
 from moesim.config.scenario import Scenario
-from moesim.config.validation import read_yaml, validate
+from moesim.config.validation import is_file, read_yaml, validate
 from moesim.errors import ConfigError, ConfigErrors
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.profile import HardwareProfile
 from moesim.models.presets import resolve_model
 from moesim.models.spec import ModelSpec
+from moesim.registry import shorten
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,12 @@ def _resolve_routing_files(
         file = Path(ref)
         if not file.is_absolute() and base is not None:
             file = base / file
-        if not file.is_file():
+        if not is_file(file):
             errors.append(
                 ConfigError(
-                    path, f"routing.{name}", f"'{ref}' not found (relative to the scenario)"
+                    path,
+                    f"routing.{name}",
+                    f"'{shorten(ref)}' not found (relative to the scenario)",
                 )
             )
             continue

@@ -19,9 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from moesim.dtypes import DType
 
+MAX_NODES = 4096
+"""Most nodes a scenario may describe (32,768 GPUs of 8)."""
+MAX_GPUS = 32_768
+"""Most GPUs in any one parallel dimension."""
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _registered(family: str, name: str) -> str:
@@ -42,17 +47,17 @@ def _registered(family: str, name: str) -> str:
 class Cluster(_Section):
     """How many nodes of the hardware profile."""
 
-    nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Nodes in the cluster.")
 
 
 class Parallelism(_Section):
     """Parallel layout; world size = dp * ep * tp."""
 
-    ep: int = Field(1, ge=1, description="Expert-parallel ranks per replica.")
+    ep: int = Field(1, ge=1, le=MAX_GPUS, description="Expert-parallel ranks per replica.")
     tp: int = Field(
-        1, ge=1, description="Tensor-parallel GPUs per EP rank (attention and experts)."
+        1, ge=1, le=64, description="Tensor-parallel GPUs per EP rank (attention and experts)."
     )
-    dp: int = Field(1, ge=1, description="Independent data-parallel replicas.")
+    dp: int = Field(1, ge=1, le=MAX_GPUS, description="Independent data-parallel replicas.")
 
     @property
     def world(self) -> int:
@@ -71,12 +76,17 @@ class Workload(_Section):
         description="Inference decode, prefill, or a training step."
     )
     batch_size: int = Field(
-        ge=1, description="Sequences per replica per step (split over the ep ranks)."
+        ge=1, le=2**24, description="Sequences per replica per step (split over the ep ranks)."
     )
-    seq_len: int = Field(0, ge=0, description="Tokens per sequence (prefill and train).")
-    context_len: int = Field(0, ge=0, description="KV-cache length at the first decode step.")
+    seq_len: int = Field(0, ge=0, le=2**24, description="Tokens per sequence (prefill and train).")
+    context_len: int = Field(
+        0, ge=0, le=2**27, description="KV-cache length at the first decode step."
+    )
     steps: int = Field(
-        1, ge=1, description="Decode steps, prefill batches or training steps to simulate."
+        1,
+        ge=1,
+        le=100_000,
+        description="Decode steps, prefill batches or training steps to simulate.",
     )
     dtype: DType = Field("bf16", description="Weight and compute dtype.")
     dispatch_dtype: DType = Field(
@@ -109,13 +119,19 @@ class Routing(_Section):
         1.0, ge=0, le=4, description="Zipf exponent of expert popularity (zipf only)."
     )
     alpha: float = Field(
-        1.0, gt=0, description="Dirichlet concentration of expert popularity (dirichlet only)."
+        1.0,
+        ge=1e-3,
+        le=1e3,
+        description="Dirichlet concentration of expert popularity (dirichlet only).",
     )
     path: str | None = Field(
-        None, description="Trace to replay (source trace), relative to the scenario file."
+        None,
+        max_length=4096,
+        description="Trace to replay (source trace), relative to the scenario file.",
     )
     fit: str | None = Field(
         None,
+        max_length=4096,
         description="Trace (.parquet) or published counts (.json) the fitted generator is "
         "fitted to, relative to the scenario file.",
     )
@@ -124,7 +140,9 @@ class Routing(_Section):
         description="Replay only trace rows whose step is in [first, last] (e.g. the "
         "after-training rows of a trace captured during training).",
     )
-    domain: str | None = Field(None, description="Domain of the counts file (fitted only).")
+    domain: str | None = Field(
+        None, max_length=200, description="Domain of the counts file (fitted only)."
+    )
     layer_map: Literal["exact", "stretch"] = Field(
         "exact",
         description="exact: the trace is of a model with as many MoE layers as this one; "
@@ -151,7 +169,9 @@ class Capacity(_Section):
     type: Literal["dropless", "capacity"] = Field(
         "dropless", description="dropless, or a capacity factor."
     )
-    factor: float | None = Field(None, gt=0, description="Capacity factor (type capacity).")
+    factor: float | None = Field(
+        None, gt=0, le=1000, description="Capacity factor (type capacity)."
+    )
     drop: str = Field(
         "position",
         description="Which assignments are dropped when an expert is full: position (latest "
@@ -168,7 +188,7 @@ class Capacity(_Section):
         False, description="Pad every expert to its capacity (padding computed and sent)."
     )
     reroute_depth: int = Field(
-        4, ge=1, description="Next choices a dropped assignment tries (drop: reroute)."
+        4, ge=1, le=64, description="Next choices a dropped assignment tries (drop: reroute)."
     )
 
     @field_validator("drop")
@@ -192,11 +212,15 @@ class Placement(_Section):
     redundant_experts: int = Field(
         0,
         ge=0,
+        le=2**15,
         description="Extra expert slots per layer over the EP group (eplb, eplb_global, "
         "topology_aware); (experts + redundant) must split evenly over the ranks.",
     )
     num_groups: int | None = Field(
-        None, ge=1, description="Expert groups for eplb (default: the model's n_group, or 1)."
+        None,
+        ge=1,
+        le=2**15,
+        description="Expert groups for eplb (default: the model's n_group, or 1).",
     )
     replica_choice: str | None = Field(
         None,
@@ -206,6 +230,7 @@ class Placement(_Section):
     rebalance_every_steps: int = Field(
         0,
         ge=0,
+        le=100_000,
         description="Re-place every N steps from a moving average of observed loads, "
         "charging the moved experts' bytes on the network (0: never).",
     )
@@ -256,10 +281,13 @@ class Offload(_Section):
         "none", description="none, or cache (experts in host memory behind an HBM cache)."
     )
     cache_experts: int | None = Field(
-        None, ge=1, description="Expert copies the HBM cache of one GPU holds (all layers)."
+        None,
+        ge=1,
+        le=2**24,
+        description="Expert copies the HBM cache of one GPU holds (all layers).",
     )
     cache_gib: float | None = Field(
-        None, gt=0, description="HBM for the cache in GiB (instead of cache_experts)."
+        None, gt=0, le=2**20, description="HBM for the cache in GiB (instead of cache_experts)."
     )
     policy: str = Field("lru", description="Eviction policy: lru, lfu, belady (optimal bound).")
     prefetch: str = Field(
@@ -353,8 +381,13 @@ class Engine(_Section):
 class Output(_Section):
     """What a run writes."""
 
-    dir: str = Field("results", description="Results root; runs go to <dir>/<scenario>/<run-id>/.")
-    timeline_steps: int = Field(2, ge=0, description="Steps recorded in timeline.json.")
+    dir: str = Field(
+        "results",
+        min_length=1,
+        max_length=4096,
+        description="Results root; runs go to <dir>/<scenario>/<run-id>/ (~ is your home).",
+    )
+    timeline_steps: int = Field(2, ge=0, le=1000, description="Steps recorded in timeline.json.")
     report: bool = Field(True, description="Write report.html.")
 
 
@@ -362,16 +395,22 @@ class Scenario(_Section):
     """One simulation scenario. See the README's scenario reference."""
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_.-]+$", description="Scenario name (used in result paths)."
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="Scenario name (used in result paths): letters, digits, _ . -, not "
+        "starting with a dot.",
     )
-    description: str = Field("", description="Free text.")
-    model: str = Field(description="Preset name, or a path to an HF config.json or model YAML.")
-    hardware: str = Field(description="Hardware profile name or path.")
+    description: str = Field("", max_length=10_000, description="Free text.")
+    model: str = Field(
+        max_length=4096,
+        description="Preset name, or a path to an HF config.json or model YAML.",
+    )
+    hardware: str = Field(max_length=4096, description="Hardware profile name or path.")
     cluster: Cluster = Cluster()
     parallelism: Parallelism = Parallelism()
     workload: Workload
     routing: Routing = Routing()
     policies: Policies = Policies()
     engine: Engine = Engine()
-    seed: int = Field(0, ge=0, description="Seed of every random choice.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of every random choice.")
     output: Output = Output()

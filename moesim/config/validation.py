@@ -6,6 +6,7 @@ gets the closest valid key name.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,26 +19,148 @@ from moesim.registry import closest
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``.
+MAX_FILE_BYTES = 4 * 2**20
+"""Largest scenario, model or profile file read (4 MiB; the shipped ones are under 10 KiB)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists in a YAML or JSON configuration file."""
+MAX_NODES = 100_000
+"""Most values a YAML file may expand to, aliases counted at every use ("billion laughs")."""
+
+
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` that answers False, not ``OSError``, for a name too long or unreadable."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def read_text(path: str | Path, field: str = "") -> str:
+    """The UTF-8 text of a configuration file, read with a size limit.
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML (with line and column) or is not a
-            mapping at the top level.
+        ConfigError: missing, unreadable (a device, a name too long), over
+            :data:`MAX_FILE_BYTES`, or not UTF-8 (with the byte offset).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(p, "", "file not found")
+    if not is_file(p):
+        raise ConfigError(p, field, "file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(p, field, f"cannot read the file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(p, field, f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(p, field, f"not UTF-8 text (byte {exc.start})") from None
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses deep nesting and documents that expand too far."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels at line {mark.line + 1}")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node) > MAX_NODES:
+            raise yaml.YAMLError(
+                f"the document expands to more than {MAX_NODES:,} values through its aliases"
+            )
+        return node
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Values ``root`` stands for once every alias is expanded (capped just past the limit)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done or not children:
+            total = 1 + sum(sizes[id(c)] for c in children)
+            sizes[id(node)] = min(total, MAX_NODES + 1)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely (no Python objects) within the limits above.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, too large, not UTF-8, not valid YAML
+            (with line and column), nested or expanding past the limits, or not a mapping at
+            the top level.
+    """
+    p = Path(path)
+    text = read_text(p)
+    try:
+        data = yaml.load(text, Loader=_LimitedLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(p, "", f"invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(p, "", f"invalid YAML: nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ConfigError(p, "", f"expected a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON configuration file (e.g. a Hugging Face ``config.json``) within the limits.
+
+    Raises:
+        ConfigError: as :func:`read_text`, or invalid JSON, or nested past :data:`MAX_DEPTH`.
+    """
+    p = Path(path)
+    text = read_text(p)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(p, "", f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(p, "", f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
+    if _json_depth(data) > MAX_DEPTH:
+        raise ConfigError(p, "", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def _json_depth(data: Any) -> int:
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from moesim.config.validation import read_yaml, validate
+from moesim.config.validation import is_file, read_yaml, validate
 from moesim.errors import ConfigError
 from moesim.hardware.profile import HardwareProfile
-from moesim.registry import closest
+from moesim.registry import closest, shorten
 
 PROFILE_DIRNAME = "hardware_profiles"
 SHIPPED_DIR = Path(__file__).parent / "profiles"
@@ -52,17 +52,18 @@ def find_profile(ref: str, base_dir: Path | None = None) -> Path:
             else [(base_dir or Path.cwd()) / direct, Path.cwd() / direct]
         )
         for c in candidates:
-            if c.is_file():
+            if is_file(c):
                 return c
-        raise ConfigError(None, "hardware", f"hardware profile file '{ref}' not found")
-    for d in profile_dirs(base_dir):
-        if (d / f"{ref}.yaml").is_file():
-            return d / f"{ref}.yaml"
+        raise ConfigError(None, "hardware", f"hardware profile file '{shorten(ref)}' not found")
     names = profile_names(base_dir)
+    if ref in names:
+        for d in profile_dirs(base_dir):
+            if is_file(d / f"{ref}.yaml"):
+                return d / f"{ref}.yaml"
     raise ConfigError(
         None,
         "hardware",
-        f"unknown hardware profile '{ref}'{closest(ref, names)}; "
+        f"unknown hardware profile '{shorten(ref)}'{closest(ref, names)}; "
         f"valid: {', '.join(names) or '(none found)'}",
     )
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GPUSpec(_Frozen):
@@ -34,7 +34,7 @@ class GPUSpec(_Frozen):
         description="SMs that kernel-driven collectives (NCCL, DeepEP normal kernels) occupy "
         "while in flight; compute overlapping them runs on the rest (0: not modelled).",
     )
-    kernel_launch_s: float = Field(ge=0, description="Fixed cost per kernel launch, seconds.")
+    kernel_launch_s: float = Field(ge=0, le=1, description="Fixed cost per kernel launch, seconds.")
     matmul_efficiency: float = Field(
         gt=0, le=1, description="Fraction of peak matrix FLOP/s that large GEMMs reach."
     )
@@ -47,6 +47,9 @@ class GPUSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> GPUSpec:
+        bad = {k: v for k, v in self.peak_dense_tflops.items() if not 0 < v < 1e6}
+        if bad:
+            raise ValueError(f"peak_dense_tflops must be positive and finite, got {bad}")
         if self.comm_sms >= self.sm_count:
             raise ValueError(
                 f"comm_sms ({self.comm_sms}) must leave SMs for compute (sm_count {self.sm_count})"
@@ -73,10 +76,12 @@ class NodeSpec(_Frozen):
     nvlink_efficiency: float = Field(
         1, gt=0, le=1, description="Reachable fraction of NVLink rate."
     )
-    nvlink_latency_s: float = Field(0, ge=0, description="GPU-to-GPU latency over NVLink, seconds.")
+    nvlink_latency_s: float = Field(
+        0, ge=0, le=1, description="GPU-to-GPU latency over NVLink, seconds."
+    )
     pcie_gb_per_s: float = Field(gt=0, description="PCIe GB/s per GPU link, per direction.")
     pcie_efficiency: float = Field(gt=0, le=1, description="Reachable fraction of PCIe rate.")
-    pcie_latency_s: float = Field(ge=0, description="Latency of one PCIe hop, seconds.")
+    pcie_latency_s: float = Field(ge=0, le=1, description="Latency of one PCIe hop, seconds.")
     gpus_per_pcie_switch: int = Field(1, gt=0, description="GPUs behind one PCIe switch.")
     nic_gb_per_s: float = Field(
         0, ge=0, description="Network GB/s per GPU (its NIC), per direction."
@@ -103,9 +108,13 @@ class FabricSpec(_Frozen):
     """The network between nodes."""
 
     topology: Literal["rail_optimized", "fat_tree"] = Field(description="Inter-node topology.")
-    oversubscription: float = Field(1, ge=1, description="Leaf-to-spine oversubscription ratio.")
-    latency_s: float = Field(ge=0, description="NIC-to-NIC latency through one switch, seconds.")
-    spine_latency_s: float = Field(0, ge=0, description="Extra latency through the spine.")
+    oversubscription: float = Field(
+        1, ge=1, le=1000, description="Leaf-to-spine oversubscription ratio."
+    )
+    latency_s: float = Field(
+        ge=0, le=1, description="NIC-to-NIC latency through one switch, seconds."
+    )
+    spine_latency_s: float = Field(0, ge=0, le=1, description="Extra latency through the spine.")
 
 
 class ExpertCalibration(_Frozen):
@@ -190,10 +199,28 @@ class HardwareProfile(_Frozen):
             raise ValueError(f"figures without a source in 'sources': {', '.join(missing)}")
         return self
 
+    @model_validator(mode="after")
+    def _figures_in_range(self) -> HardwareProfile:
+        figures = self.model_dump(include={"gpu", "node", "fabric"})
+        huge = [p for p in numeric_paths(figures) if abs(_at(figures, p)) > MAX_FIGURE]
+        if huge:
+            raise ValueError(f"figures over {MAX_FIGURE:g} (units are GB/s, bytes, s): {huge}")
+        return self
+
     def peak_flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype`` (falls back to bf16 where the dtype is not listed)."""
         table = self.gpu.peak_dense_tflops
         return 1e12 * table.get(dtype, table.get("bf16", next(iter(table.values()))))
+
+
+MAX_FIGURE = 1e18
+"""Largest figure a profile may state (no bandwidth, size or peak comes near it)."""
+
+
+def _at(data: dict[str, Any], path: str) -> float:
+    for part in path.split("."):
+        data = data[part]
+    return float(data)  # type: ignore[arg-type]
 
 
 def numeric_paths(data: Any, prefix: str = "") -> list[str]:

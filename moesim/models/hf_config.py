@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.config.validation import validate
-from moesim.errors import ConfigError
+from moesim.errors import ConfigError, ConfigErrors
 from moesim.models.spec import ModelSpec
 
 EXPERT_KEYS = (
@@ -36,6 +36,35 @@ EXPERT_KEYS = (
     "moe_num_experts",
     "ffn_config.moe_num_experts",
 )
+
+
+INT_KEYS = (
+    *EXPERT_KEYS,
+    "hidden_size", "d_model", "n_embd", "num_hidden_layers", "n_layers", "num_layers",
+    "num_decoder_layers", "vocab_size", "num_attention_heads", "n_heads", "num_heads",
+    "num_key_value_heads", "attn_config.kv_n_heads", "head_dim", "d_kv", "kv_lora_rank",
+    "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "num_experts_per_tok", "experts_per_token", "moe_top_k", "ffn_config.moe_top_k",
+    "moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size", "d_ff",
+    "n_shared_experts", "shared_expert_intermediate_size", "decoder_sparse_step",
+    "encoder_sparse_step", "first_k_dense_replace", "n_group", "topk_group",
+)  # fmt: skip
+"""Keys read as whole numbers; each must be a JSON integer (or null) where present."""
+
+
+def _check_types(cfg: Any, path: Path | str) -> None:
+    """Raise for a config that is not an object, or a number given as text, float or bool."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(path, "", f"expected a JSON object, got {type(cfg).__name__}")
+    errors = []
+    for key in INT_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and (isinstance(node, bool) or not isinstance(node, int)):
+            errors.append(ConfigError(path, key, f"expected a whole number, got {node!r:.60}"))
+    if errors:
+        raise ConfigErrors(errors)
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -100,8 +129,10 @@ def from_hf_config(cfg: dict[str, Any], path: Path | str = "config.json") -> Mod
     """Build a :class:`ModelSpec` from a parsed Hugging Face ``config.json``.
 
     Raises:
-        ConfigError / ConfigErrors: the config is not an MoE model or lacks a needed field.
+        ConfigError / ConfigErrors: the config is not an MoE model, lacks a needed field, or
+            gives a number as text.
     """
+    _check_types(cfg, path)
     hidden = _first(cfg, "hidden_size", "d_model", "n_embd")
     if not _first(cfg, *EXPERT_KEYS):
         raise ConfigError(

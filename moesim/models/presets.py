@@ -6,14 +6,13 @@ model YAML in the preset format.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from moesim.config.validation import read_yaml, validate
+from moesim.config.validation import is_file, read_json, read_yaml, validate
 from moesim.errors import ConfigError
 from moesim.models.hf_config import from_hf_config
 from moesim.models.spec import ModelSpec
-from moesim.registry import closest
+from moesim.registry import closest, shorten
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -30,12 +29,12 @@ def load_preset(name: str) -> ModelSpec:
         ConfigError: no such preset (with the list of valid names).
     """
     path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in preset_names():
         names = preset_names()
         raise ConfigError(
             None,
             "model",
-            f"unknown model preset '{name}'{closest(name, names)}; "
+            f"unknown model preset '{shorten(name)}'{closest(name, names)}; "
             f"valid: {', '.join(names)}, or a path to a config.json or model YAML",
         )
     return validate(ModelSpec, read_yaml(path), path)
@@ -52,14 +51,10 @@ def resolve_model(ref: str, base_dir: Path | None = None) -> ModelSpec:
     if not any(ch in ref for ch in "/\\") and not ref.endswith((".json", ".yaml", ".yml")):
         return load_preset(ref)
     path = Path(ref)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+    if not path.is_absolute() and base_dir is not None and is_file(base_dir / path):
         path = base_dir / path
-    if not path.is_file():
-        raise ConfigError(None, "model", f"model file '{ref}' not found")
+    if not is_file(path):
+        raise ConfigError(None, "model", f"model file '{shorten(ref)}' not found")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(path, "", f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        return from_hf_config(data, path)
+        return from_hf_config(read_json(path), path)
     return validate(ModelSpec, read_yaml(path), path)

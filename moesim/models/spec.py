@@ -14,21 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AttentionSpec(_Frozen):
     """Self-attention shape: grouped-query (``gqa``) or DeepSeek's multi-head latent (``mla``)."""
 
     type: Literal["gqa", "mla"] = Field("gqa", description="Attention family.")
-    num_heads: int = Field(gt=0, description="Query heads.")
-    num_kv_heads: int = Field(0, ge=0, description="Key/value heads (gqa); 0 for mla.")
-    head_dim: int = Field(0, ge=0, description="Per-head size (gqa).")
-    q_lora_rank: int = Field(0, ge=0, description="MLA query compression rank (0: none).")
-    kv_lora_rank: int = Field(0, ge=0, description="MLA key/value compression rank.")
-    qk_nope_head_dim: int = Field(0, ge=0, description="MLA non-rotary q/k head size.")
-    qk_rope_head_dim: int = Field(0, ge=0, description="MLA rotary q/k head size.")
-    v_head_dim: int = Field(0, ge=0, description="MLA value head size.")
+    num_heads: int = Field(gt=0, le=2**14, description="Query heads.")
+    num_kv_heads: int = Field(0, ge=0, le=2**20, description="Key/value heads (gqa); 0 for mla.")
+    head_dim: int = Field(0, ge=0, le=2**20, description="Per-head size (gqa).")
+    q_lora_rank: int = Field(0, ge=0, le=2**20, description="MLA query compression rank (0: none).")
+    kv_lora_rank: int = Field(0, ge=0, le=2**20, description="MLA key/value compression rank.")
+    qk_nope_head_dim: int = Field(0, ge=0, le=2**20, description="MLA non-rotary q/k head size.")
+    qk_rope_head_dim: int = Field(0, ge=0, le=2**20, description="MLA rotary q/k head size.")
+    v_head_dim: int = Field(0, ge=0, le=2**20, description="MLA value head size.")
 
     @model_validator(mode="after")
     def _check(self) -> AttentionSpec:
@@ -68,17 +68,21 @@ class AttentionSpec(_Frozen):
 class MoESpec(_Frozen):
     """The routed and shared experts of the MoE layers."""
 
-    num_experts: int = Field(gt=0, description="Routed experts per MoE layer.")
-    top_k: int = Field(gt=0, description="Experts chosen per token.")
-    expert_intermediate_size: int = Field(gt=0, description="FFN width of one routed expert.")
-    num_shared_experts: int = Field(0, ge=0, description="Shared (always-on) experts.")
-    shared_intermediate_size: int = Field(
-        0, ge=0, description="Total FFN width of all shared experts together (0: none)."
+    num_experts: int = Field(gt=0, le=32_767, description="Routed experts per MoE layer.")
+    top_k: int = Field(gt=0, le=1024, description="Experts chosen per token.")
+    expert_intermediate_size: int = Field(
+        gt=0, le=2**20, description="FFN width of one routed expert."
     )
-    first_k_dense: int = Field(0, ge=0, description="Leading layers that are dense, not MoE.")
-    layer_step: int = Field(1, gt=0, description="Every layer_step-th layer is MoE.")
-    n_group: int = Field(1, gt=0, description="Expert groups for group-limited routing.")
-    topk_group: int = Field(1, gt=0, description="Groups a token may reach.")
+    num_shared_experts: int = Field(0, ge=0, le=32_767, description="Shared (always-on) experts.")
+    shared_intermediate_size: int = Field(
+        0, ge=0, le=2**22, description="Total FFN width of all shared experts together (0: none)."
+    )
+    first_k_dense: int = Field(
+        0, ge=0, le=32_767, description="Leading layers that are dense, not MoE."
+    )
+    layer_step: int = Field(1, gt=0, le=32_767, description="Every layer_step-th layer is MoE.")
+    n_group: int = Field(1, gt=0, le=32_767, description="Expert groups for group-limited routing.")
+    topk_group: int = Field(1, gt=0, le=32_767, description="Groups a token may reach.")
     norm_topk_prob: bool = Field(False, description="Top-k gate weights renormalised.")
     gated_ffn: bool = Field(True, description="SwiGLU-style 3 matrices (else 2).")
 
@@ -110,10 +114,12 @@ class ModelSpec(_Frozen):
 
     name: str = Field(description="Model name.")
     source: str = Field(description="Where the figures come from (the public config).")
-    hidden_size: int = Field(gt=0, description="Residual stream width.")
-    num_layers: int = Field(gt=0, description="Transformer blocks.")
-    vocab_size: int = Field(gt=0, description="Vocabulary size.")
-    dense_intermediate_size: int = Field(0, ge=0, description="FFN width of dense layers.")
+    hidden_size: int = Field(gt=0, le=2**20, description="Residual stream width.")
+    num_layers: int = Field(gt=0, le=10_000, description="Transformer blocks.")
+    vocab_size: int = Field(gt=0, le=2**25, description="Vocabulary size.")
+    dense_intermediate_size: int = Field(
+        0, ge=0, le=2**20, description="FFN width of dense layers."
+    )
     tie_word_embeddings: bool = Field(False, description="Output head shares the embedding.")
     attention: AttentionSpec
     moe: MoESpec

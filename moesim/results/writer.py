@@ -18,6 +18,7 @@ so a failed run leaves nothing half-written; an existing run folder is never ove
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from moesim import jsonout
+from moesim.errors import ConfigError
+from moesim.registry import shorten
 
 if TYPE_CHECKING:
     from moesim.runner import RunResult
@@ -48,15 +51,57 @@ def _run_dir(base: Path, tag: str) -> Path:
     return candidate
 
 
+def output_root(root: str | Path, field: str = "output.dir") -> Path:
+    """The results root ``root`` (``~`` expanded), created if missing and checked writable.
+
+    Called before a run simulates, so that a bad folder is an error at once, not after the
+    run. ``field`` names the setting it came from in the message (``output.dir``, ``--out``).
+
+    Raises:
+        ConfigError: the folder cannot be created, is a file, or is not writable.
+    """
+    path = Path(root).expanduser()
+    shown = shorten(str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(None, field, f"'{shown}' exists and is not a folder") from None
+    except OSError as exc:
+        raise ConfigError(None, field, f"cannot create '{shown}': {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(None, field, f"folder '{shown}' is not writable")
+    return path
+
+
+def _remove_abandoned(base: Path) -> None:
+    """Remove hidden temporary folders of writers that died (SIGKILL) before renaming them."""
+    for tmp in base.glob(".*.pid*.*"):
+        match = re.search(r"\.pid(\d+)\.", tmp.name)
+        if match and tmp.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_folder(base: str | Path, tag: str, fill: Callable[[Path], None]) -> Path:
     """Create ``<base>/<UTC time>-<tag>/`` atomically: ``fill`` writes into a hidden
-    temporary folder that is renamed into place only when it returns; an existing folder is
-    never overwritten (a counter is appended), and a failure leaves nothing behind.
+    temporary folder (named with the writer's process id) that is renamed into place only
+    when it returns; an existing folder is never overwritten (a counter is appended), a
+    failure leaves nothing behind, and folders left by killed writers are removed.
     """
-    base = Path(base)
+    base = Path(base).expanduser()
     final = _run_dir(base, tag)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
+    _remove_abandoned(base)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.pid{os.getpid()}.", dir=base))
     try:
         fill(tmp)
         while True:
@@ -86,7 +131,7 @@ def resolved_yaml(result: RunResult) -> str:
 def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path:
     """Write every file of the run folder; returns the final folder."""
     r = result.resolved
-    root = Path(out_root if out_root is not None else r.scenario.output.dir)
+    root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
 
     def fill(tmp: Path) -> None:
         (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")

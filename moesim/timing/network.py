@@ -160,7 +160,9 @@ class FlowNetwork:
         ``tolerance`` times the seconds it needs at least (its busiest link's bytes alone, plus
         the longest path latency)."""
         latency = float(lat.max())
-        return self.tolerance * (float((load / self.topology.capacity).max()) + latency)
+        used = load > 0  # links without traffic may have no capacity (a NIC-less profile)
+        busiest = float((load[used] / self.topology.capacity[used]).max()) if used.any() else 0.0
+        return self.tolerance * (busiest + latency)
 
     def plan_isolated(self, transfers: list[Flows]) -> list[np.ndarray | None]:
         """Fluid finish times of the isolated ones among ``transfers``, computed together
