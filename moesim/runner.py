@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
+from moesim.estimate import check_machine, estimate
 from moesim.metrics.collector import Collector
 from moesim.metrics.links import links_summary, links_table
 from moesim.metrics.summary import layers_table, offload_summary, summarize
@@ -52,10 +53,11 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
         CapacityError: the scenario does not fit in HBM.
     """
     s = r.scenario
+    check_machine(r, estimate(r))
+    usage = hbm_usage(r, r.slots_per_rank)
+    check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up
     seeds = np.random.SeedSequence(s.seed).spawn(2)
     routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
-    usage = hbm_usage(r, routing.placement.slots_per_rank)
-    check_fits(r, usage, routing.placement.slots_per_rank)
     costs = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
     col = Collector(
         s.workload.steps,

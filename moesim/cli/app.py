@@ -55,8 +55,9 @@ def run(
     ] = False,
 ) -> None:
     """Simulate SCENARIO and write results/<scenario>/<run-id>/."""
-    from moesim.cli.render import print_summary, progress_bar
+    from moesim.cli.render import print_summary, progress_bar, warn_if_long
     from moesim.config.loading import load_scenario
+    from moesim.estimate import estimate
     from moesim.results.writer import output_root, summary_json
     from moesim.runner import simulate, write_run
 
@@ -67,6 +68,7 @@ def run(
                 out if out is not None else resolved.scenario.output.dir,
                 "--out" if out is not None else f"{scenario}: output.dir",
             )
+        warn_if_long(resolved, estimate(resolved))
         with progress_bar(resolved.scenario.workload.steps, resolved.scenario.name) as tick:
             result = simulate(resolved, progress=tick)
         folder = None if no_write else write_run(result, out)
@@ -84,21 +86,19 @@ def check(
     overrides: SetOpt = None,
 ) -> None:
     """Validate SCENARIO (fields, model, hardware, layout, HBM fit) without running it."""
-    from moesim.cli.render import print_check
+    from moesim.cli.render import print_check, warn_if_long
     from moesim.config.loading import load_scenario
-    from moesim.routing.stage import RoutingStage
+    from moesim.estimate import check_machine, estimate
     from moesim.timing.memory import check_fits, hbm_usage
 
     with reported():
         r = load_scenario(scenario, overrides or [])
-        import numpy as np
-
-        slots = RoutingStage(
-            r.scenario, r.model, r.gpus_per_node, np.random.default_rng(0)
-        ).placement.slots_per_rank
-        usage = hbm_usage(r, slots)
-        check_fits(r, usage, slots)
-        print_check(r, usage)
+        usage = hbm_usage(r, r.slots_per_rank)
+        check_fits(r, usage, r.slots_per_rank)
+        work = estimate(r)
+        check_machine(r, work)
+        print_check(r, usage, work)
+        warn_if_long(r, work)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from moesim.config.loading import ResolvedScenario
+    from moesim.estimate import WorkEstimate
     from moesim.timing.memory import HBMUsage
     from moesim.validation.deepep import Row
 
@@ -70,7 +71,18 @@ def print_summary(s: dict[str, Any], folder: Path | None) -> None:
         console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
 
 
-def print_check(r: ResolvedScenario, usage: HBMUsage) -> None:
+def warn_if_long(r: ResolvedScenario, work: WorkEstimate) -> None:
+    """A warning on stderr before a run estimated to take more than a few minutes."""
+    from moesim.estimate import WARN_S
+
+    if work.seconds > WARN_S:
+        Console(stderr=True, highlight=False).print(
+            f"[bold yellow]warning:[/] {r.scenario.name} is a long run: {work.describe()}. "
+            "Fewer workload.steps, layers or GPUs shorten it."
+        )
+
+
+def print_check(r: ResolvedScenario, usage: HBMUsage, work: WorkEstimate) -> None:
     """What ``moesim check`` found."""
     s = r.scenario
     console = Console()
@@ -85,6 +97,7 @@ def print_check(r: ResolvedScenario, usage: HBMUsage) -> None:
         f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
         f" GiB ({parts} GiB)"
     )
+    console.print(f"Work: {work.describe()}")
 
 
 def print_validation(rows: list[Row]) -> None:

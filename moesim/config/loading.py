@@ -15,7 +15,7 @@ from moesim.errors import ConfigError, ConfigErrors
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.profile import HardwareProfile
 from moesim.models.presets import resolve_model
-from moesim.models.spec import ModelSpec
+from moesim.models.spec import ModelSpec, slots_per_rank
 from moesim.registry import shorten
 
 
@@ -39,6 +39,15 @@ class ResolvedScenario:
     def world(self) -> int:
         """GPUs in the scenario."""
         return self.scenario.parallelism.world
+
+    @property
+    def slots_per_rank(self) -> int:
+        """Physical expert slots on each EP rank: (experts + redundant) / ep."""
+        return slots_per_rank(
+            self.model.moe.num_experts,
+            self.scenario.policies.placement.redundant_experts,
+            self.scenario.parallelism.ep,
+        )
 
     @property
     def gpus_per_node(self) -> int:
@@ -137,6 +146,27 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
                     "policies.offload.miss",
                     f"miss cpu runs experts on the host, but hardware profile {hw.name} has no "
                     f"node.{' or node.'.join(absent)}",
+                )
+            )
+    if s.cluster.nodes > 1 and hw.node.nic_gb_per_s <= 0:
+        problems.append(
+            ConfigError(
+                f,
+                "cluster.nodes",
+                f"{s.cluster.nodes} nodes need a network, but hardware profile {hw.name} has no "
+                "node.nic_gb_per_s",
+            )
+        )
+    off = s.policies.offload
+    if off.type == "cache" and off.cache_gib is not None:
+        one = m.expert_bytes(w.dtype, par.tp)
+        if off.cache_gib * 2**30 < one:
+            problems.append(
+                ConfigError(
+                    f,
+                    "policies.offload.cache_gib",
+                    f"{off.cache_gib:g} GiB holds no expert: one expert slice of {m.name} in "
+                    f"{w.dtype} is {one / 2**30:.3f} GiB",
                 )
             )
     redundant = s.policies.placement.redundant_experts

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moesim.dtypes import ELEMENT_BYTES
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -102,6 +104,12 @@ class MoESpec(_Frozen):
         return 3 if self.gated_ffn else 2
 
 
+def slots_per_rank(num_experts: int, redundant: int, ep: int) -> int:
+    """Physical expert slots on each of ``ep`` ranks holding ``num_experts`` routed experts
+    plus ``redundant`` replicas (the scenario checks that they split evenly)."""
+    return (num_experts + redundant) // ep
+
+
 class ModelSpec(_Frozen):
     """One MoE model architecture.
 
@@ -151,6 +159,10 @@ class ModelSpec(_Frozen):
     def expert_params(self) -> int:
         """Weight elements of one routed expert."""
         return self.moe.matrices * self.hidden_size * self.moe.expert_intermediate_size
+
+    def expert_bytes(self, dtype: str, tp: int = 1) -> float:
+        """Bytes of one routed expert's weights in ``dtype`` on one GPU (its 1/tp slice)."""
+        return self.expert_params * ELEMENT_BYTES[dtype] / tp
 
     @property
     def shared_params(self) -> int:

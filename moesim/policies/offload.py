@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.errors import CapacityError
 from moesim.registry import Registry
 
 
@@ -154,7 +155,7 @@ def simulate_cache(
         st.now = t
         need = set(needed[t])
         if admit and len(need) > capacity:
-            raise ValueError(
+            raise CapacityError(
                 f"one MoE layer needs {len(need)} experts on a GPU but the offload cache holds "
                 f"{capacity}; raise policies.offload.cache_experts (or cache_gib)"
             )

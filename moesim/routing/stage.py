@@ -12,7 +12,7 @@ import numpy as np
 
 from moesim.config.scenario import Scenario
 from moesim.dtypes import ELEMENT_BYTES
-from moesim.models.spec import ModelSpec
+from moesim.models.spec import ModelSpec, slots_per_rank
 from moesim.policies.gating import BALANCED, GATINGS, GateContext
 from moesim.policies.placement import Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
@@ -74,7 +74,7 @@ class RoutingStage:
         self.rank_node = np.array(par.rank_nodes(gpus_per_node))
         pcfg = scenario.policies.placement
         experts = model.moe.num_experts
-        self.slots_per_rank = (experts + pcfg.redundant_experts) // par.ep
+        self.slots_per_rank = slots_per_rank(experts, pcfg.redundant_experts, par.ep)
         self._coact: tuple[np.ndarray, np.ndarray] | None = None
         self.loads = self.source.expected_loads()
         self._set_placement(self.loads)

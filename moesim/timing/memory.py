@@ -77,8 +77,7 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
 
 def expert_bytes(r: ResolvedScenario) -> float:
     """Bytes of one expert's weights on one GPU (its 1/tp slice)."""
-    w = r.scenario.workload
-    return r.model.expert_params * ELEMENT_BYTES[w.dtype] / r.scenario.parallelism.tp
+    return r.model.expert_bytes(r.scenario.workload.dtype, r.scenario.parallelism.tp)
 
 
 def cache_items(r: ResolvedScenario) -> int:

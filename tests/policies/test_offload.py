@@ -55,7 +55,7 @@ def test_oracle_prefetch_turns_misses_into_hits() -> None:
 
 
 def test_cache_smaller_than_one_layer_is_an_error() -> None:
-    with pytest.raises(ValueError, match="cache_experts"):
+    with pytest.raises(CapacityError, match="cache_experts"):
         simulate_cache([[0, 1, 2]], [[]], capacity=2, policy="lru")
 
 

@@ -1,0 +1,109 @@
+"""What a run will cost before it starts: simulated work, memory and a rough wall time.
+
+``moesim run`` and ``moesim check`` print a warning when a run would take more than a few
+minutes, and refuse one whose arrays would not fit this machine's memory, naming the setting
+that shrinks it.
+
+The wall time is a rough model, not a promise: ``per_gpu_layer_s`` per GPU, layer, step and
+micro-batch (the compute and bookkeeping events), plus ``per_flow_s * flows**1.25`` per
+collective phase (the max-min rate rounds of the fluid network grow a little faster than its
+flows). The two constants come from the benchmarks in ``benchmarks/results.json`` on a 2-core
+machine (B1: Mixtral decode on 8 GPUs, 200 steps, 4.1 s; B2: DeepSeek-V3 prefill on 64 GPUs,
+5.7 s) and put a 256-GPU decode step at minutes, as measured (99 s); they are good to a
+factor of about 3.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moesim.errors import CapacityError
+
+if TYPE_CHECKING:
+    from moesim.config.loading import ResolvedScenario
+
+PER_GPU_LAYER_S = 80e-6
+PER_FLOW_S = 1.4e-6
+WARN_S = 180.0
+"""Runs estimated to take longer than this get a warning first (seconds)."""
+PHASES = 11
+"""Timed phases per (step, layer, GPU) held by the collector."""
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    """The simulated work of a run.
+
+    Attributes:
+        gpu_layer_steps: (GPU, layer, step, micro-batch) walks the engine simulates.
+        flows_per_phase: Point-to-point flows of one all-to-all phase (GPU pairs).
+        collective_phases: All-to-all phases over the run (dispatch and combine per MoE layer
+            and micro-batch, twice in training).
+        memory_bytes: Peak memory of the arrays kept for the results, bytes.
+        seconds: Rough wall time on a 2-core machine (see the module docstring).
+    """
+
+    gpu_layer_steps: int
+    flows_per_phase: int
+    collective_phases: int
+    memory_bytes: float
+    seconds: float
+
+    def describe(self) -> str:
+        """One line for a warning."""
+        return (
+            f"{self.gpu_layer_steps:,} GPU-layer steps, {self.collective_phases:,} all-to-all "
+            f"phases of about {self.flows_per_phase:,} flows, "
+            f"{self.memory_bytes / 2**30:.1f} GiB of result arrays, "
+            f"roughly {_duration(self.seconds)} on 2 cores"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate(r: ResolvedScenario) -> WorkEstimate:
+    """The work of running ``r`` (nothing is simulated)."""
+    s, m = r.scenario, r.model
+    w, par = s.workload, s.parallelism
+    micro = s.policies.overlap.micro_batches
+    passes = 2 if w.mode == "train" else 1
+    walks = w.steps * m.num_layers * r.world * micro * passes
+    flows = r.world * min(par.ep, r.world)
+    phases = w.steps * len(m.moe_layers) * 2 * micro * passes
+    seq_bins = 32 if w.mode != "decode" else 1
+    cells = w.steps * m.num_layers * r.world
+    memory = 8.0 * (cells * (PHASES + 1) + 4 * w.steps * len(m.moe_layers) * (r.world + seq_bins))
+    memory += 8.0 * 6 * m.num_layers * r.world * max(m.moe.num_experts, r.world)  # one step
+    seconds = PER_GPU_LAYER_S * walks + PER_FLOW_S * phases * flows**1.25
+    return WorkEstimate(walks, flows, phases, memory, seconds)
+
+
+def machine_memory() -> float:
+    """Physical memory of this machine in bytes (inf where the OS does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def check_machine(r: ResolvedScenario, work: WorkEstimate) -> None:
+    """Refuse a run whose result arrays would not fit in this machine's memory.
+
+    Raises:
+        CapacityError: with the numbers and the settings that shrink the run.
+    """
+    have = machine_memory()
+    if work.memory_bytes > 0.8 * have:
+        raise CapacityError(
+            f"{r.scenario.name}: the run would hold {work.memory_bytes / 2**30:.1f} GiB of "
+            f"result arrays but this machine has {have / 2**30:.1f} GiB; lower "
+            "workload.steps (or the GPU count)"
+        )
