@@ -218,44 +218,68 @@ def fit_trace(trace: Trace, seed: int = 0) -> FittedRouting:
 
 
 def fit_counts(path: str | Path, domain: str | None = None, seed: int = 0) -> FittedRouting:
-    """Fit to published counts (``olmoe-routing-stats`` JSON format)."""
+    """Fit to published counts (``olmoe-routing-stats`` JSON format).
+
+    Raises:
+        TraceError: the file is unreadable or not in that format (named field and why).
+    """
     path = Path(path)
     try:
-        raw: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise TraceError(path, f"cannot read counts JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise TraceError(path, f"counts JSON must be an object, got {type(raw).__name__}")
     for key in ("num_experts", "top_k", "num_layers", "expert_counts"):
         if key not in raw:
             raise TraceError(path, f"counts JSON without '{key}'")
+    try:
+        meta = TraceMeta(
+            str(raw.get("model", path.stem)),
+            raw["num_experts"],
+            raw["top_k"],
+            raw["num_layers"],
+            "fit",
+        )
+        return _fit_counts(raw, meta, path, domain, seed)
+    except TraceError as e:
+        raise TraceError(path, str(e)) from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise TraceError(path, f"malformed counts JSON: {type(e).__name__}: {e}") from None
+
+
+def _fit_counts(
+    raw: dict[str, Any], meta: TraceMeta, path: Path, domain: str | None, seed: int
+) -> FittedRouting:
+    e = meta.num_experts
     by_domain: dict[str, dict[str, list[int]]] = raw["expert_counts"]
     domains = sorted(by_domain) if domain is None else [domain]
     if domain is not None and domain not in by_domain:
-        raise TraceError(path, f"no domain '{domain}'; valid: {', '.join(sorted(by_domain))}")
+        raise TraceError(None, f"no domain '{domain}'; valid: {', '.join(sorted(by_domain))}")
+    if not domains:
+        raise TraceError(None, "expert_counts holds no domain")
     layer_keys = sorted(by_domain[domains[0]], key=int)
     layer_ids = np.array([int(x) for x in layer_keys])
+    if not layer_keys or layer_ids.min() < 0 or layer_ids.max() >= meta.num_layers:
+        raise TraceError(None, f"expert_counts layers must lie in 0..{meta.num_layers - 1}")
     counts = np.array(
         [np.sum([by_domain[d][lk] for d in domains], axis=0) for lk in layer_keys], dtype=float
     )
+    if counts.shape != (len(layer_keys), e) or not np.isfinite(counts).all() or (counts < 0).any():
+        raise TraceError(
+            None, f"expert_counts must hold {e} non-negative counts per layer, got {counts.shape}"
+        )
     cross = raw.get("crosslayer_counts", {})
     transitions: list[np.ndarray | None] = [None]
     for a, b in itertools.pairwise(layer_keys):
         mats = [cross[d][f"{a}-{b}"] for d in domains if f"{a}-{b}" in cross.get(d, {})]
-        transitions.append(
-            _normalise_rows(np.sum(mats, axis=0).astype(float))
-            if len(mats) == len(domains)
-            else None
-        )
+        mat = np.sum(mats, axis=0).astype(float) if len(mats) == len(domains) else None
+        if mat is not None and (mat.shape != (e, e) or not np.isfinite(mat).all()):
+            raise TraceError(None, f"crosslayer_counts {a}-{b} must be {e} x {e} counts")
+        transitions.append(None if mat is None else _normalise_rows(mat))
     label = f"counts {path.name}" + (f" domain {domain}" if domain else " (all domains)")
     return fit_routing(
-        str(raw.get("model", path.stem)),
-        int(raw["num_experts"]),
-        int(raw["top_k"]),
-        int(raw["num_layers"]),
-        layer_ids,
-        counts,
-        transitions,
-        label,
-        seed,
+        meta.model, e, meta.top_k, meta.num_layers, layer_ids, counts, transitions, label, seed
     )
 
 

@@ -39,6 +39,18 @@ from moesim.errors import MoesimError
 
 FORMAT_VERSION = 1
 META_KEY = b"moesim.trace"
+MAX_EXPERTS = 32_767
+"""Most experts per layer: expert ids are int16."""
+MAX_TOP_K = 1024
+MAX_LAYERS = 10_000
+INT_COLUMNS: dict[str, type[np.integer]] = {
+    "step": np.int32,
+    "layer": np.int16,
+    "seq": np.int32,
+    "pos": np.int32,
+    "experts": np.int16,
+}
+"""Integer columns and the dtype each is stored in; values must fit it (nothing wraps)."""
 
 
 class TraceError(MoesimError):
@@ -73,6 +85,24 @@ class TraceMeta:
     source: str
     capture: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("model", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise TraceError(None, f"metadata {name} must be text, got {getattr(self, name)!r}")
+        if not isinstance(self.capture, dict):
+            raise TraceError(None, f"metadata capture must be a mapping, got {self.capture!r:.60}")
+        limits = {"num_experts": MAX_EXPERTS, "top_k": MAX_TOP_K, "num_layers": MAX_LAYERS}
+        for name, most in limits.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise TraceError(
+                    None, f"metadata {name} must be a whole number in 1..{most}, got {v!r:.60}"
+                )
+        if self.top_k > self.num_experts:
+            raise TraceError(
+                None, f"metadata top_k {self.top_k} exceeds num_experts {self.num_experts}"
+            )
+
     def to_json(self) -> str:
         """The metadata as canonical JSON (sorted keys)."""
         return jsonout.dumps(
@@ -84,11 +114,15 @@ class TraceMeta:
         """Parse metadata written by :meth:`to_json`."""
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             version = raw.pop("format_version", None)
             if version != FORMAT_VERSION:
                 raise TraceError(path, f"trace format version {version}, expected {FORMAT_VERSION}")
             return cls(**raw)
-        except (ValueError, TypeError) as e:
+        except TraceError as e:
+            raise TraceError(path, f"bad moesim.trace metadata: {e}") from None
+        except (ValueError, TypeError, RecursionError) as e:
             raise TraceError(path, f"bad moesim.trace metadata: {e}") from None
 
 
@@ -116,6 +150,7 @@ class Trace:
     logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        self._canonical_columns()
         n = len(self.step)
         m = self.meta
         for name in ("layer", "seq", "pos"):
@@ -143,6 +178,39 @@ class Trace:
                 f"layer ids span {self.layer.min()}..{self.layer.max()}, "
                 f"outside 0..{m.num_layers - 1}",
             )
+
+    def _canonical_columns(self) -> None:
+        """Check every column's kind and range, then store it in the format's dtype.
+
+        Ids must be whole numbers that fit the format's integer widths (nothing wraps or is
+        truncated); weights and logits must be finite numbers; dropped must be boolean.
+        """
+        for name, dtype in INT_COLUMNS.items():
+            arr = np.asarray(getattr(self, name))
+            if arr.size and arr.dtype.kind not in "iu":
+                raise TraceError(None, f"column {name} must hold whole numbers, got {arr.dtype}")
+            most = int(np.iinfo(np.dtype(dtype)).max)
+            if arr.size and (arr.min() < 0 or arr.max() > most):
+                raise TraceError(
+                    None, f"column {name} spans {arr.min()}..{arr.max()}, outside 0..{most}"
+                )
+            object.__setattr__(self, name, arr.astype(dtype, copy=False))
+        for name in ("weights", "logits"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            arr = np.asarray(arr)
+            if arr.size and arr.dtype.kind not in "iuf":
+                raise TraceError(None, f"column {name} must hold numbers, got {arr.dtype}")
+            arr = arr.astype(np.float32, copy=False)
+            if not np.isfinite(arr).all():
+                raise TraceError(None, f"column {name} holds NaN or infinite values")
+            object.__setattr__(self, name, arr)
+        if self.dropped is not None:
+            arr = np.asarray(self.dropped)
+            if arr.size and arr.dtype.kind != "b":
+                raise TraceError(None, f"column dropped must be true/false, got {arr.dtype}")
+            object.__setattr__(self, "dropped", arr.astype(bool, copy=False))
 
     @property
     def rows(self) -> int:
@@ -197,10 +265,10 @@ class Trace:
         return cls(
             meta=meta,
             step=np.zeros(layers * tokens, dtype=np.int32),
-            layer=np.repeat(ids, tokens).astype(np.int16),
-            seq=np.tile(first_seq + t // length, layers).astype(np.int32),
-            pos=np.tile(t % length, layers).astype(np.int32),
-            experts=experts.reshape(-1, k).astype(np.int16),
+            layer=np.repeat(ids, tokens),
+            seq=np.tile(first_seq + t // length, layers),
+            pos=np.tile(t % length, layers),
+            experts=experts.reshape(-1, k),
             **optional,
         )
 
@@ -294,12 +362,23 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
     return path
 
 
-def _column(table: Any, name: str, width: int | None, dtype: Any) -> np.ndarray:
+def _column(table: Any, name: str, width: int | None) -> np.ndarray:
+    """One column as numpy in its stored dtype (:class:`Trace` checks and converts it)."""
+    import pyarrow as pa
+
     col = table.column(name).combine_chunks()
     if width is None:
-        return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    flat = col.values.to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(-1, width)
+        if pa.types.is_nested(col.type):
+            raise TraceError(None, f"column {name} must hold one value per row, got {col.type}")
+        return col.to_numpy(zero_copy_only=False)
+    if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise TraceError(None, f"column {name} must hold a list per row, got {col.type}")
+    if col.null_count or col.values.null_count:
+        raise TraceError(None, f"column {name} has missing values")
+    lengths = np.diff(col.offsets.to_numpy()) if pa.types.is_list(col.type) else None
+    if lengths is not None and lengths.size and (lengths != width).any():
+        raise TraceError(None, f"column {name} has lists of length other than {width}")
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
 def refuse_existing(path: Path, what: str = "a trace", option: str = "--out") -> None:
@@ -347,21 +426,19 @@ def read_trace(path: str | Path) -> Trace:
     try:
         return Trace(
             meta=meta,
-            step=_column(table, "step", None, np.int32),
-            layer=_column(table, "layer", None, np.int16),
-            seq=_column(table, "seq", None, np.int32),
-            pos=_column(table, "pos", None, np.int32),
-            experts=_column(table, "experts", meta.top_k, np.int16),
-            weights=_column(table, "weights", meta.top_k, np.float32)
-            if "weights" in names
-            else None,
-            dropped=_column(table, "dropped", meta.top_k, bool) if "dropped" in names else None,
-            logits=_column(table, "logits", meta.num_experts, np.float32)
-            if "logits" in names
-            else None,
+            step=_column(table, "step", None),
+            layer=_column(table, "layer", None),
+            seq=_column(table, "seq", None),
+            pos=_column(table, "pos", None),
+            experts=_column(table, "experts", meta.top_k),
+            weights=_column(table, "weights", meta.top_k) if "weights" in names else None,
+            dropped=_column(table, "dropped", meta.top_k) if "dropped" in names else None,
+            logits=_column(table, "logits", meta.num_experts) if "logits" in names else None,
         )
     except TraceError as e:
         raise TraceError(path, str(e)) from None
+    except (ValueError, TypeError, pa.ArrowException) as e:
+        raise TraceError(path, f"malformed columns: {e}") from None
 
 
 def concat_traces(traces: list[Trace]) -> Trace:

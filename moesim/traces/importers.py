@@ -72,16 +72,45 @@ def _model_shape(
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, one per non-empty line.
+
+    Raises:
+        TraceError: a line that is not UTF-8, not JSON, or not a JSON object.
+    """
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TraceError(path, f"line {lineno}: not JSON ({e.msg})") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise TraceError(path, f"line {lineno}: not JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise TraceError(
+                        path, f"line {lineno}: expected a JSON object, got {type(row).__name__}"
+                    )
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise TraceError(path, f"not UTF-8 text (byte {e.start} of a line)") from None
+    except OSError as e:
+        raise TraceError(path, f"cannot read: {e.strerror or e}") from None
     return rows
+
+
+def _ints(values: Any, path: Path, what: str, ndim: int) -> np.ndarray:
+    """``values`` as an int64 array of ``ndim`` dimensions, refusing text, fractions and
+    ragged rows (``np.array(..., dtype=int)`` would truncate 1.5 to 1)."""
+    try:
+        arr = np.asarray(values)
+    except ValueError as e:
+        raise TraceError(path, f"{what}: ragged or mixed rows ({e})") from None
+    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
+        raise TraceError(
+            path, f"{what} must be {ndim}-D whole numbers, got {arr.dtype} of shape {arr.shape}"
+        )
+    return arr.astype(np.int64)
 
 
 def _steps_of(token_idx: np.ndarray) -> np.ndarray:
@@ -119,14 +148,16 @@ def import_vllm(
             raise TraceError(path, "no route rows")
         meta_hdr = meta_hdr or (hdr[0] if hdr else {})
         try:
-            layer = np.array([r["layer"] for r in routes], dtype=np.int64)
-            tok = np.array([r["token_idx"] for r in routes], dtype=np.int64)
-            experts = np.array([r["topk_ids"] for r in routes], dtype=np.int64)
+            layer = _ints([r["layer"] for r in routes], path, "layer", 1)
+            tok = _ints([r["token_idx"] for r in routes], path, "token_idx", 1)
+            experts = _ints([r["topk_ids"] for r in routes], path, "topk_ids", 2)
             weights = np.array([r["topk_weights"] for r in routes], dtype=np.float32)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise TraceError(
                 path, f"route rows need layer, token_idx, topk_ids, topk_weights: {e}"
             ) from None
+        if weights.shape != experts.shape:
+            raise TraceError(path, "topk_weights and topk_ids differ in shape")
         if len(np.unique(layer)) != 1:
             raise TraceError(path, "one layer per file expected")
         per_file.append((path, int(layer[0]), tok, experts, weights))
@@ -166,11 +197,11 @@ def import_vllm(
                 "sequences": "one per engine step (requests are not identified in the log)",
             },
         ),
-        step=np.tile(step, len(per_file)).astype(np.int32),
-        layer=np.repeat([f[1] for f in per_file], n).astype(np.int16),
-        seq=np.tile(step, len(per_file)).astype(np.int32),
-        pos=np.tile(per_file[0][2][keep], len(per_file)).astype(np.int32),
-        experts=all_experts.astype(np.int16),
+        step=np.tile(step, len(per_file)),
+        layer=np.repeat([f[1] for f in per_file], n),
+        seq=np.tile(step, len(per_file)),
+        pos=np.tile(per_file[0][2][keep], len(per_file)),
+        experts=all_experts,
         weights=np.concatenate([f[4][keep] for f in per_file]),
     )
     notes.append(
@@ -200,7 +231,11 @@ def import_megatron(
                 continue
             for key in ("step", "layer", "top_indices"):
                 if key not in rec:
-                    raise TraceError(path, f"record without '{key}': {sorted(rec)}")
+                    raise TraceError(path, f"record without '{key}': {sorted(rec)[:10]}")
+            for key in ("step", "layer", "rank"):
+                v = rec.get(key, 0)
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+                    raise TraceError(path, f"record {key} must be a whole number, got {v!r:.40}")
             records.append(rec)
     if not records:
         raise TraceError(src, "no decoder router records")
@@ -209,11 +244,8 @@ def import_megatron(
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("step", "layer", "seq", "pos", "experts")}
     seq_base: dict[tuple[int, int], int] = {}
     for rec in sorted(records, key=lambda r: (r["step"], r.get("rank", 0), r["layer"])):
-        idx = np.asarray(rec["top_indices"], dtype=np.int64)
-        if idx.ndim != 2:
-            raise TraceError(
-                src, f"step {rec['step']} layer {rec['layer']}: top_indices is not 2-D"
-            )
+        where = f"step {rec['step']} layer {rec['layer']}: top_indices"
+        idx = _ints(rec["top_indices"], src, where, 2)
         t = np.arange(len(idx))
         sr = (int(rec["step"]), int(rec.get("rank", 0)))
         base = seq_base.setdefault(sr, micro_batch * len(seq_base))
@@ -222,7 +254,11 @@ def import_megatron(
         parts["seq"].append(base + t % micro_batch)
         parts["pos"].append(t // micro_batch)
         parts["experts"].append(idx)
+    if len({p.shape[1] for p in parts["experts"]}) > 1:
+        raise TraceError(src, "records choose different numbers of experts (top-k)")
     experts = np.concatenate(parts["experts"])
+    if not experts.size:
+        raise TraceError(src, "the records hold no tokens")
     n_exp, n_lay = _model_shape(model, num_experts, num_layers)
     trace = Trace(
         meta=TraceMeta(
@@ -238,11 +274,11 @@ def import_megatron(
                 "num_experts_from": "argument" if num_experts else "max id + 1",
             },
         ),
-        step=np.concatenate(parts["step"]).astype(np.int32),
-        layer=np.concatenate(parts["layer"]).astype(np.int16),
-        seq=np.concatenate(parts["seq"]).astype(np.int32),
-        pos=np.concatenate(parts["pos"]).astype(np.int32),
-        experts=experts.astype(np.int16),
+        step=np.concatenate(parts["step"]),
+        layer=np.concatenate(parts["layer"]),
+        seq=np.concatenate(parts["seq"]),
+        pos=np.concatenate(parts["pos"]),
+        experts=experts,
     )
     notes = [f"{len(records)} records, {len(layer_ids)} layers, {len(seq_base)} (step, rank) pairs"]
     if skipped:
@@ -270,9 +306,9 @@ def import_npy(
         arr = np.load(src, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise TraceError(src, f"not a .npy array: {e}") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or not arr.size:
         raise TraceError(
-            src, f"expected an integer [tokens, layers] array, got {arr.dtype} {arr.shape}"
+            src, f"expected a non-empty integer [tokens, layers] array, got {arr.dtype} {arr.shape}"
         )
     tokens, layers = arr.shape
     length = seq_len or tokens
