@@ -35,3 +35,39 @@ def test_h800_nvlink_is_the_deepep_setting() -> None:
     p = load_profile("h800")
     achieved = p.node.nvlink_gb_per_s * p.node.nvlink_efficiency
     assert 150 <= achieved <= 170  # DeepEP: ~160 GB/s maximum
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("gpu", "peak_dense_tflops", "bf16"), 0, "peak_dense_tflops must be positive"),
+        (("gpu", "hbm_bandwidth_gb_per_s"), float("nan"), "finite number"),
+        (("gpu", "kernel_launch_s"), float("inf"), "finite number"),
+        (("fabric", "oversubscription"), float("inf"), "finite number"),
+        (("node", "host_memory_bytes"), 1e300, "figures over"),
+    ],
+)
+def test_physical_figures_are_finite_and_in_range(tmp_path, path, value, message) -> None:
+    data = yaml.safe_load((ROOT / "moesim" / "hardware" / "profiles" / "h100-sxm.yaml").read_text())
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigErrors, match=message):
+        load_profile(str(tmp_path / "bad.yaml"))
+
+
+def test_a_profile_without_nics_runs_on_one_node_and_names_the_field_on_two(tmp_path) -> None:
+    from moesim.config.loading import load_scenario
+    from moesim.runner import simulate
+    from tests.conftest import small_scenario
+
+    data = yaml.safe_load((ROOT / "moesim" / "hardware" / "profiles" / "h100-sxm.yaml").read_text())
+    del data["node"]["nic_gb_per_s"], data["sources"]["node.nic_gb_per_s"]
+    (tmp_path / "nonic.yaml").write_text(yaml.safe_dump(data))
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(small_scenario(hardware=str(tmp_path / "nonic.yaml"))))
+    assert simulate(load_scenario(scenario)).summary["step_time_s"] > 0  # used to never end
+    with pytest.raises(ConfigErrors, match="cluster.nodes: 2 nodes need a network"):
+        load_scenario(scenario, ["cluster.nodes=2", "parallelism.ep=16"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -81,3 +82,19 @@ def test_failure_leaves_nothing_half_written(result, tmp_path: Path, monkeypatch
         write_run(result, out)
     leftovers = [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_a_killed_writers_hidden_folder_is_removed_by_the_next_run(result, tmp_path: Path) -> None:
+    import subprocess
+
+    base = tmp_path / "results" / "tiny"
+    base.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = base / f".20260101T000000Z-seed0.pid{dead.pid}.abc"
+    left.mkdir()
+    (left / "summary.json").write_text("{")
+    mine = base / f".20260101T000000Z-seed0.pid{os.getpid()}.abc"  # a live writer's
+    mine.mkdir()
+    write_run(result, tmp_path / "results")
+    assert not left.exists() and mine.exists()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moesim.traces.format import TraceError, read_trace, write_trace
+from moesim.traces.format import Trace, TraceError, TraceMeta, read_trace, write_trace
 from tests.traces.conftest import make_trace
 
 
@@ -94,3 +94,51 @@ def test_dense_layout_aligns_layers() -> None:
     assert dense.experts.shape == (2, 6, 1)
     assert np.array_equal(dense.experts[:, :, 0], experts[:, :, 0])
     assert np.array_equal(dense.keys[:, 1], [0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "column, values, message",
+    [
+        ("experts", np.array([[65537, 1]] * 4), "spans"),  # would wrap to 1 in int16
+        ("experts", np.array([[1.5, 2.0]] * 4), "whole numbers"),  # would truncate to 1
+        ("layer", np.array(["0"] * 4), "whole numbers"),
+        ("pos", np.array([-1, 0, 1, 2]), "spans"),
+        ("weights", np.array([[np.nan, 1.0]] * 4), "NaN"),
+        ("weights", np.array([[np.inf, 1.0]] * 4), "NaN or infinite"),
+        ("dropped", np.array([[1, 0]] * 4), "true/false"),
+    ],
+)
+def test_columns_that_would_wrap_truncate_or_be_nan_are_refused(
+    column: str, values: np.ndarray, message: str
+) -> None:
+    meta = TraceMeta("m", 8, 2, 1, "test")
+    cols = {
+        "step": np.zeros(4, np.int64),
+        "layer": np.zeros(4, np.int64),
+        "seq": np.zeros(4, np.int64),
+        "pos": np.arange(4),
+        "experts": np.array([[0, 1]] * 4),
+        column: values,
+    }
+    with pytest.raises(TraceError, match=message):
+        Trace(meta=meta, **cols)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"null", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b'{"format_version": 1, "model": "m", "num_experts": "8", "top_k": 1, '
+         b'"num_layers": 1, "source": "s"}', "num_experts"),
+        (b'{"format_version": 1, "model": "m", "num_experts": 1000000000, "top_k": 1, '
+         b'"num_layers": 1, "source": "s"}', "num_experts"),
+        (b'{"format_version": 1, "model": "m", "num_experts": 8, "top_k": 0, '
+         b'"num_layers": 1, "source": "s"}', "top_k"),
+        (b'{"format_version": 1, "model": null, "num_experts": 8, "top_k": 1, '
+         b'"num_layers": 1, "source": "s"}', "model must be text"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_a_trace_error(raw: bytes, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        TraceMeta.from_json(raw, "t.parquet")
