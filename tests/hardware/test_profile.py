@@ -69,5 +69,5 @@ def test_a_profile_without_nics_runs_on_one_node_and_names_the_field_on_two(tmp_
     scenario = tmp_path / "s.yaml"
     scenario.write_text(yaml.safe_dump(small_scenario(hardware=str(tmp_path / "nonic.yaml"))))
     assert simulate(load_scenario(scenario)).summary["step_time_s"] > 0  # used to never end
-    with pytest.raises(ConfigErrors, match="cluster.nodes: 2 nodes need a network"):
+    with pytest.raises(ConfigErrors, match=r"cluster\.nodes: 2 nodes need a network"):
         load_scenario(scenario, ["cluster.nodes=2", "parallelism.ep=16"])
