@@ -9,15 +9,30 @@ or on a Dask cluster (``--scheduler tcp://host:8786``, or ``--scheduler local`` 
 cluster; ``pip install 'moesim[distributed]'``). With Dask every point's scenario is validated
 and resolved here and shipped whole, so workers need moesim but not the scenario file; files the
 scenario names (a routing trace) must be readable at the same path on the workers.
-A point that fails (bad combination, does not fit in HBM) gets its error in the ``error``
-column and the others still run. Values are split on commas, so one value cannot hold one.
+A point that fails (bad combination, does not fit in HBM, or a bug) gets its error in the
+``error`` column and the others still run. Values are split on commas, so one value cannot hold
+one.
+
+Interruptions: each finished point is saved at once as one small file in a points folder
+(:class:`PointStore`, ``<results>/<scenario>/<time>-sweep.points/``), so a sweep that is
+interrupted (Ctrl-C, SIGTERM, SIGKILL, a crash) keeps what it finished, and
+``moesim sweep ... --resume FOLDER`` runs only the missing points, giving the same table as an
+uninterrupted sweep. The points folder is removed once the sweep folder is written. Local worker
+processes exit by themselves when the sweep's process dies, however it dies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+import shutil
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +61,101 @@ def expand_grid(grid: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)]
 
 
+class PointStore:
+    """Finished grid points of one sweep on disk: ``plan.json`` (what the sweep is) and one
+    ``point-NNNNN.json`` per finished point (its summary or error), each written atomically.
+
+    Args:
+        folder: The points folder.
+        plan: The sweep: scenario path, a hash of its text, and every point's overrides.
+    """
+
+    def __init__(self, folder: Path, plan: dict[str, Any]) -> None:
+        self.folder, self.plan = folder, plan
+
+    @staticmethod
+    def plan_of(scenario: str | Path, full: list[list[str]]) -> dict[str, Any]:
+        """The plan of a sweep of ``scenario`` over the points ``full``."""
+        text = Path(scenario).read_bytes()
+        return {
+            "scenario": str(Path(scenario).resolve()),
+            "scenario_sha256": hashlib.sha256(text).hexdigest(),
+            "points": full,
+        }
+
+    @classmethod
+    def create(cls, parent: Path, plan: dict[str, Any]) -> PointStore:
+        """A new points folder under ``parent`` (``<UTC time>-sweep.points``)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        parent.mkdir(parents=True, exist_ok=True)
+        folder, n = parent / f"{stamp}-sweep.points", 1
+        while True:
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                folder = parent / f"{stamp}-sweep-{n}.points"
+        store = cls(folder, plan)
+        store._write("plan.json", plan)
+        return store
+
+    @classmethod
+    def resume(cls, folder: Path, plan: dict[str, Any]) -> PointStore:
+        """Reopen ``folder``; its plan must be this sweep's (same scenario text and points)."""
+        try:
+            saved = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                None, "--resume", f"'{folder}' is not a sweep's points folder: {exc}"
+            ) from None
+        for key, what in (
+            ("scenario_sha256", "the scenario file changed since"),
+            ("points", "the grid or --set overrides differ"),
+        ):
+            if saved.get(key) != plan[key]:
+                raise ConfigError(None, "--resume", f"'{folder}' is another sweep: {what}")
+        return cls(folder, plan)
+
+    def done(self) -> dict[int, dict[str, Any]]:
+        """Summaries (or errors) of the points finished so far, by point index."""
+        out = {}
+        for path in self.folder.glob("point-*.json"):
+            out[int(path.stem.split("-")[1])] = json.loads(path.read_text(encoding="utf-8"))
+        return out
+
+    def save(self, index: int, summary: dict[str, Any]) -> None:
+        """Record point ``index`` as finished."""
+        self._write(f"point-{index:05d}.json", summary)
+
+    def _write(self, name: str, doc: Any) -> None:
+        tmp = self.folder / f".{name}.{os.getpid()}"
+        tmp.write_text(jsonout.dumps(doc, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.folder / name)
+
+    def remove(self) -> None:
+        """Delete the points folder (the sweep folder holds everything now)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _watch_parent() -> None:
+    """Worker initializer: exit when the sweep's process is gone (even SIGKILLed)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_point(scenario: str, overrides: list[str]) -> dict[str, Any]:
     """Simulate one grid point; its summary, or ``{"error": message}``."""
-    resolved = _resolve_point(scenario, overrides)
+    try:
+        resolved = _resolve_point(scenario, overrides)
+    except Exception as exc:  # a bug must not abort the other points
+        return {"error": _bug(exc)}
     return resolved if isinstance(resolved, dict) else simulate_point(resolved)
 
 
@@ -62,6 +169,10 @@ def _resolve_point(scenario: str, overrides: list[str]) -> ResolvedScenario | di
         return {"error": str(exc)}
 
 
+def _bug(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc} (a moesim bug; please report it with this scenario)"
+
+
 def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
     """Simulate a resolved grid point (what a Dask worker runs); its summary or its error."""
     from moesim.errors import MoesimError
@@ -71,6 +182,8 @@ def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
         return simulate(resolved).summary
     except (MoesimError, ValueError) as exc:
         return {"error": str(exc)}
+    except Exception as exc:  # a bug must not abort the other points
+        return {"error": _bug(exc)}
 
 
 def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.DataFrame:
@@ -100,9 +213,11 @@ def run_sweep(
     jobs: int = 1,
     progress: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
+    store: PointStore | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Run every grid point and return the table: in ``jobs`` local processes (1 runs here),
     or on the Dask cluster at ``scheduler`` (``"local"`` starts one of ``jobs`` workers).
+    With a ``store``, points it holds are not run again and each finished one is saved.
 
     Returns:
         ``(table, summaries)`` in grid order.
@@ -110,32 +225,44 @@ def run_sweep(
     points = expand_grid(grid)
     full = [(base_overrides or []) + p for p in points]
     summaries: list[dict[str, Any]] = [{} for _ in points]
+    finished = store.done() if store is not None else {}
+    for i, s in finished.items():
+        summaries[i] = s
+    todo = {i: o for i, o in enumerate(full) if i not in finished}
+    count = [len(finished)]
+
+    def record(i: int, summary: dict[str, Any]) -> None:
+        summaries[i] = summary
+        if store is not None:
+            store.save(i, summary)
+        count[0] += 1
+        if progress:
+            progress(count[0], len(points))
+
+    if progress and finished:
+        progress(count[0], len(points))
     if scheduler:
-        _run_on_dask(str(scenario), full, summaries, scheduler, jobs, progress)
+        _run_on_dask(str(scenario), todo, record, scheduler, jobs)
     elif jobs <= 1:
-        for i, o in enumerate(full):
-            summaries[i] = run_point(str(scenario), o)
-            if progress:
-                progress(i + 1, len(points))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_point, str(scenario), o): i for i, o in enumerate(full)}
-            for done, fut in enumerate(as_completed(futures), start=1):
-                summaries[futures[fut]] = fut.result()
-                if progress:
-                    progress(done, len(points))
+        for i, o in todo.items():
+            record(i, run_point(str(scenario), o))
+    elif todo:
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_watch_parent) as pool:
+            futures = {pool.submit(run_point, str(scenario), o): i for i, o in todo.items()}
+            for fut in as_completed(futures):
+                record(futures[fut], fut.result())
     return sweep_table(points, summaries), summaries
 
 
 def _run_on_dask(
     scenario: str,
-    full: list[list[str]],
-    summaries: list[dict[str, Any]],
+    points: dict[int, list[str]],
+    record: Callable[[int, dict[str, Any]], None],
     scheduler: str,
     jobs: int,
-    progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Fill ``summaries`` from a Dask cluster; points whose scenario is invalid are not sent."""
+    """Run ``points`` (index -> overrides) on a Dask cluster, handing each result to
+    ``record``; points whose scenario is invalid are recorded here, not sent."""
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -145,15 +272,12 @@ def _run_on_dask(
             "sweeping on Dask needs dask.distributed: pip install 'moesim[distributed]'",
         ) from None
     todo: dict[int, ResolvedScenario] = {}
-    for i, o in enumerate(full):
+    for i, o in points.items():
         resolved = _resolve_point(scenario, o)
         if isinstance(resolved, dict):
-            summaries[i] = resolved
+            record(i, resolved)
         else:
             todo[i] = resolved
-    done = len(full) - len(todo)
-    if progress and done:
-        progress(done, len(full))
     if not todo:
         return
     if scheduler == "local":
@@ -172,10 +296,7 @@ def _run_on_dask(
     try:
         futures = {client.submit(simulate_point, r, pure=False): i for i, r in todo.items()}
         for fut in as_completed(futures):
-            summaries[futures[fut]] = fut.result()
-            done += 1
-            if progress:
-                progress(done, len(full))
+            record(futures[fut], fut.result())
     finally:
         client.close()
         if cluster is not None:

@@ -169,27 +169,53 @@ def sweep(
         typer.Option(help="Results root (default: the scenario's output.dir, 'results')."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Points folder of an interrupted sweep (same scenario, --grid and --set): "
+            "run only the points it lacks.",
+        ),
+    ] = None,
 ) -> None:
     """Run SCENARIO over a grid of overrides (local processes or Dask) into one Parquet table.
 
     Writes results/<scenario>/<run-id>-sweep/ (sweep.parquet, summaries.json, report.html).
-    A grid point that fails keeps its error in the table; the exit code is then 1.
+    Each finished point is saved at once in <run-id>-sweep.points/; an interrupted sweep
+    resumes with --resume that folder. A grid point that fails keeps its error in the table;
+    the exit code is then 1.
     """
     import os
 
     from moesim.cli.render import print_sweep, progress_bar
     from moesim.compare import COLUMNS
     from moesim.config.loading import load_scenario
-    from moesim.sweep import expand_grid, run_sweep, write_sweep
+    from moesim.results.writer import output_root
+    from moesim.sweep import PointStore, expand_grid, run_sweep, write_sweep
 
     with reported():
         base = load_scenario(scenario, overrides or [])  # fail early on a bad scenario
         points = expand_grid(grid)
+        root = output_root(
+            out if out is not None else base.scenario.output.dir,
+            "--out" if out is not None else f"{scenario}: output.dir",
+        )
+        plan = PointStore.plan_of(scenario, [(overrides or []) + p for p in points])
+        if resume is not None:
+            store = PointStore.resume(resume, plan)
+        else:
+            store = PointStore.create(root / base.scenario.name, plan)
+        typer.echo(
+            f"finished points are saved in {store.folder}; if interrupted, add "
+            f"--resume {store.folder}",
+            err=True,
+        )
         n_jobs = jobs or min(os.cpu_count() or 1, 8, len(points))
         with progress_bar(len(points), f"sweep of {base.scenario.name}") as tick:
-            table, summaries = run_sweep(scenario, grid, overrides or [], n_jobs, tick, scheduler)
-        root = out if out is not None else Path(base.scenario.output.dir)
+            table, summaries = run_sweep(
+                scenario, grid, overrides or [], n_jobs, tick, scheduler, store
+            )
         folder = write_sweep(table, summaries, base.scenario.name, root)
+        store.remove()
         if json_out:
             sys.stdout.write(table.to_json(orient="records", indent=2) + "\n")
         else:
