@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moesim.errors import CapacityError
@@ -92,6 +93,18 @@ def machine_memory() -> float:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return float("inf")
+
+
+def available_memory() -> float:
+    """Memory free for a new allocation on this machine, bytes (MemAvailable where Linux says,
+    else the physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return machine_memory()
 
 
 def check_machine(r: ResolvedScenario, work: WorkEstimate) -> None:

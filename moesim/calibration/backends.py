@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from moesim.calibration.plan import Case, ExpertShape, Plan
+from moesim.calibration.plan import Case, ExpertShape, Plan, set_bytes
 from moesim.errors import CalibrationError
 
 FORMAT = "moesim-calibration/1"
@@ -76,19 +76,19 @@ def buffer_sets(nbytes: float) -> int:
     return int(min(MAX_SETS, max(2, np.ceil(2 * CACHE_BYTES / max(nbytes, 1.0)))))
 
 
-def fit_in_memory(sets: int, set_bytes: float, shape: ExpertShape) -> int:
+def fit_in_memory(sets: int, nbytes: float, shape: ExpertShape) -> int:
     """Fewer rotating sets where host memory is short; an error where not even one fits."""
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return sets
-    if set_bytes > avail / 2:
+    if nbytes > avail / 2:
         raise CalibrationError(
-            f"{shape.key}: one set of weights and inputs takes {set_bytes / 2**30:.1f} GiB, more "
+            f"{shape.key}: one set of weights and inputs takes {nbytes / 2**30:.1f} GiB, more "
             f"than half of the {avail / 2**30:.1f} GiB of free memory; lower --experts or "
             "--max-tokens"
         )
-    return max(1, min(sets, int(avail / 2 // set_bytes)))
+    return max(1, min(sets, int(avail / 2 // nbytes)))
 
 
 def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
@@ -158,9 +158,8 @@ class CPUBackend:
             cases = [c for c in plan.cases if c.shape == shape]
             experts = len(cases[0].counts)
             max_tokens = max(max(c.counts) for c in cases)
-            up = shape.width * (2 if shape.matrices == 3 else 1)
-            set_bytes = 4.0 * experts * ((up + shape.width + max_tokens) * shape.hidden)
-            sets = fit_in_memory(buffer_sets(set_bytes), set_bytes, shape)
+            nbytes = set_bytes(shape, experts, max_tokens, 4.0)
+            sets = fit_in_memory(buffer_sets(nbytes), nbytes, shape)
             wsets = [weights(self.rng, shape, experts) for _ in range(sets)]
             xsets = [_rand(self.rng, (experts, max_tokens, shape.hidden), 1.0) for _ in range(sets)]
             for case in cases:

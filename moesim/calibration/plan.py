@@ -156,3 +156,41 @@ def make_plan(
         held = set(rng.choice(uneven, size=k, replace=False).tolist())
         cases += [Case(c.shape, c.counts, c.label, i in held) for i, c in enumerate(own)]
     return Plan(cases, copy_bytes, host_copy_bytes, repeats, warmup, alltoall_bytes or [])
+
+
+def set_bytes(shape: ExpertShape, experts: int, max_tokens: int, element_bytes: float) -> float:
+    """Bytes of one set of a shape's expert weights (up, down) and inputs ``[E, max, hidden]``."""
+    up = shape.width * (2 if shape.matrices == 3 else 1)
+    return element_bytes * experts * ((up + shape.width + max_tokens) * shape.hidden)
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """What a plan will take: a rough wall time and the least memory it needs at once.
+
+    Attributes:
+        seconds: Expert calls (warm-up, timed repeats and the check) at ``flops_per_s``.
+        peak_bytes: One set of the largest shape's weights and inputs, or the copy buffers.
+    """
+
+    seconds: float
+    peak_bytes: float
+
+    def describe(self) -> str:
+        """One line for the user."""
+        t = self.seconds
+        when = f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min" if t < 7200 else f"{t / 3600:.1f} h"
+        return f"roughly {when}, at least {self.peak_bytes / 2**30:.1f} GiB of memory"
+
+
+def plan_cost(plan: Plan, flops_per_s: float, element_bytes: dict[str, float]) -> PlanCost:
+    """The cost of ``plan`` on a device computing ``flops_per_s``, storing each dtype in
+    ``element_bytes[dtype]`` bytes."""
+    calls = plan.warmup + plan.repeats + 1
+    flops = sum(calls * c.shape.flops(sum(c.counts)) for c in plan.cases)
+    peak = 2.0 * plan.copy_bytes
+    for shape in plan.shapes():
+        cases = [c for c in plan.cases if c.shape == shape]
+        most = max(max(c.counts) for c in cases)
+        peak = max(peak, set_bytes(shape, len(cases[0].counts), most, element_bytes[shape.dtype]))
+    return PlanCost(flops / flops_per_s, peak)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from moesim.cli.errors import reported
+
+if TYPE_CHECKING:
+    from moesim.calibration.plan import Plan, PlanCost
+    from moesim.hardware.profile import HardwareProfile
 
 GPU_MAX_TOKENS = 16384
 CPU_MAX_TOKENS = 256
@@ -72,7 +76,7 @@ def calibrate(
     from moesim.calibration.run import calibrate as run_calibration
     from moesim.cli.render import progress_bar
     from moesim.errors import CalibrationError
-    from moesim.hardware.catalog import find_profile
+    from moesim.hardware.catalog import find_profile, load_profile
     from moesim.models.presets import resolve_model
 
     with reported():
@@ -94,6 +98,7 @@ def calibrate(
         except ValueError as e:
             raise CalibrationError(str(e)) from e
         base = find_profile(profile)
+        check_plan(plan, backend, on_cpu, load_profile(str(base)))
         with progress_bar(len(plan.cases), "cases", "measuring") as hook:
             done = [0]
 
@@ -133,6 +138,49 @@ def calibrate(
         )
         console.print(f"launch overhead: {doc['launch']['seconds'] * 1e6:.2f} us")
         console.print(f"wrote {result.raw_path}, {result.plot_path}, {result.profile_path}")
+
+
+def check_plan(plan: Plan, backend: str, on_cpu: bool, base: HardwareProfile) -> PlanCost:
+    """Print what the plan will cost; refuse one that would not fit the device's memory."""
+    from rich.console import Console
+
+    from moesim.calibration.plan import plan_cost
+    from moesim.dtypes import ELEMENT_BYTES
+    from moesim.errors import CalibrationError
+    from moesim.estimate import available_memory
+
+    sizes = {d: 4.0 if backend == "cpu" else ELEMENT_BYTES[d] for d in ELEMENT_BYTES}
+    if on_cpu:
+        rate, memory, where = cpu_flops_per_s(), available_memory(), "this machine's free memory"
+    else:
+        rate = base.peak_flops("bf16") * base.gpu.matmul_efficiency
+        memory, where = base.gpu.hbm_bytes, f"{base.gpu.model} HBM (profile {base.name})"
+    cost = plan_cost(plan, rate, sizes)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"plan: {len(plan.cases)} cases of {len(plan.shapes())} expert shape(s), {cost.describe()}"
+    )
+    if cost.peak_bytes > 0.8 * memory:
+        raise CalibrationError(
+            f"the plan needs {cost.peak_bytes / 2**30:.1f} GiB at once but {where} is "
+            f"{memory / 2**30:.1f} GiB; shrink it with --max-tokens or --experts (or --copy-mib, "
+            "or one --model at a time)"
+        )
+    return cost
+
+
+def cpu_flops_per_s() -> float:
+    """FP32 matmul FLOP/s of this machine's CPUs, from one short NumPy measurement."""
+    import time
+
+    import numpy as np
+
+    a = np.ones((256, 512), dtype=np.float32)
+    b = np.ones((512, 512), dtype=np.float32)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 256 * 512 * 512 / max(time.perf_counter() - start, 1e-9)
 
 
 def _torch_cuda() -> bool:

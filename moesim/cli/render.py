@@ -76,7 +76,7 @@ def warn_if_long(r: ResolvedScenario, work: WorkEstimate) -> None:
     from moesim.estimate import WARN_S
 
     if work.seconds > WARN_S:
-        Console(stderr=True, highlight=False).print(
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
             f"[bold yellow]warning:[/] {r.scenario.name} is a long run: {work.describe()}. "
             "Fewer workload.steps, layers or GPUs shorten it."
         )

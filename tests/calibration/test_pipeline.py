@@ -174,3 +174,31 @@ def test_a_profile_calibration_table_must_be_well_formed(tmp_path: Path) -> None
 
     with pytest.raises((ConfigError, ConfigErrors), match="ascending"):
         load_profile(str(path))
+
+
+def test_calibrate_states_its_cost_and_refuses_a_plan_too_big_for_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moesim.estimate
+    from moesim.calibration.plan import make_plan, plan_cost, shapes_for
+    from moesim.models.presets import load_preset
+
+    monkeypatch.setattr(moesim.estimate, "available_memory", lambda: 24.0 * 2**30)
+    args = ["calibrate", "--backend", "cpu", "--model", "mixtral-8x7b", "--experts", "64"]
+    args += ["--max-tokens", "4096", "--out", str(tmp_path / "p.yaml")]
+    res = CliRunner().invoke(app, [*args, "--results", str(tmp_path / "raw")])
+    assert res.exit_code == 2
+    assert "plan: 72 cases of 1 expert shape(s), roughly" in res.stderr
+    assert "needs 150.5 GiB at once but this machine's free memory is 24.0 GiB" in res.stderr
+    assert "--max-tokens" in res.stderr
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "p.yaml").exists()
+    # the cost by hand: one set of 64 experts' fp32 weights (3 x 4096 x 14336) and inputs
+    # [64, most, 4096]; every call (one timed repeat and the check) computes 2 x 3 x h x w
+    # FLOPs per token
+    shape = shapes_for(load_preset("mixtral-8x7b"), 1, ["fp32"])
+    plan = make_plan(shape, 64, 4096, repeats=1, warmup=0, copy_bytes=1)
+    cost = plan_cost(plan, 1e12, {"fp32": 4.0})
+    most = max(max(c.counts) for c in plan.cases)  # a skewed case's busiest expert
+    assert cost.peak_bytes == 4.0 * 64 * (3 * 14336 + most) * 4096
+    calls = sum(2 * 2 * 3 * 4096 * 14336 * sum(c.counts) for c in plan.cases)
+    assert cost.seconds == pytest.approx(calls / 1e12)
