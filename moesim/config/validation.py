@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from moesim.errors import ConfigError, ConfigErrors
 from moesim.registry import closest
@@ -58,18 +61,43 @@ def read_text(path: str | Path, field: str = "") -> str:
         raise ConfigError(p, field, f"not UTF-8 text (byte {exc.start})") from None
 
 
+try:  # libyaml's scanner and parser (PyYAML wheels bundle it): 10x faster than pure Python
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser as _Parser  # type: ignore[assignment]
+
+
+class _Loader(Composer, _Parser, SafeConstructor, Resolver):
+    """Safe loading with libyaml's parser but PyYAML's composer, which stops past
+    :data:`MAX_DEPTH` levels before recursing deeper. (libyaml's own composer recurses in C:
+    older PyYAML wheels crash on 100,000 nested brackets instead of raising.)"""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        Composer.__init__(self)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _load_yaml(text: str) -> Any:
-    """Compose the YAML node graph (libyaml where PyYAML has it: 40x faster; libyaml itself
-    refuses nesting past 1,000), check it, and only then build Python objects."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    """Compose the node graph (depth-checked), check what its aliases expand to, and only then
+    build Python objects."""
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        depth, size = _shape(node)
-        if depth > MAX_DEPTH:
-            raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
-        if size > MAX_NODES:
+        if _expanded_size(node) > MAX_NODES:
             raise yaml.YAMLError(
                 f"the document expands to more than {MAX_NODES:,} values through its aliases"
             )
@@ -78,14 +106,14 @@ def _load_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def _shape(root: yaml.Node) -> tuple[int, int]:
-    """(nesting depth, values once every alias is expanded) of a node graph, both capped
-    just past their limits; iterative, each shared (aliased) node visited once."""
-    seen: dict[int, tuple[int, int]] = {}
+def _expanded_size(root: yaml.Node) -> int:
+    """Values a node graph stands for once every alias is expanded (capped just past the
+    limit); iterative, each shared (aliased) node counted from its own size once."""
+    sizes: dict[int, int] = {}
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, done = stack.pop()
-        if id(node) in seen:
+        if id(node) in sizes:
             continue
         children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
@@ -93,14 +121,12 @@ def _shape(root: yaml.Node) -> tuple[int, int]:
         elif isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
         if done or not children:
-            shapes = [seen[id(c)] for c in children]
-            depth = 1 + max((d for d, _ in shapes), default=0)
-            size = 1 + sum(n for _, n in shapes)
-            seen[id(node)] = (min(depth, MAX_DEPTH + 1), min(size, MAX_NODES + 1))
+            total = 1 + sum(sizes[id(c)] for c in children)
+            sizes[id(node)] = min(total, MAX_NODES + 1)
             continue
         stack.append((node, True))
-        stack.extend((c, False) for c in children if id(c) not in seen)
-    return seen[id(root)]
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
