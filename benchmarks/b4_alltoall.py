@@ -62,7 +62,7 @@ def main() -> None:
 
 def _time(ex: Exchange, algorithm: str, nodes: int) -> dict[str, object]:
     n = ex.rank_gpu.size
-    flows = ALL_TO_ALL.get(algorithm)(ex, 14336.0)
+    flows = ALL_TO_ALL.get(algorithm).dispatch(ex, 14336.0)
     t0 = time.perf_counter()
     topo = Topology(load_profile("h100-sxm"), nodes)
     env = simpy.Environment()

@@ -36,6 +36,7 @@ from moesim.config.loading import load_scenario
 from moesim.estimate import estimate
 from moesim.traces.format import META_KEY, Trace, TraceMeta
 from tests.conftest import SCENARIOS, small_scenario
+from tests.models.test_presets import DEEPSEEK_V3_CONFIG, MIXTRAL_CONFIG, QWEN2_MOE_CONFIG
 
 EXAMPLES = 1000
 SLOW_S = 20
@@ -202,41 +203,7 @@ def _scenarios() -> list[dict[str, Any]]:
     return docs
 
 
-HF_CONFIGS = [
-    {
-        "model_type": "mixtral",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "vocab_size": 32000,
-    },
-    {
-        "model_type": "deepseek_v3",
-        "hidden_size": 7168,
-        "intermediate_size": 18432,
-        "moe_intermediate_size": 2048,
-        "num_hidden_layers": 61,
-        "num_attention_heads": 128,
-        "q_lora_rank": 1536,
-        "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64,
-        "v_head_dim": 128,
-        "n_routed_experts": 256,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 8,
-        "first_k_dense_replace": 3,
-        "n_group": 8,
-        "topk_group": 4,
-        "norm_topk_prob": True,
-        "vocab_size": 129280,
-        "ffn_config": {"moe_top_k": 8},
-    },
-]
+HF_CONFIGS = [MIXTRAL_CONFIG, DEEPSEEK_V3_CONFIG, QWEN2_MOE_CONFIG]  # as tests/models uses them
 
 
 @given(data=st.data())

@@ -72,11 +72,43 @@ class Exchange:
 
 
 AllToAllFn = Callable[[Exchange, float], Flows]
-ALL_TO_ALL: Registry[AllToAllFn] = Registry("all-to-all")
-SM_FREE = frozenset({"low_latency"})
-"""Algorithms whose transfers hold no SMs while in flight: DeepEP's low-latency kernels post
-RDMA writes and receive through a hook, "without occupying any SM resource" (DeepEP README);
-the others run copy kernels on the GPU's SMs (``gpu.comm_sms`` in the profile)."""
+
+
+@dataclass(frozen=True)
+class AllToAll:
+    """An all-to-all algorithm with its traits: adding one is one of these in this registry.
+
+    Attributes:
+        flows: The dispatch direction's flows (tokens to their experts).
+        holds_sms: Its kernels run on the GPU's SMs while in flight (``gpu.comm_sms`` of the
+            profile), slowing compute that overlaps them. DeepEP's low-latency kernels post
+            RDMA writes and receive through a hook, "without occupying any SM resource"
+            (DeepEP README); NCCL and DeepEP's normal kernels are copy kernels on SMs.
+    """
+
+    flows: AllToAllFn
+    holds_sms: bool = True
+
+    def dispatch(self, ex: Exchange, token_bytes: float) -> Flows:
+        """Tokens to their experts."""
+        return self.flows(ex, token_bytes)
+
+    def combine(self, ex: Exchange, token_bytes: float) -> Flows:
+        """Expert outputs back to their tokens: the dispatch's flows reversed."""
+        return self.flows(ex, token_bytes).reversed()
+
+
+ALL_TO_ALL: Registry[AllToAll] = Registry("all-to-all")
+
+
+def algorithm(name: str, holds_sms: bool = True) -> Callable[[AllToAllFn], AllToAllFn]:
+    """Decorator: register a flows function as the all-to-all ``name`` with its traits."""
+
+    def deco(fn: AllToAllFn) -> AllToAllFn:
+        ALL_TO_ALL.register(name)(AllToAll(fn, holds_sms))
+        return fn
+
+    return deco
 
 
 def _pairs(counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float) -> Flows:
@@ -95,21 +127,21 @@ def _concat(parts: list[Flows]) -> Flows:
     )
 
 
-@ALL_TO_ALL.register("allgather")
+@algorithm("allgather")
 def allgather(ex: Exchange, token_bytes: float) -> Flows:
     """All-gather: every rank receives all ``tokens_per_rank`` tokens of every other rank."""
     everyone = np.full(ex.copies.shape, ex.tokens_per_rank)
     return _pairs(everyone, ex.rank_gpu, ex.rank_gpu, token_bytes)
 
 
-@ALL_TO_ALL.register("low_latency")
+@algorithm("low_latency", holds_sms=False)
 def low_latency(ex: Exchange, token_bytes: float) -> Flows:
     """Per-expert RDMA messages between every pair of ranks, over the NICs."""
     f = _pairs(ex.assignments, ex.rank_gpu, ex.rank_gpu, token_bytes)
     return Flows(f.src, f.dst, f.nbytes, via_nic=True)
 
 
-@ALL_TO_ALL.register("direct")
+@algorithm("direct")
 def direct(ex: Exchange, token_bytes: float) -> Flows:
     """Pairwise exchange: rank ``s`` sends ``copies[s, d]`` tokens straight to rank ``d``."""
     return _pairs(ex.copies, ex.rank_gpu, ex.rank_gpu, token_bytes)
@@ -129,7 +161,7 @@ def rdma_peer(rank_node: np.ndarray) -> np.ndarray:
     return peer
 
 
-@ALL_TO_ALL.register("hierarchical")
+@algorithm("hierarchical")
 def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
     """DeepEP normal kernels: RDMA once per destination node, then NVLink forwarding."""
     node = ex.rank_node
@@ -155,7 +187,7 @@ def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
     return _concat([local, rdma, forward])
 
 
-@ALL_TO_ALL.register("pxn")
+@algorithm("pxn")
 def pxn(ex: Exchange, token_bytes: float) -> Flows:
     """NCCL's all-to-all with PXN (PCI x NVLink, on by default since NCCL 2.12 on
     rail-optimised fabrics): a token for another node first crosses NVLink to the GPU of its

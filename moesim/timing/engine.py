@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.comm.alltoall import SM_FREE, Flows
+from moesim.comm.alltoall import ALL_TO_ALL, Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.hardware.topology import Topology
 from moesim.metrics.collector import Collector
@@ -73,7 +73,7 @@ class Engine:
             r.hardware.gpu.comm_compute_rate if ov.micro_batches > 1 or ov.shared_experts else 1.0
         )
         self.gpus = [GPU(self.env, g, g // gpn, rate) for g in range(r.world)]
-        self.a2a_uses_sms = r.scenario.policies.all_to_all.type not in SM_FREE
+        self.a2a_uses_sms = ALL_TO_ALL.get(r.scenario.policies.all_to_all.type).holds_sms
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
         self._migrating = False
         self.offload: OffloadTiming | None = None

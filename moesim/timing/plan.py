@@ -14,7 +14,7 @@ import numpy as np
 
 from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.config.loading import ResolvedScenario
-from moesim.dtypes import token_bytes
+from moesim.dtypes import ELEMENT_BYTES, token_bytes
 from moesim.routing.stage import StepRouting
 from moesim.timing.costs import CostModel
 
@@ -131,6 +131,9 @@ class FlowBuilder:
         self.dispatch_bytes = token_bytes(h, w.dispatch_dtype)
         self.combine_bytes = token_bytes(h, w.combine_dtype)
         self.hidden = h
+        # activations are all-reduced in the compute precision, never in fp8 (TE and
+        # Megatron keep fp8 for GEMM inputs only): 2 bytes for bf16/fp16/fp8, 4 for fp32
+        self.activation_bytes = max(ELEMENT_BYTES[w.dtype], 2.0)
         self.rank_node = np.array(r.scenario.parallelism.rank_nodes(r.gpus_per_node))
 
     def alltoall(self, plan: StepPlan, moe_idx: int, gpu: int, phase: str) -> Flows:
@@ -149,9 +152,14 @@ class FlowBuilder:
             tokens_per_rank=plan.tokens_per_rank,
         )
         if phase == "dispatch":
-            return self.algorithm(ex, self.dispatch_bytes)
-        to_experts = self.algorithm(ex, self.combine_bytes)
-        return to_experts if phase == "combine_bwd" else to_experts.reversed()
+            return self.algorithm.dispatch(ex, self.dispatch_bytes)
+        if phase == "combine":
+            return self.algorithm.combine(ex, self.combine_bytes)
+        # backward: gradients of the combine go to the experts (the dispatch's direction),
+        # gradients of the dispatch come back (the combine's), both in the combine dtype
+        if phase == "combine_bwd":
+            return self.algorithm.dispatch(ex, self.combine_bytes)
+        return self.algorithm.combine(ex, self.combine_bytes)
 
     def migration(self, moved: np.ndarray, gpu: int) -> Flows:
         """Expert weights moved between the ranks of ``gpu``'s EP group.
@@ -167,5 +175,5 @@ class FlowBuilder:
         """Ring all-reduce of the TP group: each GPU sends 2(tp-1)/tp of the activations."""
         group = self.layout.tp_group(gpu)
         tp = group.size
-        size = plan.tokens_per_rank * self.hidden * 2.0 * 2.0 * (tp - 1) / tp
+        size = plan.tokens_per_rank * self.hidden * self.activation_bytes * 2.0 * (tp - 1) / tp
         return Flows(src=group, dst=np.roll(group, -1), nbytes=np.full(tp, size))

@@ -298,3 +298,15 @@ def test_pxn_keeps_inter_node_traffic_on_its_rail(write_scenario) -> None:
     assert "spine" not in pxn["links"]["by_kind"]  # rail-aligned: leaf only
     # the relays add NVLink hops
     assert pxn["bytes_intra_node"] > direct["bytes_intra_node"]
+
+
+def test_tp_allreduce_bytes_follow_the_compute_precision(write_scenario) -> None:
+    from moesim.timing.plan import FlowBuilder, Layout
+    from tests.conftest import small_scenario
+
+    path = write_scenario(small_scenario(**{"parallelism": {"ep": 4, "tp": 2, "dp": 1}}))
+    sizes = {}
+    for dtype in ("fp32", "bf16", "fp8"):
+        r = load_scenario(path, [f"workload.dtype={dtype}"])
+        sizes[dtype] = FlowBuilder(r, Layout.of(r)).activation_bytes
+    assert sizes == {"fp32": 4.0, "bf16": 2.0, "fp8": 2.0}  # was 2 bytes whatever the dtype
