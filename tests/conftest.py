@@ -53,3 +53,16 @@ def strict_json(text: str) -> Any:
         raise ValueError(f"not JSON: {name}")
 
     return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture
+def clean_registries():
+    """Every policy registry as it was before the test (tests that register clean up)."""
+    from moesim.policies import FAMILIES, registry_for
+
+    registries = [registry_for(f) for f in FAMILIES]
+    saved = [dict(r._items) for r in registries]
+    yield
+    for registry, items in zip(registries, saved, strict=True):
+        registry._items.clear()
+        registry._items.update(items)

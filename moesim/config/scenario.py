@@ -225,7 +225,8 @@ class Placement(_Section):
     replica_choice: str | None = Field(
         None,
         description="Which replica a token uses: round_robin, least_loaded, nearest "
-        "(default: nearest for topology_aware, else round_robin).",
+        "(default: the one the placement is meant for: nearest for topology_aware, else "
+        "round_robin).",
     )
     rebalance_every_steps: int = Field(
         0,
@@ -250,13 +251,6 @@ class Placement(_Section):
     @classmethod
     def _known_choice(cls, v: str | None) -> str | None:
         return None if v is None else _registered("replica choice", v)
-
-    @property
-    def chooser(self) -> str:
-        """The replica choice in effect."""
-        if self.replica_choice is not None:
-            return self.replica_choice
-        return "nearest" if self.type == "topology_aware" else "round_robin"
 
 
 class AllToAll(_Section):

@@ -17,6 +17,18 @@ from typing import Any
 
 from moesim.registry import Registry
 
+FAMILIES = (
+    "placement",
+    "drop policy",
+    "replica choice",
+    "cache policy",
+    "prefetch",
+    "gating",
+    "routing source",
+    "all-to-all",
+)
+"""Every policy family, by the name its errors use."""
+
 
 def registry_for(family: str) -> Registry[Any]:
     """The registry of a policy family, by the name used in error messages."""

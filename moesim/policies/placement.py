@@ -69,17 +69,49 @@ class PlacementInput:
         """Nodes the ranks span."""
         return int(self.rank_node.max()) + 1
 
-    def no_replicas(self, name: str) -> None:
-        """Raise unless every expert has exactly one slot."""
-        if self.redundant:
-            raise ValueError(
-                f"placement {name} keeps one copy per expert; redundant_experts needs eplb, "
-                "eplb_global or topology_aware"
-            )
-
 
 PlacementFn = Callable[[PlacementInput], np.ndarray]
-PLACEMENTS: Registry[PlacementFn] = Registry("placement")
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    """A placement policy with its traits: adding one is one of these in :data:`PLACEMENTS`.
+
+    Attributes:
+        place: ``PlacementInput -> phy2log [layers, slots]``.
+        replicas: It can fill redundant slots with replicas of hot experts.
+        replica_choice: The replica choice it is meant for (when the scenario names none).
+        needs_coactivation: It reads ``PlacementInput.coactivation``.
+    """
+
+    place: PlacementFn
+    replicas: bool = False
+    replica_choice: str = "round_robin"
+    needs_coactivation: bool = False
+
+
+PLACEMENTS: Registry[PlacementPolicy] = Registry("placement")
+
+
+def placement(
+    name: str,
+    replicas: bool = False,
+    replica_choice: str = "round_robin",
+    needs_coactivation: bool = False,
+) -> Callable[[PlacementFn], PlacementFn]:
+    """Decorator: register a placement function as the policy ``name`` with its traits."""
+
+    def deco(fn: PlacementFn) -> PlacementFn:
+        policy = PlacementPolicy(fn, replicas, replica_choice, needs_coactivation)
+        PLACEMENTS.register(name)(policy)
+        return fn
+
+    return deco
+
+
+def with_replicas() -> list[str]:
+    """Names of the placements that can hold redundant experts."""
+    return [n for n in PLACEMENTS.names() if PLACEMENTS.get(n).replicas]
 
 
 @dataclass(frozen=True)
@@ -130,7 +162,14 @@ def make_placement(name: str, inp: PlacementInput) -> Placement:
         ValueError: bad settings for the policy, or the policy broke an invariant (an expert
             without a slot, slots that do not split evenly over the ranks).
     """
-    phy2log = np.asarray(PLACEMENTS.get(name)(inp), dtype=np.int64)
+    policy = PLACEMENTS.get(name)
+    asked_for_replicas = inp.redundant and inp.experts % inp.ranks == 0  # else: see _divides
+    if asked_for_replicas and not policy.replicas:
+        raise ValueError(
+            f"placement {name} keeps one copy per expert; redundant_experts needs "
+            f"{' or '.join(with_replicas())}"
+        )
+    phy2log = np.asarray(policy.place(inp), dtype=np.int64)
     layers, experts = inp.loads.shape
     if phy2log.shape != (layers, inp.ranks * inp.slots_per_rank):
         raise ValueError(
@@ -165,19 +204,17 @@ def _divides(name: str, inp: PlacementInput) -> None:
         )
 
 
-@PLACEMENTS.register("contiguous")
+@placement("contiguous")
 def contiguous(inp: PlacementInput) -> np.ndarray:
     """Experts ``[r*E/R, (r+1)*E/R)`` on rank ``r`` in every layer (Megatron's default)."""
     _divides("contiguous", inp)
-    inp.no_replicas("contiguous")
     return np.tile(np.arange(inp.experts), (inp.loads.shape[0], 1))
 
 
-@PLACEMENTS.register("round_robin")
+@placement("round_robin")
 def round_robin(inp: PlacementInput) -> np.ndarray:
     """Expert ``e`` on rank ``e % R``: slot ``j`` of rank ``r`` holds expert ``r + j * R``."""
     _divides("round_robin", inp)
-    inp.no_replicas("round_robin")
     r, j = np.divmod(np.arange(inp.experts), inp.slots_per_rank)
     return np.tile(r + j * inp.ranks, (inp.loads.shape[0], 1))
 
@@ -190,13 +227,12 @@ def _slots_from_packs(pack: np.ndarray, rank_in_pack: np.ndarray, per_pack: int)
     return phy2log
 
 
-@PLACEMENTS.register("greedy")
+@placement("greedy")
 def greedy(inp: PlacementInput) -> np.ndarray:
     """Longest-processing-time packing: heaviest expert first, to the lightest rank with room."""
     from moesim.policies.eplb import balanced_packing
 
     _divides("greedy", inp)
-    inp.no_replicas("greedy")
     pack, rank = balanced_packing(inp.loads, inp.ranks)
     return _slots_from_packs(pack, rank, inp.slots_per_rank)
 
@@ -210,13 +246,13 @@ def _eplb(inp: PlacementInput, policy: str) -> np.ndarray:
     )
 
 
-@PLACEMENTS.register("eplb")
+@placement("eplb", replicas=True)
 def eplb(inp: PlacementInput) -> np.ndarray:
     """EPLB: hierarchical when the nodes divide the expert groups, else global."""
     return _eplb(inp, "auto")
 
 
-@PLACEMENTS.register("eplb_global")
+@placement("eplb_global", replicas=True)
 def eplb_global(inp: PlacementInput) -> np.ndarray:
     """EPLB's global policy (one group, one node) whatever the groups."""
     return _eplb(inp, "global")
@@ -274,7 +310,7 @@ def _need_coactivation(name: str, inp: PlacementInput) -> tuple[np.ndarray, np.n
     return inp.coactivation()
 
 
-@PLACEMENTS.register("graph")
+@placement("graph", needs_coactivation=True)
 def graph(inp: PlacementInput) -> np.ndarray:
     """Co-activation graph partition: nodes first, then the GPUs of each node.
 
@@ -286,7 +322,6 @@ def graph(inp: PlacementInput) -> np.ndarray:
     its bytes).
     """
     _divides("graph", inp)
-    inp.no_replicas("graph")
     co, nxt = _need_coactivation("graph", inp)
     layers, e = inp.loads.shape
     nodes, per_node = inp.nodes, inp.ranks // inp.nodes
@@ -321,7 +356,7 @@ def graph(inp: PlacementInput) -> np.ndarray:
     return out
 
 
-@PLACEMENTS.register("topology_aware")
+@placement("topology_aware", replicas=True, replica_choice="nearest", needs_coactivation=True)
 def topology_aware(inp: PlacementInput) -> np.ndarray:
     """Fewer inter-node bytes for replica HBM.
 

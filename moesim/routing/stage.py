@@ -14,7 +14,7 @@ from moesim.config.scenario import Scenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.models.spec import ModelSpec, slots_per_rank
 from moesim.policies.gating import BALANCED, GATINGS, GateContext
-from moesim.policies.placement import Placement, PlacementInput, make_placement
+from moesim.policies.placement import PLACEMENTS, Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
@@ -119,7 +119,8 @@ class RoutingStage:
     def _set_placement(self, loads: np.ndarray) -> None:
         pcfg = self.scenario.policies.placement
         self.placement: Placement = make_placement(pcfg.type, self._placement_input(loads))
-        self.chooser = REPLICA_CHOICES.get(pcfg.chooser)(
+        choice = pcfg.replica_choice or PLACEMENTS.get(pcfg.type).replica_choice
+        self.chooser = REPLICA_CHOICES.get(choice)(
             self.placement, self.model.moe.num_experts, self.rank_node
         )
 

@@ -11,6 +11,7 @@ from moesim.policies.placement import (
     PLACEMENTS,
     PlacementInput,
     make_placement,
+    placement,
     simple_input,
 )
 from moesim.policies.replicas import REPLICA_CHOICES
@@ -88,13 +89,13 @@ def test_balanced_packing_is_lpt() -> None:
     assert sorted(rank[0][pack[0] == 0].tolist()) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PLACEMENTS.names() if not n.startswith("test")))
+@pytest.mark.parametrize("name", PLACEMENTS.names())
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_every_policy_keeps_the_invariants(name: str, nodes: int) -> None:
     rng = np.random.default_rng(1)
     layers, e, ranks = 3, 16, 4
     loads = rng.dirichlet(np.full(e, 0.5), size=layers)
-    redundant = 4 if name in ("eplb", "eplb_global", "topology_aware") else 0
+    redundant = 4 if PLACEMENTS.get(name).replicas else 0
     inp = _input(loads, ranks, redundant, nodes, groups=4, coact=_coactivation(layers, e))
     p = make_placement(name, inp)
     assert p.phy2log.shape == (layers, e + redundant)
@@ -157,7 +158,7 @@ def test_topology_aware_replicates_remote_hot_experts_per_node() -> None:
 
 
 def test_policies_without_replicas_refuse_redundant_slots() -> None:
-    with pytest.raises(ValueError, match="redundant_experts needs"):
+    with pytest.raises(ValueError, match="redundant_experts needs eplb or eplb_global or topol"):
         make_placement("contiguous", simple_input(np.ones((1, 8)), 4, redundant=4))
 
 
@@ -171,8 +172,8 @@ def test_unknown_placement_lists_valid_names() -> None:
         PLACEMENTS.get("eplbx")
 
 
-def test_broken_policy_is_caught() -> None:
-    @PLACEMENTS.register("test-broken")
+def test_broken_policy_is_caught(clean_registries: None) -> None:
+    @placement("test-broken")
     def broken(inp: PlacementInput) -> np.ndarray:
         return np.zeros_like(inp.loads, dtype=np.int64)  # every slot holds expert 0
 
