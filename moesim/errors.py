@@ -22,10 +22,16 @@ class ConfigError(MoesimError):
         message: What was expected and what was found.
     """
 
-    def __init__(self, file: str | Path | None, field: str, message: str) -> None:
+    def __init__(
+        self, file: str | Path | None, field: str | None = None, message: str | None = None
+    ) -> None:
+        if field is None and message is None:  # one argument: the whole message, as SimPy
+            self.file, self.field, self.message = None, "", str(file)  # re-raises it
+            super().__init__(str(file))
+            return
         self.file = str(file) if file is not None else None
-        self.field = field
-        self.message = message
+        self.field = field or ""
+        self.message = message or ""
         where = f"{self.file}: " if self.file else ""
         at = f"{field}: " if field else ""
         super().__init__(f"{where}{at}{message}")

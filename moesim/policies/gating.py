@@ -56,9 +56,40 @@ class GateContext:
 
 
 GateFn = Callable[[np.ndarray, GateContext], np.ndarray]
-GATINGS: Registry[GateFn | None] = Registry("gating")
-GATINGS.register("source")(None)
-BALANCED = ("expert_choice", "base")  # balanced by construction: no capacity drops
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A gating policy with its traits: adding one is one of these in :data:`GATINGS`.
+
+    Attributes:
+        select: ``(scores [n, E], ctx) -> experts [n, k]``, or None: keep the routing as the
+            source drew or recorded it (``source``), which needs no router scores.
+        balances: Balanced by construction (every expert gets its share), so capacity drops
+            nothing (expert choice, BASE).
+    """
+
+    select: GateFn | None
+    balances: bool = False
+
+    @property
+    def needs_scores(self) -> bool:
+        """It re-gates from router scores (the source must give them)."""
+        return self.select is not None
+
+
+GATINGS: Registry[Gate] = Registry("gating")
+GATINGS.register("source")(Gate(None))
+
+
+def gate(name: str, balances: bool = False) -> Callable[[GateFn], GateFn]:
+    """Decorator: register a gate function as the gating policy ``name`` with its traits."""
+
+    def deco(fn: GateFn) -> GateFn:
+        GATINGS.register(name)(Gate(fn, balances))
+        return fn
+
+    return deco
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -75,13 +106,13 @@ def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1).astype(np.int64)
 
 
-@GATINGS.register("top_k")
+@gate("top_k")
 def top_k(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Token choice: the k highest scores."""
     return top_indices(scores, ctx.top_k)
 
 
-@GATINGS.register("top_1")
+@gate("top_1")
 def top_1(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Switch: the highest score."""
     return np.argmax(scores, axis=1).astype(np.int64)[:, None]
@@ -109,13 +140,13 @@ def group_limited_select(
     return top_indices(scores, k)
 
 
-@GATINGS.register("group_limited")
+@gate("group_limited")
 def group_limited(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """DeepSeek-V3 group-limited top-k."""
     return group_limited_select(scores, ctx.n_group, ctx.topk_group, ctx.top_k)
 
 
-@GATINGS.register("expert_choice")
+@gate("expert_choice", balances=True)
 def expert_choice(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Each expert takes its ``c`` highest-probability tokens; -1 pads tokens' rows."""
     n, e = scores.shape
@@ -178,7 +209,7 @@ def balanced_assignment(
     raise RuntimeError("balanced assignment did not converge")
 
 
-@GATINGS.register("base")
+@gate("base", balances=True)
 def base(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """BASE layers: one expert per token, equal tokens per expert, maximum total score."""
     n, e = scores.shape
@@ -199,13 +230,13 @@ def sinkhorn(scores: np.ndarray, iters: int = 50) -> np.ndarray:
     return np.exp(log_k + u[:, None] + v[None, :])
 
 
-@GATINGS.register("s_base")
+@gate("s_base")
 def s_base(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Sinkhorn-BASE: top-k of the Sinkhorn-balanced scores."""
     return top_indices(sinkhorn(scores), ctx.top_k)
 
 
-@GATINGS.register("sentence")
+@gate("sentence")
 def sentence(scores: np.ndarray, ctx: GateContext) -> np.ndarray:
     """Route each sequence by its tokens' mean score; all its tokens share the experts."""
     if ctx.seq_id is None:

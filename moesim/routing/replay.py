@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.config.scenario import Routing
+from moesim.errors import ConfigError
 from moesim.models.spec import ModelSpec
 from moesim.routing.batch import TokenBatch
 from moesim.routing.sources import SOURCES, RoutingDraw
@@ -158,6 +159,19 @@ class TraceSource:
 
 class FittedSource:
     """Draws from a generator fitted to a trace or to published counts."""
+
+    records_scores = False
+
+    def scores(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> np.ndarray:
+        """A fitted generator has no router scores: re-gating cannot use it."""
+        raise ConfigError(
+            None,
+            "policies.gating.type",
+            "re-gating needs router scores, which the fitted generator does not give "
+            "(use gating source, or a trace captured with logits)",
+        )
 
     def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
         assert cfg.fit is not None

@@ -41,7 +41,14 @@ class RoutingDraw:
 
 
 class RoutingSource(Protocol):
-    """What the routing stage needs from a source of routing."""
+    """What the routing stage needs from a source of routing.
+
+    Attributes:
+        records_scores: Its draws come with the router scores that made them (a trace's
+            recorded logits), so a dropped assignment can follow the router's next choices.
+    """
+
+    records_scores: bool
 
     def expected_loads(self) -> np.ndarray:
         """``[moe_layers, experts]`` expected share of assignments per expert (for placement)."""
@@ -63,6 +70,16 @@ class RoutingSource(Protocol):
             batch: The step's tokens.
             rng: The only source of randomness.
             with_weights: Whether gate weights are needed (else ``weights`` may be None).
+        """
+        ...
+
+    def scores(
+        self, step: int, layers: np.ndarray, batch: TokenBatch, rng: np.random.Generator
+    ) -> np.ndarray:
+        """``[L, ranks, tokens, E]`` router scores of ``batch``'s tokens (re-gating reads them).
+
+        Raises:
+            MoesimError: the source has none (e.g. a trace captured without logits).
         """
         ...
 
@@ -243,6 +260,8 @@ def next_choices_by_score(experts: np.ndarray, scores: np.ndarray, depth: int) -
 
 class SyntheticSource:
     """Uniform or Zipf-skewed top-k routing with fixed per-layer popularity."""
+
+    records_scores = False  # its scores are drawn afresh, not those that made its draws
 
     def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
         layers, experts = len(model.moe_layers), model.moe.num_experts

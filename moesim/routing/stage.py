@@ -13,7 +13,7 @@ import numpy as np
 from moesim.config.scenario import Scenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.models.spec import ModelSpec, slots_per_rank
-from moesim.policies.gating import BALANCED, GATINGS, GateContext
+from moesim.policies.gating import GATINGS, GateContext
 from moesim.policies.placement import PLACEMENTS, Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
@@ -93,7 +93,7 @@ class RoutingStage:
         gating = scenario.policies.gating.type
         self.gate = GATINGS.get(gating)
         # gates that balance by construction take no capacity drops
-        self.step_rule = replace(self.rule, factor=None) if gating in BALANCED else self.rule
+        self.step_rule = replace(self.rule, factor=None) if self.gate.balances else self.rule
         moe = model.moe
         self.gate_ctx = lambda batch: GateContext(
             top_k=moe.top_k,
@@ -191,7 +191,7 @@ class RoutingStage:
         batches = [self.batch(step, r) for r in range(self.scenario.parallelism.dp)]
         n_moe = len(self.model.moe_layers)
         per_layer = batches[0].ranks * batches[0].tokens_per_rank * self.model.moe.top_k
-        if self.gate is not None:  # scores: one float per token and expert
+        if self.gate.needs_scores:  # scores: one float per token and expert
             per_layer = per_layer // self.model.moe.top_k * self.model.moe.num_experts
         chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
         self._aux: list[float] = []
@@ -208,12 +208,12 @@ class RoutingStage:
             for start in range(0, n_moe, chunk):
                 layers = np.arange(start, min(n_moe, start + chunk))
                 scores = None  # router scores of the batch, where there are any
-                if self.gate is None:
+                if not self.gate.needs_scores:
                     draw = self.source.draw(
                         step, layers, batch, self.rng, with_weights=self.rule.factor is not None
                     )
-                    if self.rule.reroutes and getattr(self.source, "records_scores", False):
-                        scores = self.source.scores(step, layers, batch, self.rng)  # type: ignore[attr-defined]
+                    if self.rule.reroutes and self.source.records_scores:
+                        scores = self.source.scores(step, layers, batch, self.rng)
                 else:
                     draw, scores = self._regate(step, layers, batch)
                 if self.rule.reroutes:
@@ -273,20 +273,13 @@ class RoutingStage:
         and the scores."""
         from moesim.policies.gating import aux_loss, gate_weights
 
-        scores_fn = getattr(self.source, "scores", None)
-        if scores_fn is None:
-            raise ValueError(
-                f"policies.gating.type {self.scenario.policies.gating.type} needs router "
-                f"scores, which routing source {self.scenario.routing.source} "
-                f"({self.scenario.routing.generator}) does not give"
-            )
-        assert self.gate is not None
-        scores = scores_fn(step, layers, batch, self.rng)
+        assert self.gate.select is not None
+        scores = self.source.scores(step, layers, batch, self.rng)
         n_layers, ranks, tokens, e = scores.shape
         chosen, weights = [], []
         for li in range(n_layers):
             flat = scores[li].reshape(ranks * tokens, e)
-            ex = self.gate(flat, self.gate_ctx(batch))
+            ex = self.gate.select(flat, self.gate_ctx(batch))
             chosen.append(ex)
             weights.append(gate_weights(flat, ex))
             self._aux.append(aux_loss(flat, ex))

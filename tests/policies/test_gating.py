@@ -29,7 +29,7 @@ S = np.array(
 
 
 def gate(name: str, scores: np.ndarray, **ctx) -> np.ndarray:
-    fn = GATINGS.get(name)
+    fn = GATINGS.get(name).select
     assert fn is not None
     return fn(scores, GateContext(**{"top_k": 2, **ctx}))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from moesim.config.loading import load_scenario
 from moesim.errors import ConfigErrors
@@ -179,3 +180,28 @@ def test_imported_vllm_trace_replays_end_to_end(tmp_path, write_scenario) -> Non
     )
     summary = simulate(load_scenario(scen)).summary
     assert summary["step_time_s"] > 0 and 0 < summary["drop_rate"] < 0.5
+
+
+def test_regating_a_fitted_generator_is_a_clean_error(tmp_path) -> None:
+    """Was a ValueError (a traceback in the CLI): the fitted generator has no router scores."""
+    from typer.testing import CliRunner
+
+    from moesim.cli import app
+    from tests.conftest import SCENARIOS, small_scenario
+
+    scenario = small_scenario(
+        **{
+            "routing": {
+                "source": "synthetic",
+                "generator": "fitted",
+                "fit": str(SCENARIOS / "traces" / "tiny-mixtral.parquet"),
+                "layer_map": "stretch",
+            },
+            "policies.gating.type": "top_k",
+        }
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = CliRunner().invoke(app, ["run", str(path), "--no-write"])
+    assert out.exit_code == 2, out.output
+    assert "policies.gating.type: re-gating needs router scores" in out.stderr

@@ -19,8 +19,13 @@ from tests.conftest import small_scenario
 class _AllToExpertZero:
     """Every token picks experts 0 .. k-1 (all on rank 0 under contiguous placement)."""
 
+    records_scores = False
+
     def __init__(self, cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> None:
         self.model = model
+
+    def scores(self, step: int, layers: np.ndarray, batch: TokenBatch, rng: Any) -> np.ndarray:
+        raise NotImplementedError
 
     def expected_loads(self) -> np.ndarray:
         return np.ones((len(self.model.moe_layers), self.model.moe.num_experts))
@@ -34,7 +39,9 @@ class _AllToExpertZero:
         return RoutingDraw(experts, None)
 
 
-if "test-hot" not in SOURCES:
+@pytest.fixture
+def hot_source(clean_registries: None) -> None:
+    """The routing source ``test-hot`` (every token to experts 0 .. k-1), for one test."""
     SOURCES.register("test-hot")(_AllToExpertZero)
 
 
@@ -42,7 +49,7 @@ def run(write_scenario, **change: Any):
     return simulate(load_scenario(write_scenario(small_scenario(**change))))
 
 
-def test_hot_expert_gpu_is_the_critical_path(write_scenario) -> None:
+def test_hot_expert_gpu_is_the_critical_path(write_scenario, hot_source: None) -> None:
     # Qwen3: 128 experts over 8 ranks; experts 0..7 all live on rank 0.
     res = run(write_scenario, model="qwen3-30b-a3b", **{"routing.source": "test-hot"})
     layers = res.layers[res.layers["moe"]]
@@ -206,7 +213,7 @@ def test_micro_batch_counts_add_up_to_the_step(write_scenario) -> None:
         assert parts[0].sum() > 0 and parts[1].sum() > 0
 
 
-def test_micro_batches_have_their_own_capacity(write_scenario) -> None:
+def test_micro_batches_have_their_own_capacity(write_scenario, hot_source: None) -> None:
     cap = {"policies.capacity": {"type": "capacity", "factor": 1.0, "drop": "position"}}
     change = {"routing.source": "test-hot", **cap}
     one = _stage(write_scenario, **change).step(0)
