@@ -78,9 +78,70 @@ def belady(candidates: list[int], st: CacheState) -> int:
     return max(candidates, key=lambda i: (st.next_use(i), -i))
 
 
-PREFETCHERS: Registry[str] = Registry("prefetch")
-for _name in ("none", "oracle", "affinity"):
-    PREFETCHERS.register(_name)(_name)
+@dataclass(frozen=True)
+class PrefetchInput:
+    """What a prefetcher sees of one cache (one EP rank of one replica).
+
+    Attributes:
+        needed: ``needed[t]``: items (``moe_layer * num_experts + expert``) needed at access
+            ``t``; accesses walk the MoE layers of every step in order.
+        loads: ``loads[t]``: ``[E]`` tokens per expert at ``t``'s layer.
+        maps: ``maps[t]``: ``[moe_layers, slots]`` the rank's expert in each slot at ``t``.
+        moe_layers / num_experts: The model's.
+        transition: On demand, ``[moe_layers, E, E]`` P(expert j at the next layer | expert i
+            at this one), rows summing to top-k (from the co-activation sample).
+    """
+
+    needed: list[list[int]]
+    loads: list[np.ndarray]
+    maps: list[np.ndarray]
+    moe_layers: int
+    num_experts: int
+    transition: Callable[[], np.ndarray]
+
+
+Prefetcher = Callable[[PrefetchInput], list[list[int]]]
+"""``PrefetchInput -> prefetch[t]``: items to copy at ``t`` for ``t + 1``, in order."""
+PREFETCHERS: Registry[Prefetcher] = Registry("prefetch")
+
+
+@PREFETCHERS.register("none")
+def no_prefetch(inp: PrefetchInput) -> list[list[int]]:
+    """Nothing is copied ahead."""
+    return [[] for _ in inp.needed]
+
+
+@PREFETCHERS.register("oracle")
+def oracle_prefetch(inp: PrefetchInput) -> list[list[int]]:
+    """Exactly what the next access needs (a bound: it reads the future)."""
+    return [
+        list(inp.needed[t + 1]) if t + 1 < len(inp.needed) else [] for t in range(len(inp.needed))
+    ]
+
+
+@PREFETCHERS.register("affinity")
+def affinity(inp: PrefetchInput) -> list[list[int]]:
+    """The next layer's experts likely to get a token, from cross-layer affinity
+    (:func:`affinity_prefetch`); nothing after the last MoE layer."""
+    out: list[list[int]] = [[] for _ in inp.needed]
+    for t in range(len(inp.needed)):
+        m = t % inp.moe_layers
+        if m + 1 >= inp.moe_layers:
+            continue
+        nxt = inp.maps[t][m + 1]
+        picks = affinity_prefetch(
+            np.asarray(inp.loads[t], dtype=np.float64), inp.transition()[m], nxt
+        )
+        out[t] = list(dict.fromkeys((m + 1) * inp.num_experts + int(nxt[s]) for s in picks))
+    return out
+
+
+def affinity_transition(nxt: np.ndarray, top_k: int) -> np.ndarray:
+    """``[L-1, E, E]`` rows of next-layer co-activation counts scaled to sum to ``top_k``
+    (uniform where a row has no counts)."""
+    rows = nxt.sum(axis=2, keepdims=True)
+    uniform = np.full_like(nxt, top_k / nxt.shape[2], dtype=np.float64)
+    return np.where(rows > 0, nxt * top_k / np.maximum(rows, 1e-300), uniform)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ the experts it holds. Host rates are the profile's peaks, so CPU times are lower
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator
 from typing import Any
 
@@ -28,7 +29,13 @@ import numpy as np
 import simpy
 
 from moesim.config.loading import ResolvedScenario
-from moesim.policies.offload import CacheRun, affinity_prefetch, simulate_cache
+from moesim.policies.offload import (
+    PREFETCHERS,
+    CacheRun,
+    PrefetchInput,
+    affinity_transition,
+    simulate_cache,
+)
 from moesim.routing.stage import RoutingStage, StepRouting
 from moesim.timing.costs import ACT_BYTES
 from moesim.timing.memory import cache_items, expert_bytes
@@ -72,13 +79,10 @@ class OffloadTiming:
         self.cpus: dict[int, simpy.Resource] = {}
         self.cpu_s: dict[tuple[int, int], np.ndarray] = {}
         self.activation_bytes = 0.0
-        transition = None
-        if off.prefetch == "affinity" and self.n_moe > 1:
-            nxt = stage.coactivation()[1]
-            k = r.model.moe.top_k
-            rows = nxt.sum(axis=2, keepdims=True)
-            uniform = np.full_like(nxt, k / nxt.shape[2])
-            transition = np.where(rows > 0, nxt * k / np.maximum(rows, 1e-300), uniform)
+        prefetcher = PREFETCHERS.get(off.prefetch)
+        transition = functools.cache(
+            lambda: affinity_transition(stage.coactivation()[1], r.model.moe.top_k)
+        )
         self.runs: dict[tuple[int, int], CacheRun] = {}
         # cache items are (MoE layer, logical expert): m * E + e, so that a re-placement that
         # gives a rank new experts makes them misses; held[t][item] = the rank's slots of it
@@ -99,19 +103,9 @@ class OffloadTiming:
                         loads.append(c.expert_routed[m])
                         maps.append(p2l)
                 needed = [list(at) for at in held]
-                prefetch: list[list[int]] = [[] for _ in needed]
-                for t in range(len(needed)):
-                    m = t % self.n_moe
-                    if off.prefetch == "oracle" and t + 1 < len(needed):
-                        prefetch[t] = needed[t + 1]
-                    elif transition is not None and m + 1 < self.n_moe:
-                        nxt = maps[t][m + 1]
-                        picks = affinity_prefetch(
-                            np.asarray(loads[t], dtype=np.float64), transition[m], nxt
-                        )
-                        prefetch[t] = list(
-                            dict.fromkeys((m + 1) * n_exp + int(nxt[s]) for s in picks)
-                        )
+                prefetch = prefetcher(
+                    PrefetchInput(needed, loads, maps, self.n_moe, n_exp, transition)
+                )
                 run = simulate_cache(
                     needed, prefetch, self.capacity, off.policy, admit=not self.on_cpu
                 )

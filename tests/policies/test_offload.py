@@ -7,7 +7,12 @@ import pytest
 
 from moesim.config.loading import load_scenario
 from moesim.errors import CapacityError
-from moesim.policies.offload import affinity_prefetch, simulate_cache
+from moesim.policies.offload import (
+    PREFETCHERS,
+    PrefetchInput,
+    affinity_prefetch,
+    simulate_cache,
+)
 from moesim.runner import simulate
 from tests.conftest import SCENARIOS
 
@@ -197,3 +202,23 @@ def test_replacement_makes_a_ranks_new_experts_cache_misses() -> None:
     res = simulate(load_scenario(SCENARIOS / "olmoe-decode-8xl40s.yaml", over))
     assert res.summary["migration_bytes"] == 0.0
     assert res.summary["offload"]["demand_copies_per_step"] > 0
+
+
+@pytest.mark.parametrize("name", PREFETCHERS.names())
+def test_every_prefetcher_names_next_layer_experts_only(name: str) -> None:
+    rng = np.random.default_rng(0)
+    moe, e, steps = 3, 8, 2
+    needed = [
+        sorted({(t % moe) * e + int(x) for x in rng.integers(0, e, 3)}) for t in range(moe * steps)
+    ]
+    maps = [np.tile(np.arange(e), (moe, 1)) for _ in needed]
+    loads = [rng.integers(0, 20, e) for _ in needed]
+    transition = np.full((moe - 1, e, e), 2.0 / e)
+    inp = PrefetchInput(needed, loads, maps, moe, e, lambda: transition)
+    out = PREFETCHERS.get(name)(inp)
+    assert len(out) == len(needed)
+    for t, items in enumerate(out):
+        assert len(set(items)) == len(items)
+        assert all(i // e == (t + 1) % moe for i in items), "items of the next access's layer"
+    if name == "oracle":
+        assert out[:-1] == needed[1:]
