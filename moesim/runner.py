@@ -5,45 +5,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
 from moesim.estimate import check_machine, estimate
 from moesim.metrics.collector import Collector
 from moesim.metrics.links import links_summary, links_table
 from moesim.metrics.summary import layers_table, offload_summary, summarize
+from moesim.results.result import RunResult
 from moesim.routing.stage import RoutingStage
 from moesim.timing.costs import cost_model
 from moesim.timing.engine import Engine, ProgressFn
 from moesim.timing.memory import check_fits, hbm_usage
-
-
-@dataclass
-class RunResult:
-    """Everything a run produced.
-
-    Attributes:
-        resolved: The scenario that ran.
-        summary: The ``summary.json`` content.
-        layers: The ``layers.parquet`` table.
-        timeline: Chrome-trace events of the first steps.
-        collector: The raw arrays.
-        events_processed: SimPy events processed (for benchmarks).
-        links: The ``links.parquet`` table (:mod:`moesim.metrics.links`).
-    """
-
-    resolved: ResolvedScenario
-    summary: dict[str, Any]
-    layers: pd.DataFrame
-    timeline: list[dict[str, Any]]
-    collector: Collector
-    events_processed: int
-    links: pd.DataFrame | None = None
 
 
 def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResult:

@@ -21,8 +21,9 @@ import numpy as np
 import yaml
 
 from moesim import jsonout
-from moesim.calibration.backends import Progress, get_backend
+from moesim.calibration.backends import get_backend
 from moesim.calibration.fit import ExpertTimeTable, fit_cases
+from moesim.calibration.measure import Progress
 from moesim.calibration.plan import Plan, record_key
 from moesim.errors import CalibrationError
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.calibration.backends import (
+from moesim.calibration.measure import (
     Progress,
     activation,
     buffer_sets,
@@ -74,10 +74,10 @@ class TorchBackend:
                 "cuda": torch.version.cuda,
             }
         else:
-            from moesim.calibration.backends import _cpu_name
+            from moesim.calibration.measure import cpu_name
 
             name, detail = (
-                _cpu_name(),
+                cpu_name(),
                 {"torch": torch.__version__, "threads": torch.get_num_threads()},
             )
         doc = new_document("torch", name, detail, plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moesim.config.overrides import apply_overrides
 from moesim.config.scenario import Scenario
@@ -16,7 +17,7 @@ from moesim.hardware.catalog import load_profile
 from moesim.hardware.profile import HardwareProfile
 from moesim.models.presets import resolve_model
 from moesim.models.spec import ModelSpec, slots_per_rank
-from moesim.registry import shorten
+from moesim.registry import closest, shorten
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,32 @@ class ResolvedScenario:
     def gpus_per_node(self) -> int:
         """GPUs per node, from the hardware profile."""
         return self.hardware.node.gpus_per_node
+
+
+def name_errors(data: dict[str, Any], file: Path | None) -> list[ConfigError]:
+    """Policy names of a scenario (as a dict) that no registry holds, each with the field and
+    the valid names; the one place names are checked (:data:`moesim.policies.FAMILIES`)."""
+    from moesim.policies import FAMILIES, registry_for
+
+    errors = []
+    for family, (field, _, _) in FAMILIES.items():
+        node: Any = data
+        for part in field.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, str):  # absent (the default) or of a wrong type (pydantic's)
+            continue
+        registry = registry_for(family)
+        if node not in registry:
+            valid = registry.names()
+            errors.append(
+                ConfigError(
+                    file,
+                    field,
+                    f"unknown {family} '{shorten(node)}'{closest(node, valid)}; "
+                    f"valid: {', '.join(valid)}",
+                )
+            )
+    return errors
 
 
 def _with_file(exc: ConfigError | ConfigErrors, path: Path | None) -> ConfigError | ConfigErrors:
@@ -198,7 +225,7 @@ def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
 def resolve(scenario: Scenario, path: Path | None = None) -> ResolvedScenario:
     """Resolve model and hardware of a validated scenario and run the cross-field checks."""
     base = path.parent if path is not None else None
-    errors: list[ConfigError] = []
+    errors = name_errors(scenario.model_dump(), path)
     model = hardware = None
     try:
         model = resolve_model(scenario.model, base)
@@ -278,4 +305,8 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Resol
         data = apply_overrides(data, overrides or [])
     except ConfigError as exc:
         raise _with_file(exc, p) from None
-    return resolve(validate(Scenario, data, p), p)
+    try:
+        scenario = validate(Scenario, data, p)
+    except ConfigErrors as exc:  # report bad names with the other field errors, at once
+        raise ConfigErrors(exc.errors + name_errors(data, p)) from None
+    return resolve(scenario, p)

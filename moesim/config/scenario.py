@@ -1,8 +1,9 @@
 """The scenario file, as typed immutable pydantic models.
 
 Every numeric field carries its unit in its name where it has one, and a description. Policy
-sections choose their variant with ``type:``; the valid names come from the policy registries,
-so a new policy needs no change here.
+sections choose their variant with ``type:``; the names are checked against the policy
+registries when a scenario is resolved (:func:`moesim.config.loading.name_errors`), so a new
+policy needs no change here.
 
 Layout of the GPUs of a scenario: ``world = dp * ep * tp``. GPU ``g`` belongs to data-parallel
 replica ``g // (ep * tp)``, expert-parallel rank ``(g // tp) % ep`` and tensor-parallel rank
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moesim.dtypes import DType
 
@@ -27,21 +28,6 @@ MAX_GPUS = 32_768
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def _registered(family: str, name: str) -> str:
-    """Check ``name`` against the registry of ``family`` (imported lazily)."""
-    from moesim.policies import registry_for
-
-    registry = registry_for(family)
-    if name not in registry:
-        from moesim.registry import closest
-
-        valid = registry.names()
-        raise ValueError(
-            f"unknown {family} '{name}'{closest(name, valid)}; valid: {', '.join(valid)}"
-        )
-    return name
 
 
 class Cluster(_Section):
@@ -157,11 +143,6 @@ class Routing(_Section):
             raise ValueError("generator fitted needs fit: (a trace or a counts JSON)")
         return self
 
-    @field_validator("source")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered("routing source", v)
-
 
 class Capacity(_Section):
     """Expert capacity and what happens to tokens over it."""
@@ -190,11 +171,6 @@ class Capacity(_Section):
     reroute_depth: int = Field(
         4, ge=1, le=64, description="Next choices a dropped assignment tries (drop: reroute)."
     )
-
-    @field_validator("drop")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered("drop policy", v)
 
     @model_validator(mode="after")
     def _factor(self) -> Capacity:
@@ -242,16 +218,6 @@ class Placement(_Section):
         description="Weight of the old average in the moving average of loads (rebalancing).",
     )
 
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered("placement", v)
-
-    @field_validator("replica_choice")
-    @classmethod
-    def _known_choice(cls, v: str | None) -> str | None:
-        return None if v is None else _registered("replica choice", v)
-
 
 class AllToAll(_Section):
     """The dispatch/combine communication algorithm."""
@@ -261,11 +227,6 @@ class AllToAll(_Section):
         description="All-to-all algorithm (registry name): direct, pxn, hierarchical, "
         "low_latency, allgather.",
     )
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered("all-to-all", v)
 
 
 class Offload(_Section):
@@ -296,16 +257,6 @@ class Offload(_Section):
         "then changes only by prefetch).",
     )
 
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, v: str) -> str:
-        return _registered("cache policy", v)
-
-    @field_validator("prefetch")
-    @classmethod
-    def _known_prefetch(cls, v: str) -> str:
-        return _registered("prefetch", v)
-
     @model_validator(mode="after")
     def _size(self) -> Offload:
         if self.type == "cache" and (self.cache_experts is None) == (self.cache_gib is None):
@@ -321,11 +272,6 @@ class Gating(_Section):
         description="source (the routing as drawn or recorded), top_k, top_1, group_limited, "
         "expert_choice, base, s_base, sentence.",
     )
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered("gating", v)
 
 
 class Overlap(_Section):

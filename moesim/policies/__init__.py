@@ -7,57 +7,38 @@ Families and where their registries live:
 - ``drop policy``: :data:`moesim.policies.capacity.DROP_POLICIES`
 - ``cache policy`` / ``prefetch``: :mod:`moesim.policies.offload`
 - ``gating``: :data:`moesim.policies.gating.GATINGS`
-- ``routing source``: :data:`moesim.routing.sources.SOURCES`
+- ``routing source``: :data:`moesim.routing.sources.SOURCES` (filled by
+  :mod:`moesim.routing.catalog`)
 - ``all-to-all``: :data:`moesim.comm.alltoall.ALL_TO_ALL`
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from moesim.registry import Registry
 
-FAMILIES = (
-    "placement",
-    "drop policy",
-    "replica choice",
-    "cache policy",
-    "prefetch",
-    "gating",
-    "routing source",
-    "all-to-all",
-)
-"""Every policy family, by the name its errors use."""
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "routing source": ("routing.source", "moesim.routing.catalog", "SOURCES"),
+    "gating": ("policies.gating.type", "moesim.policies.gating", "GATINGS"),
+    "drop policy": ("policies.capacity.drop", "moesim.policies.capacity", "DROP_POLICIES"),
+    "placement": ("policies.placement.type", "moesim.policies.placement", "PLACEMENTS"),
+    "replica choice": (
+        "policies.placement.replica_choice",
+        "moesim.policies.replicas",
+        "REPLICA_CHOICES",
+    ),
+    "all-to-all": ("policies.all_to_all.type", "moesim.comm.alltoall", "ALL_TO_ALL"),
+    "cache policy": ("policies.offload.policy", "moesim.policies.offload", "CACHE_POLICIES"),
+    "prefetch": ("policies.offload.prefetch", "moesim.policies.offload", "PREFETCHERS"),
+}
+"""Every policy family: the scenario field that names one, and the module and registry that
+hold them. Adding a family is one row here; adding a policy is one object in its registry."""
 
 
 def registry_for(family: str) -> Registry[Any]:
-    """The registry of a policy family, by the name used in error messages."""
-    if family == "placement":
-        from moesim.policies.placement import PLACEMENTS
-
-        return PLACEMENTS
-    if family == "drop policy":
-        from moesim.policies.capacity import DROP_POLICIES
-
-        return DROP_POLICIES
-    if family == "replica choice":
-        from moesim.policies.replicas import REPLICA_CHOICES
-
-        return REPLICA_CHOICES
-    if family in ("cache policy", "prefetch"):
-        from moesim.policies.offload import CACHE_POLICIES, PREFETCHERS
-
-        return CACHE_POLICIES if family == "cache policy" else PREFETCHERS
-    if family == "gating":
-        from moesim.policies.gating import GATINGS
-
-        return GATINGS
-    if family == "routing source":
-        from moesim.routing.sources import SOURCES
-
-        return SOURCES
-    if family == "all-to-all":
-        from moesim.comm.alltoall import ALL_TO_ALL
-
-        return ALL_TO_ALL
-    raise KeyError(family)
+    """The registry of a policy family (imported on first use), by the name its errors use."""
+    _, module, attribute = FAMILIES[family]
+    registry: Registry[Any] = getattr(importlib.import_module(module), attribute)
+    return registry

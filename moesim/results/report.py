@@ -16,7 +16,7 @@ from moesim import jsonout
 from moesim.metrics.collector import PHASES
 
 if TYPE_CHECKING:
-    from moesim.runner import RunResult
+    from moesim.results.result import RunResult
 
 COLORS = {
     "attention": "#4C78A8",

@@ -33,7 +33,7 @@ from moesim.errors import ConfigError
 from moesim.registry import shorten
 
 if TYPE_CHECKING:
-    from moesim.runner import RunResult
+    from moesim.results.result import RunResult
 
 
 def summary_json(summary: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from moesim.config.scenario import Routing
 from moesim.errors import ConfigError
 from moesim.models.spec import ModelSpec
 from moesim.routing.batch import TokenBatch
-from moesim.routing.sources import SOURCES, RoutingDraw
+from moesim.routing.sources import RoutingDraw
 from moesim.traces.fit import FittedRouting, load_fit
 from moesim.traces.format import TraceError, TraceMeta
 from moesim.traces.stats import load_counts
@@ -215,6 +215,3 @@ class FittedSource:
         )
         w /= w.sum(axis=-1, keepdims=True)
         return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))
-
-
-SOURCES.register("trace")(TraceSource)

@@ -323,18 +323,3 @@ class SyntheticSource:
         w = np.take_along_axis(pop[:, None, :], experts.astype(np.intp), axis=2)
         w = w / w.sum(axis=-1, keepdims=True)
         return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))
-
-
-@SOURCES.register("synthetic")
-def synthetic(cfg: Routing, model: ModelSpec, rng: np.random.Generator) -> RoutingSource:
-    """The synthetic source: a fixed-popularity generator, or one fitted to real routing."""
-    if cfg.generator == "fitted":
-        from moesim.routing.replay import FittedSource
-
-        return FittedSource(cfg, model, rng)
-    return SyntheticSource(cfg, model, rng)
-
-
-from moesim.routing import replay as _replay  # noqa: E402  (registers "trace")
-
-del _replay

@@ -17,9 +17,9 @@ from moesim.policies.gating import GATINGS, GateContext
 from moesim.policies.placement import PLACEMENTS, Placement, PlacementInput, make_placement
 from moesim.policies.replicas import REPLICA_CHOICES
 from moesim.routing.batch import TokenBatch, make_batch
+from moesim.routing.catalog import SOURCES
 from moesim.routing.dispatch import CapacityRule, LayerCounts, count_layers
 from moesim.routing.sources import (
-    SOURCES,
     RoutingDraw,
     RoutingSource,
     next_choices,

@@ -11,7 +11,8 @@ from moesim.config.loading import load_scenario
 from moesim.config.scenario import Routing
 from moesim.models.spec import ModelSpec
 from moesim.routing.batch import TokenBatch
-from moesim.routing.sources import SOURCES, RoutingDraw
+from moesim.routing.catalog import SOURCES
+from moesim.routing.sources import RoutingDraw
 from moesim.runner import simulate
 from tests.conftest import small_scenario
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moesim.calibration.backends import Progress, case_record, new_document
+from moesim.calibration.measure import Progress, case_record, new_document
 from moesim.calibration.plan import Plan
 from moesim.errors import CalibrationError
 
