@@ -20,7 +20,7 @@ Bytes are these counts times the bytes of one token in the dispatch or combine d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -122,12 +122,52 @@ def count_layers(
         pos_bin: ``[ranks, tokens]`` position bin of each token (for drops by position).
         bins: Position bins.
     """
-    experts = draw.experts
-    n_layers, ranks, tokens, _ = experts.shape
+    n_layers, ranks, tokens, _ = draw.experts.shape
     cap = rule.capacity(tokens, ranks)
-    keep = None
-    valid = experts >= 0  # gates such as expert choice leave -1 where a token has fewer experts
+    experts, keep, valid = apply_capacity(draw, rule, cap, rng)
+    slot = chooser.slots(layers, experts, keep)
+    dest_rank, dest_node = _destinations(slot, keep, placement, rank_node)
+    slots = placement.phy2log.shape[1]
+    local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
+    lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * rule.num_experts + experts
+    expert_routed = np.bincount(lay_e[valid], minlength=n_layers * rule.num_experts)
+    kept_local = local.ravel() if keep is None else local[keep]
+    slot_tokens = np.bincount(kept_local, minlength=n_layers * slots).reshape(
+        n_layers, ranks, placement.slots_per_rank
+    )
+    dropped, dropped_by_bin = _drops(valid, keep, pos_bin, bins)
+    pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
+    pair = pair + dest_rank
+    counts = LayerCounts(
+        assignments=np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks).reshape(
+            n_layers, ranks, ranks
+        ),
+        slot_tokens=slot_tokens,
+        routed=valid.sum(axis=(2, 3)).astype(np.int64),
+        dropped=dropped,
+        rank_copies=_distinct_counts(dest_rank, ranks),
+        node_copies=_distinct_counts(dest_node, int(rank_node.max()) + 1),
+        expert_routed=expert_routed.reshape(n_layers, rule.num_experts),
+        dropped_by_bin=dropped_by_bin,
+        padding=np.zeros((n_layers, ranks, placement.slots_per_rank), dtype=np.int64),
+    )
+    if rule.pad and cap is not None:
+        counts = _padded(counts, cap, rule, placement, layers, rank_node)
+    return counts
+
+
+def apply_capacity(
+    draw: RoutingDraw, rule: CapacityRule, cap: int | None, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(experts, keep, valid)`` of ``[L, R, T, k]`` assignments after capacity and rerouting.
+
+    ``keep`` is None when nothing is dropped; ``valid`` is False where a gate (expert choice)
+    left a token fewer experts (those entries are neither routed nor dropped).
+    """
+    experts = draw.experts
+    valid = experts >= 0
     partial = not bool(valid.all())
+    keep = None
     if partial:
         if cap is not None:
             raise ValueError("capacity cannot apply to gates that leave tokens without experts")
@@ -136,73 +176,69 @@ def count_layers(
         keep = keep_mask(experts, cap, rule.num_experts, rule.drop, draw.weights, rng, rule.scope)
         if rule.reroutes and draw.fallback is not None:
             experts, keep = reroute(experts, keep, draw.fallback, cap, rule.num_experts, rule.scope)
-    if partial:  # only valid entries count: the others are neither routed nor dropped
+    if partial:
         keep = valid
-    slot = chooser.slots(layers, experts, keep)
-    slots = placement.phy2log.shape[1]
-    local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
+    return experts, keep, valid
+
+
+def _destinations(
+    slot: np.ndarray, keep: np.ndarray | None, placement: Placement, rank_node: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[L, R, T, k]`` destination rank and node of each assignment (-1 where dropped)."""
     slot_rank = placement.slot_rank.astype(np.int32)
-    lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * rule.num_experts + experts
-    expert_routed = np.bincount(lay_e[valid], minlength=n_layers * rule.num_experts)
+    node_of = rank_node.astype(np.int32)
     if keep is None:
-        slot_tokens = np.bincount(local.ravel(), minlength=n_layers * slots)
         dest_rank = slot_rank.take(slot)
-        dest_node = rank_node.astype(np.int32).take(dest_rank)
-        dropped = np.zeros((n_layers, ranks), dtype=np.int64)
-        dropped_by_bin = np.zeros((n_layers, bins), dtype=np.int64)
-    else:
-        slot_tokens = np.bincount(local[keep], minlength=n_layers * slots)
-        dest_rank = np.where(keep, slot_rank.take(slot), -1)
-        dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)), -1)
-        lost = (valid & ~keep).sum(axis=3)  # [L, R, T]
-        dropped = lost.sum(axis=2).astype(np.int64)
-        pb = np.zeros((ranks, tokens), dtype=np.int64) if pos_bin is None else pos_bin
-        flat_bin = (np.arange(n_layers).reshape(-1, 1, 1) * bins + pb).ravel()
-        dropped_by_bin = (
-            np.bincount(flat_bin, weights=lost.ravel(), minlength=n_layers * bins)
-            .astype(np.int64)
-            .reshape(n_layers, bins)
+        return dest_rank, node_of.take(dest_rank)
+    dest_rank = np.where(keep, slot_rank.take(slot), -1)
+    return dest_rank, np.where(keep, node_of.take(np.maximum(dest_rank, 0)), -1)
+
+
+def _drops(
+    valid: np.ndarray, keep: np.ndarray | None, pos_bin: np.ndarray | None, bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``([L, R] dropped, [L, bins] dropped by position bin)`` of the chunk."""
+    n_layers, ranks, tokens, _ = valid.shape
+    if keep is None:
+        return (
+            np.zeros((n_layers, ranks), dtype=np.int64),
+            np.zeros((n_layers, bins), dtype=np.int64),
         )
-    slot_tokens = slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank)
-    routed = valid.sum(axis=(2, 3)).astype(np.int64)
-    n_nodes = int(rank_node.max()) + 1
-    pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
-    pair = pair + dest_rank
-    assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks).reshape(
-        n_layers, ranks, ranks
+    lost = (valid & ~keep).sum(axis=3)  # [L, R, T]
+    pb = np.zeros((ranks, tokens), dtype=np.int64) if pos_bin is None else pos_bin
+    flat_bin = (np.arange(n_layers).reshape(-1, 1, 1) * bins + pb).ravel()
+    by_bin = np.bincount(flat_bin, weights=lost.ravel(), minlength=n_layers * bins)
+    return lost.sum(axis=2).astype(np.int64), by_bin.astype(np.int64).reshape(n_layers, bins)
+
+
+def _padded(
+    counts: LayerCounts,
+    cap: int,
+    rule: CapacityRule,
+    placement: Placement,
+    layers: np.ndarray,
+    rank_node: np.ndarray,
+) -> LayerCounts:
+    """``counts`` with every (source rank, expert) buffer padded to the capacity: per-expert
+    rows travel undeduplicated, and each slot computes its share of the padded rows."""
+    n_layers, ranks, spr = counts.slot_tokens.shape
+    per_src = cap if rule.scope == "rank" else -(-cap // ranks)
+    logcnt = placement.logcnt(rule.num_experts)[layers]  # [L, E]
+    replicas = np.take_along_axis(logcnt, placement.phy2log[layers], axis=1)  # [L, slots]
+    padded = np.ceil(per_src * ranks / replicas).astype(np.int64).reshape(n_layers, ranks, spr)
+    padding = np.maximum(padded - counts.slot_tokens, 0)
+    per_rank = (1.0 / replicas).reshape(n_layers, ranks, spr).sum(axis=2)  # buffers per source
+    pad_pairs = np.ceil(per_src * per_rank).astype(np.int64)[:, None, :]
+    assignments = np.maximum(counts.assignments, pad_pairs)
+    node_copies = np.stack(
+        [assignments[:, :, rank_node == n].sum(axis=2) for n in range(int(rank_node.max()) + 1)],
+        axis=2,
     )
-    rank_copies = _distinct_counts(dest_rank, ranks)
-    node_copies = _distinct_counts(dest_node, n_nodes)
-    padding = np.zeros((n_layers, ranks, placement.slots_per_rank), dtype=np.int64)
-    if rule.pad and cap is not None:
-        # every (source rank, expert) buffer is padded to the capacity: per-expert rows travel
-        # undeduplicated, and each slot computes its share of the padded rows
-        per_src = cap if rule.scope == "rank" else -(-cap // ranks)
-        logcnt = placement.logcnt(rule.num_experts)[layers]  # [L, E]
-        phy = placement.phy2log[layers]  # [L, slots]
-        share = per_src * ranks / np.take_along_axis(logcnt, phy, axis=1)
-        padded = np.ceil(share).astype(np.int64).reshape(slot_tokens.shape)
-        padding = np.maximum(padded - slot_tokens, 0)
-        slot_tokens = slot_tokens + padding
-        per_rank = (
-            (1.0 / np.take_along_axis(logcnt, phy, axis=1))
-            .reshape(n_layers, ranks, placement.slots_per_rank)
-            .sum(axis=2)
-        )  # expert buffers each rank receives from one source
-        pad_pairs = np.ceil(per_src * per_rank).astype(np.int64)[:, None, :]
-        assignments = np.maximum(assignments, pad_pairs)
-        rank_copies = assignments.copy()
-        node_copies = np.stack(
-            [assignments[:, :, rank_node == n].sum(axis=2) for n in range(n_nodes)], axis=2
-        )
-    return LayerCounts(
-        assignments=assignments,
-        slot_tokens=slot_tokens,
-        routed=routed,
-        dropped=dropped,
-        rank_copies=rank_copies,
-        node_copies=node_copies,
-        expert_routed=expert_routed.reshape(n_layers, rule.num_experts),
-        dropped_by_bin=dropped_by_bin,
+    return replace(
+        counts,
+        slot_tokens=counts.slot_tokens + padding,
         padding=padding,
+        assignments=assignments,
+        rank_copies=assignments.copy(),
+        node_copies=node_copies,
     )
