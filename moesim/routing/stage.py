@@ -189,63 +189,15 @@ class RoutingStage:
         """Draw and count step ``step`` for every replica."""
         migration = self._rebalance(step)
         batches = [self.batch(step, r) for r in range(self.scenario.parallelism.dp)]
-        n_moe = len(self.model.moe_layers)
-        per_layer = batches[0].ranks * batches[0].tokens_per_rank * self.model.moe.top_k
-        if self.gate.needs_scores:  # scores: one float per token and expert
-            per_layer = per_layer // self.model.moe.top_k * self.model.moe.num_experts
-        chunk = max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
-        self._aux: list[float] = []
         w, par = self.scenario.workload, self.scenario.parallelism
         columns = micro_columns(batches[0], w.batch_size // par.ep, self.micro_batches)
-        replicas, micro = [], []
+        micro, aux = [], []
         for batch in batches:
-            pos_bin = (
-                np.minimum(batch.position * self.bins // max(w.seq_len, 1), self.bins - 1)
-                if self.bins > 1
-                else None
-            )
-            parts: list[list[LayerCounts]] = [[] for _ in columns]
-            for start in range(0, n_moe, chunk):
-                layers = np.arange(start, min(n_moe, start + chunk))
-                scores = None  # router scores of the batch, where there are any
-                if not self.gate.needs_scores:
-                    draw = self.source.draw(
-                        step, layers, batch, self.rng, with_weights=self.rule.factor is not None
-                    )
-                    if self.rule.reroutes and self.source.records_scores:
-                        scores = self.source.scores(step, layers, batch, self.rng)
-                else:
-                    draw, scores = self._regate(step, layers, batch)
-                if self.rule.reroutes:
-                    depth = self.rule.reroute_depth
-                    fallback = (
-                        next_choices(draw.experts, self.loads[layers], depth, self.rng)
-                        if scores is None
-                        else next_choices_by_score(draw.experts, scores, depth)
-                    )
-                    draw = RoutingDraw(draw.experts, draw.weights, fallback)
-                for part, cols in zip(parts, columns, strict=True):
-                    part.append(
-                        count_layers(
-                            _take(draw, cols),
-                            layers,
-                            self.placement,
-                            self.chooser,
-                            self.step_rule,
-                            self.rank_node,
-                            self.rng,
-                            None if pos_bin is None else pos_bin[:, cols],
-                            self.bins,
-                        )
-                    )
-            counts = [_concat(p) for p in parts]
+            counts, batch_aux = self._count_batch(step, batch, columns)
             micro.append(counts)
-            replicas.append(counts[0] if len(counts) == 1 else _add(counts))
-        observed = np.sum([c.expert_routed for c in replicas], axis=0, dtype=np.float64)
-        observed /= np.maximum(observed.sum(axis=1, keepdims=True), 1)
-        decay = self.scenario.policies.placement.load_decay
-        self.ema = observed if self.ema is None else decay * self.ema + (1 - decay) * observed
-        aux = np.array(self._aux).reshape(len(batches), n_moe).mean(axis=0) if self._aux else None
+            aux.append(batch_aux)
+        replicas = [c[0] if len(c) == 1 else _add(c) for c in micro]
+        self._observe(replicas)
         sub: tuple[StepRouting, ...] = ()
         if len(columns) > 1:
             sub = tuple(
@@ -261,33 +213,108 @@ class RoutingStage:
             replicas=replicas,
             migration=migration,
             bins=self.bins,
-            aux_loss=aux,
+            aux_loss=np.mean(aux, axis=0) if self.gate.needs_scores else None,
             micro=sub,
             placement=self.placement,
         )
 
+    def _chunk_layers(self, batch: TokenBatch) -> int:
+        """MoE layers drawn at once, so that one chunk holds about ``CHUNK_ASSIGNMENTS``."""
+        moe = self.model.moe
+        per_layer = batch.ranks * batch.tokens_per_rank * moe.top_k
+        if self.gate.needs_scores:  # scores: one float per token and expert
+            per_layer = per_layer // moe.top_k * moe.num_experts
+        return max(1, CHUNK_ASSIGNMENTS // max(per_layer, 1))
+
+    def _count_batch(
+        self, step: int, batch: TokenBatch, columns: list[np.ndarray]
+    ) -> tuple[list[LayerCounts], np.ndarray]:
+        """Counts of one replica's batch, per micro-batch (``columns``), and the ``[moe_layers]``
+        aux loss of re-gating (empty without it)."""
+        w = self.scenario.workload
+        pos_bin = (
+            np.minimum(batch.position * self.bins // max(w.seq_len, 1), self.bins - 1)
+            if self.bins > 1
+            else None
+        )
+        n_moe, chunk = len(self.model.moe_layers), self._chunk_layers(batch)
+        parts: list[list[LayerCounts]] = [[] for _ in columns]
+        aux: list[float] = []
+        for start in range(0, n_moe, chunk):
+            layers = np.arange(start, min(n_moe, start + chunk))
+            draw, chunk_aux = self._draw(step, layers, batch)
+            aux += chunk_aux
+            for part, cols in zip(parts, columns, strict=True):
+                part.append(
+                    count_layers(
+                        _take(draw, cols),
+                        layers,
+                        self.placement,
+                        self.chooser,
+                        self.step_rule,
+                        self.rank_node,
+                        self.rng,
+                        None if pos_bin is None else pos_bin[:, cols],
+                        self.bins,
+                    )
+                )
+        return [_concat(p) for p in parts], np.array(aux)
+
+    def _draw(
+        self, step: int, layers: np.ndarray, batch: TokenBatch
+    ) -> tuple[RoutingDraw, list[float]]:
+        """The chunk's assignments (from the source, or re-gated from its scores), with the
+        next choices of each assignment when dropped ones reroute; the re-gating aux losses."""
+        scores: np.ndarray | None = None  # router scores of the batch, where there are any
+        aux: list[float] = []
+        if not self.gate.needs_scores:
+            draw = self.source.draw(
+                step, layers, batch, self.rng, with_weights=self.rule.factor is not None
+            )
+            if self.rule.reroutes and self.source.records_scores:
+                scores = self.source.scores(step, layers, batch, self.rng)
+        else:
+            draw, scores, aux = self._regate(step, layers, batch)
+        if self.rule.reroutes:
+            depth = self.rule.reroute_depth
+            fallback = (
+                next_choices(draw.experts, self.loads[layers], depth, self.rng)
+                if scores is None
+                else next_choices_by_score(draw.experts, scores, depth)
+            )
+            draw = RoutingDraw(draw.experts, draw.weights, fallback)
+        return draw, aux
+
+    def _observe(self, replicas: list[LayerCounts]) -> None:
+        """Fold the step's observed loads into the moving average re-placement reads."""
+        observed = np.sum([c.expert_routed for c in replicas], axis=0, dtype=np.float64)
+        observed /= np.maximum(observed.sum(axis=1, keepdims=True), 1)
+        decay = self.scenario.policies.placement.load_decay
+        self.ema = observed if self.ema is None else decay * self.ema + (1 - decay) * observed
+
     def _regate(
         self, step: int, layers: np.ndarray, batch: TokenBatch
-    ) -> tuple[RoutingDraw, np.ndarray]:
-        """Route ``batch`` with the scenario's gate from the source's router scores; the draw
-        and the scores."""
+    ) -> tuple[RoutingDraw, np.ndarray, list[float]]:
+        """Route ``batch`` with the scenario's gate from the source's router scores; the draw,
+        the scores and each layer's aux loss."""
         from moesim.policies.gating import aux_loss, gate_weights
 
         assert self.gate.select is not None
         scores = self.source.scores(step, layers, batch, self.rng)
         n_layers, ranks, tokens, e = scores.shape
-        chosen, weights = [], []
+        chosen, weights, aux = [], [], []
         for li in range(n_layers):
             flat = scores[li].reshape(ranks * tokens, e)
             ex = self.gate.select(flat, self.gate_ctx(batch))
             chosen.append(ex)
             weights.append(gate_weights(flat, ex))
-            self._aux.append(aux_loss(flat, ex))
+            aux.append(aux_loss(flat, ex))
         m = max(x.shape[1] for x in chosen)
         pad = [np.pad(x, ((0, 0), (0, m - x.shape[1])), constant_values=-1) for x in chosen]
         wpad = [np.pad(w, ((0, 0), (0, m - w.shape[1]))) for w in weights]
         shape = (n_layers, ranks, tokens, m)
-        return RoutingDraw(np.stack(pad).reshape(shape), np.stack(wpad).reshape(shape)), scores
+        draw = RoutingDraw(np.stack(pad).reshape(shape), np.stack(wpad).reshape(shape))
+        return draw, scores, aux
 
 
 def migration_bytes(
