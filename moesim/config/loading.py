@@ -5,55 +5,18 @@ Loading writes nothing. Every error names the file, the field path and what was 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moesim.config.overrides import apply_overrides
+from moesim.config.resolved import ResolvedScenario
 from moesim.config.scenario import Scenario
 from moesim.config.validation import is_file, read_yaml, validate
 from moesim.errors import ConfigError, ConfigErrors
 from moesim.hardware.catalog import load_profile
-from moesim.hardware.profile import HardwareProfile
 from moesim.models.presets import resolve_model
-from moesim.models.spec import ModelSpec, slots_per_rank
+from moesim.models.spec import ModelSpec
 from moesim.registry import closest, shorten
-
-
-@dataclass(frozen=True)
-class ResolvedScenario:
-    """A validated scenario with its model and hardware resolved.
-
-    Attributes:
-        scenario: The validated scenario.
-        model: The model description.
-        hardware: The hardware profile.
-        path: The scenario file (None when built in code).
-    """
-
-    scenario: Scenario
-    model: ModelSpec
-    hardware: HardwareProfile
-    path: Path | None = None
-
-    @property
-    def world(self) -> int:
-        """GPUs in the scenario."""
-        return self.scenario.parallelism.world
-
-    @property
-    def slots_per_rank(self) -> int:
-        """Physical expert slots on each EP rank: (experts + redundant) / ep."""
-        return slots_per_rank(
-            self.model.moe.num_experts,
-            self.scenario.policies.placement.redundant_experts,
-            self.scenario.parallelism.ep,
-        )
-
-    @property
-    def gpus_per_node(self) -> int:
-        """GPUs per node, from the hardware profile."""
-        return self.hardware.node.gpus_per_node
 
 
 def name_errors(data: dict[str, Any], file: Path | None) -> list[ConfigError]:
@@ -92,134 +55,11 @@ def _with_file(exc: ConfigError | ConfigErrors, path: Path | None) -> ConfigErro
 
 
 def check_consistency(r: ResolvedScenario) -> list[ConfigError]:
-    """Cross-field checks that no single field can make; returns the problems found."""
-    s, m, hw, f = r.scenario, r.model, r.hardware, r.path
-    par, w = s.parallelism, s.workload
-    problems = []
-    gpus = s.cluster.nodes * hw.node.gpus_per_node
-    if par.world != gpus:
-        problems.append(
-            ConfigError(
-                f,
-                "parallelism",
-                (
-                    f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster "
-                    f"has {s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) "
-                    f"= {gpus}"
-                ),
-            )
-        )
-    if m.moe.num_experts % par.ep:
-        problems.append(
-            ConfigError(
-                f,
-                "parallelism.ep",
-                (f"ep = {par.ep} must divide the {m.moe.num_experts} experts of {m.name}"),
-            )
-        )
-    if w.batch_size % par.ep:
-        problems.append(
-            ConfigError(
-                f,
-                "workload.batch_size",
-                (
-                    f"batch_size = {w.batch_size} must be a multiple of ep = {par.ep} "
-                    "(each EP rank runs attention for batch_size/ep sequences)"
-                ),
-            )
-        )
-    if par.tp > 1 and hw.node.gpus_per_node % par.tp:
-        problems.append(
-            ConfigError(
-                f,
-                "parallelism.tp",
-                (f"tp = {par.tp} must divide the {hw.node.gpus_per_node} GPUs of a node"),
-            )
-        )
-    if s.policies.offload.type != "none" and w.mode == "train":
-        problems.append(
-            ConfigError(
-                f,
-                "policies.offload.type",
-                "expert offload is simulated for inference (decode, prefill), not training",
-            )
-        )
-    if s.policies.overlap.micro_batches > 1:
-        seqs = w.batch_size // par.ep if w.batch_size % par.ep == 0 else 0
-        tokens = seqs * (1 if w.mode == "decode" else w.seq_len)
-        if tokens < 2:
-            problems.append(
-                ConfigError(
-                    f,
-                    "policies.overlap.micro_batches",
-                    f"two micro-batches need at least 2 tokens per EP rank; {w.mode} with "
-                    f"batch_size {w.batch_size} over ep {par.ep} gives {tokens}",
-                )
-            )
-        if s.policies.offload.type != "none":
-            problems.append(
-                ConfigError(
-                    f,
-                    "policies.overlap.micro_batches",
-                    "two-batch overlap is not simulated together with expert offload",
-                )
-            )
-    if s.policies.offload.type != "none" and s.policies.offload.miss == "cpu":
-        absent = [k for k in ("host_memory_gb_per_s", "host_tflops") if getattr(hw.node, k) is None]
-        if absent:
-            problems.append(
-                ConfigError(
-                    f,
-                    "policies.offload.miss",
-                    f"miss cpu runs experts on the host, but hardware profile {hw.name} has no "
-                    f"node.{' or node.'.join(absent)}",
-                )
-            )
-    if s.cluster.nodes > 1 and hw.node.nic_gb_per_s <= 0:
-        problems.append(
-            ConfigError(
-                f,
-                "cluster.nodes",
-                f"{s.cluster.nodes} nodes need a network, but hardware profile {hw.name} has no "
-                "node.nic_gb_per_s",
-            )
-        )
-    off = s.policies.offload
-    if off.type == "cache" and off.cache_gib is not None:
-        one = m.expert_bytes(w.dtype, par.tp)
-        if off.cache_gib * 2**30 < one:
-            problems.append(
-                ConfigError(
-                    f,
-                    "policies.offload.cache_gib",
-                    f"{off.cache_gib:g} GiB holds no expert: one expert slice of {m.name} in "
-                    f"{w.dtype} is {one / 2**30:.3f} GiB",
-                )
-            )
-    redundant = s.policies.placement.redundant_experts
-    if redundant and (m.moe.num_experts + redundant) % par.ep:
-        problems.append(
-            ConfigError(
-                f,
-                "policies.placement.redundant_experts",
-                f"experts ({m.moe.num_experts}) + redundant ({redundant}) must split evenly "
-                f"over ep = {par.ep}",
-            )
-        )
-    for name in ("dtype", "dispatch_dtype"):
-        dtype = getattr(w, name)
-        if dtype == "fp8" and "fp8" not in hw.gpu.peak_dense_tflops and name == "dtype":
-            problems.append(
-                ConfigError(
-                    f,
-                    f"workload.{name}",
-                    (
-                        f"{hw.gpu.model} has no fp8 matrix units (profile lists "
-                        f"{', '.join(hw.gpu.peak_dense_tflops)})"
-                    ),
-                )
-            )
-    return problems
+    """Cross-field checks that no single field can make (:data:`moesim.config.checks.CHECKS`);
+    returns the problems found."""
+    from moesim.config.checks import CHECKS
+
+    return [ConfigError(r.path, field, msg) for check in CHECKS for field, msg in check(r)]
 
 
 def resolve(scenario: Scenario, path: Path | None = None) -> ResolvedScenario:

@@ -1,0 +1,173 @@
+"""Cross-field checks of a resolved scenario: what no single field can say.
+
+Each check is a small function of the resolved scenario that yields ``(field, message)`` for
+every problem it finds; :data:`CHECKS` lists them in the order they are reported. Adding a rule
+is one function here and one entry in the tuple.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moesim.config.resolved import ResolvedScenario
+
+Problems = Iterator[tuple[str, str]]
+
+
+def world_size(r: ResolvedScenario) -> Problems:
+    """dp * ep * tp GPUs must be the cluster's."""
+    s, hw, par = r.scenario, r.hardware, r.scenario.parallelism
+    gpus = s.cluster.nodes * hw.node.gpus_per_node
+    if par.world != gpus:
+        yield (
+            "parallelism",
+            (
+                f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster "
+                f"has {s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) = {gpus}"
+            ),
+        )
+
+
+def ep_divides_experts(r: ResolvedScenario) -> Problems:
+    """Every EP rank holds as many experts."""
+    ep, m = r.scenario.parallelism.ep, r.model
+    if m.moe.num_experts % ep:
+        yield "parallelism.ep", f"ep = {ep} must divide the {m.moe.num_experts} experts of {m.name}"
+
+
+def batch_splits_over_ep(r: ResolvedScenario) -> Problems:
+    """Each EP rank runs attention for batch_size / ep sequences."""
+    w, ep = r.scenario.workload, r.scenario.parallelism.ep
+    if w.batch_size % ep:
+        yield (
+            "workload.batch_size",
+            (
+                f"batch_size = {w.batch_size} must be a multiple of ep = {ep} "
+                "(each EP rank runs attention for batch_size/ep sequences)"
+            ),
+        )
+
+
+def tp_inside_a_node(r: ResolvedScenario) -> Problems:
+    """A tensor-parallel group stays inside one node."""
+    tp, gpn = r.scenario.parallelism.tp, r.hardware.node.gpus_per_node
+    if tp > 1 and gpn % tp:
+        yield "parallelism.tp", f"tp = {tp} must divide the {gpn} GPUs of a node"
+
+
+def offload_for_inference(r: ResolvedScenario) -> Problems:
+    """Expert offload is simulated for inference."""
+    if r.scenario.policies.offload.type != "none" and r.scenario.workload.mode == "train":
+        yield (
+            "policies.offload.type",
+            ("expert offload is simulated for inference (decode, prefill), not training"),
+        )
+
+
+def two_batch_overlap(r: ResolvedScenario) -> Problems:
+    """Two micro-batches need two tokens per rank, and no offload."""
+    s = r.scenario
+    w, par = s.workload, s.parallelism
+    if s.policies.overlap.micro_batches <= 1:
+        return
+    seqs = w.batch_size // par.ep if w.batch_size % par.ep == 0 else 0
+    tokens = seqs * (1 if w.mode == "decode" else w.seq_len)
+    if tokens < 2:
+        yield (
+            "policies.overlap.micro_batches",
+            (
+                f"two micro-batches need at least 2 tokens per EP rank; {w.mode} with "
+                f"batch_size {w.batch_size} over ep {par.ep} gives {tokens}"
+            ),
+        )
+    if s.policies.offload.type != "none":
+        yield (
+            "policies.overlap.micro_batches",
+            ("two-batch overlap is not simulated together with expert offload"),
+        )
+
+
+def host_experts_need_host_figures(r: ResolvedScenario) -> Problems:
+    """Running missed experts on the CPU needs the host's bandwidth and FLOP/s."""
+    off, hw = r.scenario.policies.offload, r.hardware
+    if off.type == "none" or off.miss != "cpu":
+        return
+    absent = [k for k in ("host_memory_gb_per_s", "host_tflops") if getattr(hw.node, k) is None]
+    if absent:
+        yield (
+            "policies.offload.miss",
+            (
+                f"miss cpu runs experts on the host, but hardware profile {hw.name} has no "
+                f"node.{' or node.'.join(absent)}"
+            ),
+        )
+
+
+def nodes_need_a_network(r: ResolvedScenario) -> Problems:
+    """Several nodes need NIC bandwidth."""
+    nodes, hw = r.scenario.cluster.nodes, r.hardware
+    if nodes > 1 and hw.node.nic_gb_per_s <= 0:
+        yield (
+            "cluster.nodes",
+            (
+                f"{nodes} nodes need a network, but hardware profile {hw.name} has no "
+                "node.nic_gb_per_s"
+            ),
+        )
+
+
+def cache_holds_an_expert(r: ResolvedScenario) -> Problems:
+    """An offload cache given in GiB must hold at least one expert."""
+    off, w, m = r.scenario.policies.offload, r.scenario.workload, r.model
+    if off.type != "cache" or off.cache_gib is None:
+        return
+    one = m.expert_bytes(w.dtype, r.scenario.parallelism.tp)
+    if off.cache_gib * 2**30 < one:
+        yield (
+            "policies.offload.cache_gib",
+            (
+                f"{off.cache_gib:g} GiB holds no expert: one expert slice of {m.name} in "
+                f"{w.dtype} is {one / 2**30:.3f} GiB"
+            ),
+        )
+
+
+def redundant_slots_split(r: ResolvedScenario) -> Problems:
+    """Experts plus redundant replicas split evenly over the ranks."""
+    redundant = r.scenario.policies.placement.redundant_experts
+    experts, ep = r.model.moe.num_experts, r.scenario.parallelism.ep
+    if redundant and (experts + redundant) % ep:
+        yield (
+            "policies.placement.redundant_experts",
+            (f"experts ({experts}) + redundant ({redundant}) must split evenly over ep = {ep}"),
+        )
+
+
+def fp8_needs_fp8_units(r: ResolvedScenario) -> Problems:
+    """FP8 compute needs FP8 matrix units."""
+    gpu = r.hardware.gpu
+    if r.scenario.workload.dtype == "fp8" and "fp8" not in gpu.peak_dense_tflops:
+        yield (
+            "workload.dtype",
+            (
+                f"{gpu.model} has no fp8 matrix units (profile lists "
+                f"{', '.join(gpu.peak_dense_tflops)})"
+            ),
+        )
+
+
+CHECKS: tuple[Callable[[ResolvedScenario], Problems], ...] = (
+    world_size,
+    ep_divides_experts,
+    batch_splits_over_ep,
+    tp_inside_a_node,
+    offload_for_inference,
+    two_batch_overlap,
+    host_experts_need_host_figures,
+    nodes_need_a_network,
+    cache_holds_an_expert,
+    redundant_slots_split,
+    fp8_needs_fp8_units,
+)
