@@ -73,7 +73,7 @@ class OffloadTiming:
         )
         self.gpus_per_switch = node.gpus_per_pcie_switch
         self.links: dict[int, simpy.PriorityResource] = {}
-        spr = self.spr = stage.slots_per_rank
+        self.spr = stage.slots_per_rank
         self.on_cpu = off.miss == "cpu"
         self.gpus_per_node = r.gpus_per_node
         self.cpus: dict[int, simpy.Resource] = {}
@@ -90,18 +90,7 @@ class OffloadTiming:
         n_exp = r.model.moe.num_experts
         for rep in range(r.scenario.parallelism.dp):
             for rk in range(self.ep):
-                held: list[dict[int, list[int]]] = []
-                loads, maps = [], []
-                for sr in routings:
-                    c = sr.replicas[rep]
-                    p2l = (sr.placement or stage.placement).phy2log[:, rk * spr : (rk + 1) * spr]
-                    for m in range(self.n_moe):
-                        at: dict[int, list[int]] = {}
-                        for s in np.nonzero(c.slot_tokens[m, rk])[0]:
-                            at.setdefault(m * n_exp + int(p2l[m, s]), []).append(int(s))
-                        held.append(at)
-                        loads.append(c.expert_routed[m])
-                        maps.append(p2l)
+                held, loads, maps = self._accesses(routings, stage, rep, rk, n_exp)
                 needed = [list(at) for at in held]
                 prefetch = prefetcher(
                     PrefetchInput(needed, loads, maps, self.n_moe, n_exp, transition)
@@ -112,18 +101,49 @@ class OffloadTiming:
                 self.runs[(rep, rk)] = run
                 self.held[(rep, rk)] = held
                 if self.on_cpu:
-                    tokens = [
-                        [
-                            sum(int(sr.replicas[rep].slot_tokens[m, rk, s]) for s in held[t][i])
-                            for i in run.missed[t]
-                        ]
-                        for t, (sr, m) in enumerate(
-                            (sr, m) for sr in routings for m in range(self.n_moe)
-                        )
-                    ]
+                    tokens = self._host_tokens(routings, rep, rk, held, run)
                     self.cpu_s[(rep, rk)] = np.array([self._cpu_seconds(r, n) for n in tokens])
                     self.activation_bytes += sum(sum(n) for n in tokens) * self._token_bytes(r)
         self._pending: dict[tuple[int, int, int], simpy.Event | None] = {}
+
+    def _accesses(
+        self, routings: list[StepRouting], stage: RoutingStage, rep: int, rk: int, n_exp: int
+    ) -> tuple[list[dict[int, list[int]]], list[np.ndarray], list[np.ndarray]]:
+        """One cache's accesses (one per step and MoE layer): ``held[t][item]`` the rank's
+        slots of each item it needs, ``loads[t]`` tokens per expert, ``maps[t]`` its slots'
+        experts ``[moe_layers, slots]``."""
+        spr = self.spr
+        held: list[dict[int, list[int]]] = []
+        loads, maps = [], []
+        for sr in routings:
+            c = sr.replicas[rep]
+            p2l = (sr.placement or stage.placement).phy2log[:, rk * spr : (rk + 1) * spr]
+            for m in range(self.n_moe):
+                at: dict[int, list[int]] = {}
+                for s in np.nonzero(c.slot_tokens[m, rk])[0]:
+                    at.setdefault(m * n_exp + int(p2l[m, s]), []).append(int(s))
+                held.append(at)
+                loads.append(c.expert_routed[m])
+                maps.append(p2l)
+        return held, loads, maps
+
+    def _host_tokens(
+        self,
+        routings: list[StepRouting],
+        rep: int,
+        rk: int,
+        held: list[dict[int, list[int]]],
+        run: CacheRun,
+    ) -> list[list[int]]:
+        """Tokens of each expert the host CPUs run at each access (the missed ones)."""
+        visits = [(sr, m) for sr in routings for m in range(self.n_moe)]
+        return [
+            [
+                sum(int(sr.replicas[rep].slot_tokens[m, rk, s]) for s in held[t][i])
+                for i in run.missed[t]
+            ]
+            for t, (sr, m) in enumerate(visits)
+        ]
 
     @staticmethod
     def _token_bytes(r: ResolvedScenario) -> float:
