@@ -7,9 +7,12 @@ counts and communication bytes. Chrome-trace events are kept for the first
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from moesim.routing.stage import StepRouting
 
 PHASES = (
     "attention",
@@ -96,6 +99,51 @@ class Collector:
                     "args": args,
                 }
             )
+
+    def on_routing(
+        self,
+        step: int,
+        routing: StepRouting,
+        gpu_tokens: np.ndarray,
+        layout: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+        top_k: int,
+        seq_len: int,
+    ) -> None:
+        """Step ``step``'s routing: tokens per GPU, routed, dropped (per GPU and by position),
+        aux loss, padding, migration and imbalance.
+
+        Args:
+            routing: The step's routing.
+            gpu_tokens: ``[moe_layers, gpus]`` tokens each GPU computes.
+            layout: ``([gpus] replica, [gpus] EP rank, [gpus] TP rank, tp)``.
+            top_k: Experts per token.
+            seq_len: Tokens per sequence (position bins).
+        """
+        replica, rank, tp_rank, tp = layout
+        reps = routing.replicas
+        self.gpu_tokens[step] = gpu_tokens
+        for c in reps:
+            self.routed[step] += c.routed.sum(axis=1)
+            self.dropped[step] += c.dropped.sum(axis=1)
+        dropped = np.stack([c.dropped for c in reps])  # [dp, L, ep]
+        self.dropped_by_gpu[step] = np.where(tp_rank[:, None] == 0, dropped[replica, :, rank], 0).T
+        if routing.aux_loss is not None:
+            self.aux_loss[step] = routing.aux_loss
+        self.padding[step] = sum(int(c.padding.sum()) for c in reps)
+        if routing.migration is not None:
+            self.migration_bytes[step] = float(routing.migration.sum()) * tp * len(reps)
+        if routing.bins > 1:
+            bins = routing.bins
+            pos_bin = np.minimum(routing.batch.position * bins // seq_len, bins - 1)
+            per_bin = np.bincount(pos_bin.ravel(), minlength=bins) * top_k
+            routed = per_bin * len(self.moe_layers) * len(reps)
+            by_bin = sum(c.dropped_by_bin.sum(axis=0) for c in reps)
+            self.on_drops_by_position(step, np.asarray(by_bin, dtype=np.int64), routed)
+        loads = np.stack([c.slot_tokens.sum(axis=-1) for c in reps])
+        mean = loads.mean(axis=-1)
+        self.imbalance[step] = np.where(
+            mean > 0, loads.max(axis=-1) / np.maximum(mean, 1e-30), 1.0
+        ).mean(axis=0)
 
     def on_drops_by_position(self, step: int, dropped: np.ndarray, routed: np.ndarray) -> None:
         """``[bins]`` dropped and routed assignments by position bin of one step."""

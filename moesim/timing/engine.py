@@ -47,6 +47,57 @@ class _Rendezvous:
     events: dict[int, simpy.Event] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """The scenario settings the engine's own logic reads, resolved once (the builders of
+    plans, flows and costs read the model and hardware they need themselves).
+
+    Attributes:
+        steps: Steps to simulate.
+        train: A training step (forward and backward collectives).
+        seq_len: Tokens per sequence.
+        dp: Data-parallel replicas.
+        world: GPUs.
+        gpus_per_node: GPUs per node.
+        top_k: Experts per token.
+        shared_overlap: Shared experts run while the dispatch is in flight.
+        overlapped: Compute overlaps communication kernels (two micro-batches or shared experts).
+        offload: Experts are offloaded behind an HBM cache.
+        a2a_holds_sms: The all-to-all's kernels hold SMs while in flight.
+    """
+
+    steps: int
+    train: bool
+    seq_len: int
+    dp: int
+    world: int
+    gpus_per_node: int
+    top_k: int
+    shared_overlap: bool
+    overlapped: bool
+    offload: bool
+    a2a_holds_sms: bool
+
+    @classmethod
+    def of(cls, r: ResolvedScenario) -> EngineSpec:
+        """The spec of a resolved scenario."""
+        s = r.scenario
+        ov = s.policies.overlap
+        return cls(
+            steps=s.workload.steps,
+            train=s.workload.mode == "train",
+            seq_len=s.workload.seq_len,
+            dp=s.parallelism.dp,
+            world=r.world,
+            gpus_per_node=r.gpus_per_node,
+            top_k=r.model.moe.top_k,
+            shared_overlap=ov.shared_experts,
+            overlapped=ov.micro_batches > 1 or ov.shared_experts,
+            offload=s.policies.offload.type != "none",
+            a2a_holds_sms=ALL_TO_ALL.get(s.policies.all_to_all.type).holds_sms,
+        )
+
+
 class Engine:
     """Runs a scenario's steps through the SimPy model.
 
@@ -61,19 +112,16 @@ class Engine:
         self, r: ResolvedScenario, routing: RoutingStage, costs: CostModel, collector: Collector
     ) -> None:
         self.r, self.routing, self.costs, self.col = r, routing, costs, collector
+        self.spec = spec = EngineSpec.of(r)
         self.env = simpy.Environment()
         self.topology = Topology(r.hardware, r.scenario.cluster.nodes)
         self.net = FlowNetwork(self.env, self.topology, r.scenario.engine.flow_tolerance)
         self.layout = Layout.of(r)
         self.flows = FlowBuilder(r, self.layout)
-        gpn = r.gpus_per_node
-        ov = r.scenario.policies.overlap
         # compute meets communication kernels only when something overlaps them
-        rate = (
-            r.hardware.gpu.comm_compute_rate if ov.micro_batches > 1 or ov.shared_experts else 1.0
-        )
-        self.gpus = [GPU(self.env, g, g // gpn, rate) for g in range(r.world)]
-        self.a2a_uses_sms = ALL_TO_ALL.get(r.scenario.policies.all_to_all.type).holds_sms
+        rate = r.hardware.gpu.comm_compute_rate if spec.overlapped else 1.0
+        gpn = spec.gpus_per_node
+        self.gpus = [GPU(self.env, g, g // gpn, rate) for g in range(spec.world)]
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
         self._migrating = False
         self.offload: OffloadTiming | None = None
@@ -86,16 +134,16 @@ class Engine:
         self.env.run()
 
     def _driver(self, progress: ProgressFn | None) -> Generator[simpy.Event, Any, None]:
-        steps = self.r.scenario.workload.steps
+        steps = self.spec.steps
         ahead: list[StepRouting] = []
-        if self.r.scenario.policies.offload.type != "none":
+        if self.spec.offload:
             ahead = [self.routing.step(s) for s in range(steps)]
             self.offload = OffloadTiming(
                 self.r, self.routing, ahead, self.layout.replica, self.layout.rank, self.env
             )
         for step in range(steps):
             routing = ahead[step] if ahead else self.routing.step(step)
-            on_gpu = None if self.offload is None else self.offload.gpu_slots(step, self.r.world)
+            on_gpu = None if self.offload is None else self.offload.gpu_slots(step, self.spec.world)
             plan = make_plan(self.r, self.layout, self.costs, routing, step, on_gpu)
             self._record_routing(step, plan)
             micro = [
@@ -107,20 +155,19 @@ class Engine:
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
             slow0 = np.array([_slowed(g) for g in self.gpus])
             yield self.env.all_of(
-                [self.env.process(self._gpu_step(g, step, micro)) for g in range(self.r.world)]
+                [self.env.process(self._gpu_step(g, step, micro)) for g in range(self.spec.world)]
             )
             busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
             slowed = np.array([_slowed(g) for g in self.gpus]) - slow0
-            tokens = plan.tokens_per_rank * self.layout.ep * self.r.scenario.parallelism.dp
+            tokens = plan.tokens_per_rank * self.layout.ep * self.spec.dp
             self.col.on_step(step, self.env.now - start, busy, tokens, slowed)
             if progress:
                 progress(step + 1, steps)
 
     def _phases(self) -> tuple[str, ...]:
-        train = self.r.scenario.workload.mode == "train"
         return (
             ("dispatch", "combine", "combine_bwd", "dispatch_bwd")
-            if train
+            if self.spec.train
             else ("dispatch", "combine")
         )
 
@@ -151,34 +198,15 @@ class Engine:
         return {k: (f, fin) for k, f, fin in zip(keys, flows, finish, strict=True)}
 
     def _record_routing(self, step: int, plan: StepPlan) -> None:
-        col, lay = self.col, self.layout
-        col.gpu_tokens[step] = plan.gpu_tokens
-        for c in plan.routing.replicas:
-            col.routed[step] += c.routed.sum(axis=1)
-            col.dropped[step] += c.dropped.sum(axis=1)
-        dropped = np.stack([c.dropped for c in plan.routing.replicas])  # [dp, L, ep]
-        col.dropped_by_gpu[step] = np.where(
-            lay.tp_rank[:, None] == 0, dropped[lay.replica, :, lay.rank], 0
-        ).T
-        reps = plan.routing.replicas
-        if plan.routing.aux_loss is not None:
-            col.aux_loss[step] = plan.routing.aux_loss
-        col.padding[step] = sum(int(c.padding.sum()) for c in reps)
-        if plan.routing.migration is not None:
-            col.migration_bytes[step] = float(plan.routing.migration.sum()) * lay.tp * len(reps)
-        if plan.routing.bins > 1:
-            batch, bins = plan.routing.batch, plan.routing.bins
-            seq_len = self.r.scenario.workload.seq_len
-            pos_bin = np.minimum(batch.position * bins // seq_len, bins - 1)
-            per_bin = np.bincount(pos_bin.ravel(), minlength=bins) * self.r.model.moe.top_k
-            routed = per_bin * len(self.moe_index) * len(reps)
-            dropped = sum(c.dropped_by_bin.sum(axis=0) for c in reps)
-            col.on_drops_by_position(step, np.asarray(dropped, dtype=np.int64), routed)
-        loads = np.stack([c.slot_tokens.sum(axis=-1) for c in plan.routing.replicas])
-        mean = loads.mean(axis=-1)
-        col.imbalance[step] = np.where(
-            mean > 0, loads.max(axis=-1) / np.maximum(mean, 1e-30), 1.0
-        ).mean(axis=0)
+        lay = self.layout
+        self.col.on_routing(
+            step,
+            plan.routing,
+            plan.gpu_tokens,
+            (lay.replica, lay.rank, lay.tp_rank, lay.tp),
+            self.spec.top_k,
+            self.spec.seq_len,
+        )
 
     # --- one GPU, one step ------------------------------------------------------------
     def _gpu_step(
@@ -200,7 +228,7 @@ class Engine:
         layers = range(self.r.model.num_layers)
         for layer in layers:
             yield from self._layer(g, step, layer, plan, mb, backward=False)
-        if self.r.scenario.workload.mode == "train":
+        if self.spec.train:
             for layer in reversed(layers):
                 yield from self._layer(g, step, layer, plan, mb, backward=True)
 
@@ -244,7 +272,7 @@ class Engine:
                 yield from self._comm(g, step, layer, "tp_comm", mb)
             yield from self._compute(g, step, layer, pre if tp else attn + pre, mb)
             ready = None if self.offload is None else self.offload.issue(g, step, moe)
-            if self.r.scenario.policies.overlap.shared_experts and plan.shared > 0:
+            if self.spec.shared_overlap and plan.shared > 0:
                 # queue the shared experts now: they run while the dispatch is in flight
                 self._submit(g, step, layer, [experts.pop()], mb)
             yield from self._comm(g, step, layer, "dispatch", mb)
@@ -289,7 +317,7 @@ class Engine:
         key = (step, mb, layer, phase, int(members[0]))
         pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]
         ev = self._join(key, g, members, pre, step, layer)
-        sms = self.gpus[g].compute if tp or phase == "migrate" or self.a2a_uses_sms else None
+        sms = self.gpus[g].compute if tp or phase == "migrate" or self.spec.a2a_holds_sms else None
         if isinstance(sms, SharedSMStream):  # the collective's kernel holds SMs until it ends
             sms.comm_started()
         started = yield ev
@@ -316,7 +344,9 @@ class Engine:
         if len(rv.arrived) == rv.size:
             del self._rv[key]
             flows, finish = pre
-            self.col.on_flows(step, layer, flows.src, flows.dst, flows.nbytes, self.r.gpus_per_node)
+            self.col.on_flows(
+                step, layer, flows.src, flows.dst, flows.nbytes, self.spec.gpus_per_node
+            )
             start = self.env.now
 
             def done(gpu: int, _at: float) -> None:
