@@ -59,7 +59,7 @@ def tp_inside_a_node(r: ResolvedScenario) -> Problems:
 
 def offload_for_inference(r: ResolvedScenario) -> Problems:
     """Expert offload is simulated for inference."""
-    if r.scenario.policies.offload.type != "none" and r.scenario.workload.mode == "train":
+    if r.scenario.policies.offload.enabled and r.scenario.workload.mode == "train":
         yield (
             "policies.offload.type",
             ("expert offload is simulated for inference (decode, prefill), not training"),
@@ -82,7 +82,7 @@ def two_batch_overlap(r: ResolvedScenario) -> Problems:
                 f"batch_size {w.batch_size} over ep {par.ep} gives {tokens}"
             ),
         )
-    if s.policies.offload.type != "none":
+    if s.policies.offload.enabled:
         yield (
             "policies.overlap.micro_batches",
             ("two-batch overlap is not simulated together with expert offload"),

@@ -257,6 +257,11 @@ class Offload(_Section):
         "then changes only by prefetch).",
     )
 
+    @property
+    def enabled(self) -> bool:
+        """Experts are offloaded (anything but ``type: none``)."""
+        return self.type != "none"
+
     @model_validator(mode="after")
     def _size(self) -> Offload:
         if self.type == "cache" and (self.cache_experts is None) == (self.cache_gib is None):

@@ -174,7 +174,7 @@ class RoutingStage:
             return None
         old = self.placement
         self._set_placement(self.ema)
-        if self.scenario.policies.offload.type != "none":
+        if self.scenario.policies.offload.enabled:
             return None  # experts live in host memory: a rank's new ones are cache misses
         moved = migration_bytes(old, self.placement, self.rank_node, self.expert_bytes)
         return moved if moved.any() else None

@@ -93,7 +93,7 @@ class EngineSpec:
             top_k=r.model.moe.top_k,
             shared_overlap=ov.shared_experts,
             overlapped=ov.micro_batches > 1 or ov.shared_experts,
-            offload=s.policies.offload.type != "none",
+            offload=s.policies.offload.enabled,
             a2a_holds_sms=ALL_TO_ALL.get(s.policies.all_to_all.type).holds_sms,
         )
 

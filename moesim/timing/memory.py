@@ -51,7 +51,7 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     w, tp = s.workload, s.parallelism.tp
     n_moe = len(m.moe_layers)
     resident = n_moe * slots_per_rank
-    if s.policies.offload.type != "none":
+    if s.policies.offload.enabled:
         resident = min(cache_items(r), resident)
     params = (m.non_expert_params() + resident * m.expert_params) / tp
     weights = params * ELEMENT_BYTES[w.dtype]
@@ -94,7 +94,7 @@ def check_fits(r: ResolvedScenario, usage: HBMUsage, slots_per_rank: int | None 
     """Raise :class:`CapacityError` with the breakdown when ``usage`` exceeds HBM (or, with
     offload, when a node's host memory cannot hold its GPUs' experts)."""
     cap = r.hardware.gpu.hbm_bytes
-    if r.scenario.policies.offload.type != "none" and slots_per_rank is not None:
+    if r.scenario.policies.offload.enabled and slots_per_rank is not None:
         host = len(r.model.moe_layers) * slots_per_rank * expert_bytes(r) * r.gpus_per_node
         if host > r.hardware.node.host_memory_bytes:
             raise CapacityError(
