@@ -202,9 +202,12 @@ class Trace:
             arr = np.asarray(arr)
             if arr.size and arr.dtype.kind not in "iuf":
                 raise TraceError(None, f"column {name} must hold numbers, got {arr.dtype}")
+            big = np.finfo(np.float32).max
+            if arr.size and not (np.isfinite(arr).all() and np.abs(arr).max() <= big):
+                raise TraceError(
+                    None, f"column {name} holds NaN or infinite values (or beyond float32)"
+                )
             arr = arr.astype(np.float32, copy=False)
-            if not np.isfinite(arr).all():
-                raise TraceError(None, f"column {name} holds NaN or infinite values")
             object.__setattr__(self, name, arr)
         if self.dropped is not None:
             arr = np.asarray(self.dropped)

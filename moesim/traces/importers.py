@@ -151,7 +151,7 @@ def import_vllm(
             layer = _ints([r["layer"] for r in routes], path, "layer", 1)
             tok = _ints([r["token_idx"] for r in routes], path, "token_idx", 1)
             experts = _ints([r["topk_ids"] for r in routes], path, "topk_ids", 2)
-            weights = np.array([r["topk_weights"] for r in routes], dtype=np.float32)
+            weights = np.array([r["topk_weights"] for r in routes], dtype=np.float64)
         except (KeyError, ValueError, TypeError) as e:
             raise TraceError(
                 path, f"route rows need layer, token_idx, topk_ids, topk_weights: {e}"
