@@ -235,18 +235,30 @@ def sweep(
 def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the benchmark routing.")] = 0,
+    scenarios: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the validation scenarios (default: scenarios/validation)."),
+    ] = None,
 ) -> None:
-    """Predict published measurements (DeepEP normal kernels) and print the errors."""
+    """Predict published measurements (DeepEP normal kernels, end-to-end serving) from profile
+    facts and print the errors; nothing is fitted to them."""
 
-    from moesim.cli.render import print_validation
+    from moesim.cli.render import print_e2e_validation, print_validation
     from moesim.validation.deepep import validate_deepep
+    from moesim.validation.e2e import SCENARIOS, validate_e2e
 
     with reported():
         rows = validate_deepep(seed=seed)
+        e2e = validate_e2e(scenarios or SCENARIOS)
         if json_out:
-            typer.echo(jsonout.dumps([r.as_dict() for r in rows], indent=2))
+            doc = {
+                "deepep": [r.as_dict() for r in rows],
+                "end_to_end": [r.as_dict() for r in e2e],
+            }
+            typer.echo(jsonout.dumps(doc, indent=2))
         else:
             print_validation(rows)
+            print_e2e_validation(e2e)
 
 
 def main() -> None:

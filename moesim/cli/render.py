@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from moesim.estimate import WorkEstimate
     from moesim.timing.memory import HBMUsage
     from moesim.validation.deepep import Row
+    from moesim.validation.e2e import E2ERow
 
 GiB = 1024**3
 
@@ -98,6 +99,26 @@ def print_check(r: ResolvedScenario, usage: HBMUsage, work: WorkEstimate) -> Non
         f" GiB ({parts} GiB)"
     )
     console.print(f"Work: {work.describe()}")
+
+
+def print_e2e_validation(rows: list[E2ERow]) -> None:
+    """End-to-end cases: predicted vs published, with the relative error."""
+    t = Table(title="End-to-end published measurements (../shared/validation/published.md 6)")
+    for col in ("case", "counted as", "published", "predicted", "error", "step"):
+        t.add_column(col, justify="left" if col in ("case", "counted as") else "right")
+    for r in rows:
+        colour = "green" if abs(r.error) <= 0.15 else "yellow"
+        t.add_row(
+            r.case,
+            r.counted_as,
+            f"{r.published:,.0f}",
+            f"{r.predicted:,.0f}",
+            f"[{colour}]{r.error:+.1%}[/]",
+            f"{r.step_time_s * 1e3:,.1f} ms",
+        )
+    Console().print(t)
+    for r in rows:
+        Console().print(f"  {r.case}: {r.source}")
 
 
 def print_validation(rows: list[Row]) -> None:

@@ -1,0 +1,107 @@
+"""End-to-end published measurements (../shared/validation/published.md section 6), predicted
+from scenarios shipped in ``scenarios/validation/``.
+
+Each case names its scenario (the published setup stated as facts: model, hardware profile,
+cluster, parallelism, workload, policies), the published figure, how the authors count it, and
+where it was published. The prediction runs the scenario and counts the same way; the error is
+reported whatever it is. Nothing here feeds a published figure back into the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moesim.errors import ConfigError
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios" / "validation"
+"""The validation scenarios of a checkout (an installed moesim is given ``--scenarios``)."""
+
+
+def input_tokens_per_s_per_node(summary: dict[str, Any], nodes: int) -> float:
+    """Tokens processed per second, per node of the cluster."""
+    return float(summary["tokens_per_s"]) / nodes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One published end-to-end figure.
+
+    Attributes:
+        scenario: File name in the validation scenarios folder.
+        published: The published figure.
+        counted_as: What the figure counts, in the authors' words.
+        source: Where it was published.
+        measure: The same count from a run's summary and its node count.
+    """
+
+    scenario: str
+    published: float
+    counted_as: str
+    source: str
+    measure: Callable[[dict[str, Any], int], float]
+
+
+CASES = (
+    Case(
+        "sglang-deepseek-v3-prefill-4x8xh100.yaml",
+        50_302.0,
+        "input tokens/s per node",
+        "LMSYS blog 2025-05-05 (SGLang, DeepSeek-V3 prefill, 4x8 H100, EP32, TBO); published.md 6a",
+        input_tokens_per_s_per_node,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class E2ERow:
+    """Predicted vs published for one case."""
+
+    case: str
+    counted_as: str
+    source: str
+    published: float
+    predicted: float
+    step_time_s: float
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction (positive: predicted above published)."""
+        return self.predicted / self.published - 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        """The row and its error, for ``--json``."""
+        return {**self.__dict__, "error": self.error}
+
+
+def validate_e2e(folder: Path = SCENARIOS) -> list[E2ERow]:
+    """Run every case's scenario from ``folder`` and compare with the published figure.
+
+    Raises:
+        ConfigError: a case's scenario is missing from ``folder``.
+    """
+    from moesim.config.loading import load_scenario
+    from moesim.runner import simulate
+
+    rows = []
+    for case in CASES:
+        path = folder / case.scenario
+        if not path.is_file():
+            raise ConfigError(
+                None, "--scenarios", f"no {case.scenario} in '{folder}' (the validation scenarios)"
+            )
+        resolved = load_scenario(path)
+        summary = simulate(resolved).summary
+        rows.append(
+            E2ERow(
+                case=resolved.scenario.name,
+                counted_as=case.counted_as,
+                source=case.source,
+                published=case.published,
+                predicted=case.measure(summary, resolved.scenario.cluster.nodes),
+                step_time_s=float(summary["step_time_s"]),
+            )
+        )
+    return rows
