@@ -58,11 +58,12 @@ class WorkEstimate:
             f"{self.gpu_layer_steps:,} GPU-layer steps, {self.collective_phases:,} all-to-all "
             f"phases of about {self.flows_per_phase:,} flows, "
             f"{self.memory_bytes / 2**30:.1f} GiB of result arrays, "
-            f"roughly {_duration(self.seconds)} on 2 cores"
+            f"roughly {duration(self.seconds)} on 2 cores"
         )
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait: seconds, minutes or hours."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +85,9 @@ class PointStore:
     @classmethod
     def create(cls, parent: Path, plan: dict[str, Any]) -> PointStore:
         """A new points folder under ``parent`` (``<UTC time>-sweep.points``)."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        from moesim.results.writer import run_stamp
+
+        stamp = run_stamp()
         parent.mkdir(parents=True, exist_ok=True)
         folder, n = parent / f"{stamp}-sweep.points", 1
         while True:

@@ -178,9 +178,10 @@ class PlanCost:
 
     def describe(self) -> str:
         """One line for the user."""
-        t = self.seconds
-        when = f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min" if t < 7200 else f"{t / 3600:.1f} h"
-        return f"roughly {when}, at least {self.peak_bytes / 2**30:.1f} GiB of memory"
+        from moesim.estimate import duration
+
+        memory = self.peak_bytes / 2**30
+        return f"roughly {duration(self.seconds)}, at least {memory:.1f} GiB of memory"
 
 
 def plan_cost(plan: Plan, flops_per_s: float, element_bytes: dict[str, float]) -> PlanCost:

@@ -38,7 +38,7 @@ def is_file(path: str | Path) -> bool:
         return False
 
 
-def read_text(path: str | Path, field: str = "") -> str:
+def read_text(path: str | Path) -> str:
     """The UTF-8 text of a configuration file, read with a size limit.
 
     Raises:
@@ -47,18 +47,18 @@ def read_text(path: str | Path, field: str = "") -> str:
     """
     p = Path(path)
     if not is_file(p):
-        raise ConfigError(p, field, "file not found")
+        raise ConfigError(p, "", "file not found")
     try:
         with p.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(p, field, f"cannot read the file: {exc.strerror or exc}") from None
+        raise ConfigError(p, "", f"cannot read the file: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(p, field, f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
+        raise ConfigError(p, "", f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(p, field, f"not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(p, "", f"not UTF-8 text (byte {exc.start})") from None
 
 
 try:  # libyaml's scanner and parser (PyYAML wheels bundle it): 10x faster than pure Python

@@ -41,9 +41,13 @@ def summary_json(summary: dict[str, Any]) -> str:
     return jsonout.dumps(summary, indent=2, sort_keys=True) + "\n"
 
 
+def run_stamp() -> str:
+    """The UTC time that starts every results folder's name (``20261202T223655Z``)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def _run_dir(base: Path, tag: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    name = f"{stamp}-{tag}"
+    name = f"{run_stamp()}-{tag}"
     candidate, n = base / name, 1
     while candidate.exists():
         n += 1

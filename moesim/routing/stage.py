@@ -11,7 +11,6 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from moesim.config.scenario import Scenario
-from moesim.dtypes import ELEMENT_BYTES
 from moesim.models.spec import ModelSpec, slots_per_rank
 from moesim.policies.gating import GATINGS, GateContext
 from moesim.policies.placement import PLACEMENTS, Placement, PlacementInput, make_placement
@@ -182,8 +181,7 @@ class RoutingStage:
     @property
     def expert_bytes(self) -> float:
         """Bytes of one expert's weights on one tensor-parallel GPU."""
-        w, tp = self.scenario.workload, self.scenario.parallelism.tp
-        return self.model.expert_params * ELEMENT_BYTES[w.dtype] / tp
+        return self.model.expert_bytes(self.scenario.workload.dtype, self.scenario.parallelism.tp)
 
     def step(self, step: int) -> StepRouting:
         """Draw and count step ``step`` for every replica."""
