@@ -17,7 +17,7 @@ from moesim.metrics.links import links_summary, links_table
 from moesim.metrics.summary import layers_table, offload_summary, summarize
 from moesim.results.result import RunResult
 from moesim.routing.stage import RoutingStage
-from moesim.timing.costs import cost_model
+from moesim.timing.costs import cost_model, cost_options
 from moesim.timing.engine import Engine, ProgressFn
 from moesim.timing.memory import check_fits, hbm_usage
 
@@ -34,7 +34,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up
     seeds = np.random.SeedSequence(s.seed).spawn(2)
     routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
-    costs = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp)
+    costs = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp, cost_options(r))
     col = Collector(
         s.workload.steps,
         r.model.num_layers,
@@ -47,7 +47,8 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     counter = _count_events(engine)
     engine.run(progress)
     summary = summarize(r, col, usage, costs.source)
-    summary["cost_sources"] = dict(costs.sources)
+    summary["ops_s"] = {op: sec / s.workload.steps for op, sec in sorted(engine.ops_s.items())}
+    summary["cost_sources"] = dict(sorted(costs.sources.items()))
     links = links_table(engine.topology, engine.net.records)
     summary["links"] = links_summary(links, s.workload.steps)
     if engine.offload is not None:

@@ -84,10 +84,15 @@ class AllToAll:
             profile), slowing compute that overlaps them. DeepEP's low-latency kernels post
             RDMA writes and receive through a hook, "without occupying any SM resource"
             (DeepEP README); NCCL and DeepEP's normal kernels are copy kernels on SMs.
+        fixed: Which fixed cost of the profile's ``kernels.collectives`` each call pays before
+            its bytes move: ``nccl_launch`` (NCCL), ``deepep_notify`` (DeepEP normal kernels'
+            notify/layout handshake with its host synchronisation), or none (DeepEP's
+            low-latency kernels, CUDA-graph compatible).
     """
 
     flows: AllToAllFn
     holds_sms: bool = True
+    fixed: str | None = "nccl_launch"
 
     def dispatch(self, ex: Exchange, token_bytes: float) -> Flows:
         """Tokens to their experts."""
@@ -101,11 +106,13 @@ class AllToAll:
 ALL_TO_ALL: Registry[AllToAll] = Registry("all-to-all")
 
 
-def algorithm(name: str, holds_sms: bool = True) -> Callable[[AllToAllFn], AllToAllFn]:
+def algorithm(
+    name: str, holds_sms: bool = True, fixed: str | None = "nccl_launch"
+) -> Callable[[AllToAllFn], AllToAllFn]:
     """Decorator: register a flows function as the all-to-all ``name`` with its traits."""
 
     def deco(fn: AllToAllFn) -> AllToAllFn:
-        ALL_TO_ALL.register(name)(AllToAll(fn, holds_sms))
+        ALL_TO_ALL.register(name)(AllToAll(fn, holds_sms, fixed))
         return fn
 
     return deco
@@ -134,7 +141,7 @@ def allgather(ex: Exchange, token_bytes: float) -> Flows:
     return _pairs(everyone, ex.rank_gpu, ex.rank_gpu, token_bytes)
 
 
-@algorithm("low_latency", holds_sms=False)
+@algorithm("low_latency", holds_sms=False, fixed=None)
 def low_latency(ex: Exchange, token_bytes: float) -> Flows:
     """Per-expert RDMA messages between every pair of ranks, over the NICs."""
     f = _pairs(ex.assignments, ex.rank_gpu, ex.rank_gpu, token_bytes)
@@ -161,7 +168,7 @@ def rdma_peer(rank_node: np.ndarray) -> np.ndarray:
     return peer
 
 
-@algorithm("hierarchical")
+@algorithm("hierarchical", fixed="deepep_notify")
 def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
     """DeepEP normal kernels: RDMA once per destination node, then NVLink forwarding."""
     node = ex.rank_node

@@ -79,6 +79,22 @@ class Workload(_Section):
         "bf16", description="Dtype of tokens sent to experts (fp8 adds 1 scale per 128)."
     )
     combine_dtype: DType = Field("bf16", description="Dtype of expert outputs sent back.")
+    attention_dtype: DType = Field(
+        "bf16",
+        description="Dtype of the attention core (FlashAttention / FlashMLA); fp8 for FP8 "
+        "attention. Projections use dtype.",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="Kernels are replayed from CUDA graphs (decode in SGLang, vLLM): no "
+        "per-kernel launch cost.",
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="Activation recompute in training: selective re-runs the attention core, "
+        "the MLA up-projections and the SwiGLU activations in the backward pass; full re-runs "
+        "every forward op.",
+    )
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Workload:
@@ -286,6 +302,12 @@ class Overlap(_Section):
         False,
         description="Compute the shared experts on the compute stream while the dispatch "
         "all-to-all is in flight (forward), instead of after the routed experts.",
+    )
+    comm_sms: Literal["in_flight", "persistent"] = Field(
+        "in_flight",
+        description="in_flight: communication kernels take gpu.comm_sms SMs from overlapping "
+        "compute only while they run; persistent: they hold them for the whole step (DeepEP "
+        "normal kernels in training and prefill), so compute always runs on the rest.",
     )
     micro_batches: int = Field(
         1,

@@ -166,6 +166,96 @@ class Calibration(_Frozen):
         return None
 
 
+TableStatus = Literal["measured", "published", "assumed"]
+
+
+class GemmTable(_Frozen):
+    """Achieved matrix throughput of one GEMM kernel family at measured shapes.
+
+    Each point is ``[groups, m, n, k, tflops]``: ``groups`` problems of ``m`` rows (tokens) by
+    ``n`` outputs over ``k`` inputs, at ``2 * groups * m * n * k / seconds / 1e12`` TFLOP/s
+    (``moesim calibrate`` and the AIConfigurator importer write the same format).
+    """
+
+    kernel: str = Field(min_length=1, description="Kernel family (e.g. deepgemm-fp8).")
+    dtype: str = Field(description="Weight and input dtype (fp8, bf16, ...).")
+    layout: Literal["dense", "contiguous", "masked"] = Field(
+        "dense",
+        description="dense: one matrix; contiguous: grouped, each group's rows padded to the "
+        "block (prefill, training); masked: grouped with a fixed slot per group (decode).",
+    )
+    status: TableStatus = Field(description="measured on a device, published, or assumed.")
+    source: str = Field(min_length=1, description="Where the points come from.")
+    points: list[tuple[int, int, int, int, float]] = Field(
+        min_length=1, description="[groups, m, n, k, tflops] per measured shape."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GemmTable:
+        bad = [p for p in self.points if min(p[:4]) < 1 or not 0 < p[4] < 1e6]
+        if bad:
+            raise ValueError(f"points need groups, m, n, k >= 1 and 0 < tflops < 1e6: {bad[:3]}")
+        return self
+
+
+class AttentionTable(_Frozen):
+    """Achieved throughput of an attention kernel.
+
+    ``prefill`` (causal, training forward too): ``points`` of ``[seq_len, tflops]``;
+    ``decode``: the kernel's achieved HBM rate (``gb_per_s``) when reading the KV cache and its
+    compute rate (``tflops``) when many query heads share it.
+    """
+
+    kind: Literal["prefill", "decode"] = Field(description="Which attention phase.")
+    kernel: str = Field(min_length=1, description="Kernel (e.g. flashattention-3, flashmla).")
+    dtype: str = Field("bf16", description="Dtype the kernel computes in.")
+    attention: Literal["gqa", "mla", "any"] = Field("any", description="Attention family.")
+    status: TableStatus = Field(description="measured on a device, published, or assumed.")
+    source: str = Field(min_length=1, description="Where the figures come from.")
+    points: list[tuple[float, float]] = Field(
+        default_factory=list, description="prefill: [seq_len, tflops] per measured length."
+    )
+    gb_per_s: float | None = Field(None, gt=0, lt=1e6, description="decode: achieved HBM GB/s.")
+    tflops: float | None = Field(None, gt=0, lt=1e6, description="decode: achieved TFLOP/s.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionTable:
+        if self.kind == "prefill" and not self.points:
+            raise ValueError("a prefill attention table needs points [seq_len, tflops]")
+        if self.kind == "decode" and (self.gb_per_s is None or self.tflops is None):
+            raise ValueError("a decode attention table needs gb_per_s and tflops")
+        if any(not (p[0] >= 1 and 0 < p[1] < 1e6) for p in self.points):
+            raise ValueError("points need seq_len >= 1 and 0 < tflops < 1e6")
+        return self
+
+
+class CollectiveLatency(_Frozen):
+    """Fixed costs a collective pays besides moving its bytes (each cited in ``sources``)."""
+
+    deepep_notify_s: float = Field(
+        0, ge=0, le=1, description="DeepEP normal kernels' notify/layout handshake per call."
+    )
+    nccl_launch_s: float = Field(0, ge=0, le=1, description="NCCL kernel launch per call.")
+    host_sync_s: float = Field(
+        0, ge=0, le=1, description="Host synchronisation per call without CUDA graphs."
+    )
+
+
+class Kernels(_Frozen):
+    """Per-kernel calibration: GEMM and attention tables, tile sizes, collective fixed costs."""
+
+    gemm_block: tuple[int, int] = Field(
+        (128, 128), description="GEMM output tile (rows, columns): rows are padded to it."
+    )
+    gemm: list[GemmTable] = Field(default_factory=list, description="GEMM throughput tables.")
+    attention: list[AttentionTable] = Field(
+        default_factory=list, description="Attention kernel throughput."
+    )
+    collectives: CollectiveLatency = Field(
+        default_factory=CollectiveLatency, description="Fixed costs of collectives."
+    )
+
+
 class HardwareProfile(_Frozen):
     """A cluster building block: GPU, node and fabric facts, each figure with its source.
 
@@ -181,6 +271,10 @@ class HardwareProfile(_Frozen):
     gpu: GPUSpec
     node: NodeSpec
     fabric: FabricSpec
+    kernels: Kernels = Field(
+        default_factory=Kernels,
+        description="Per-kernel tables (published or measured); absent: flat efficiencies.",
+    )
     calibration: Calibration | None = Field(
         None, description="Measured tables written by `moesim calibrate` (absent: roofline)."
     )

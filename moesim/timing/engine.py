@@ -29,11 +29,11 @@ from moesim.config.loading import ResolvedScenario
 from moesim.hardware.topology import Topology
 from moesim.metrics.collector import Collector
 from moesim.routing.stage import RoutingStage, StepRouting
-from moesim.timing.costs import CostModel
+from moesim.timing.costs import OpCostModel
 from moesim.timing.gpu import GPU, SharedSMStream
 from moesim.timing.network import FlowNetwork
 from moesim.timing.offload import OffloadTiming
-from moesim.timing.plan import BACKWARD, FlowBuilder, Layout, StepPlan, make_plan
+from moesim.timing.plan import FlowBuilder, Layout, StepPlan, make_plan
 
 ProgressFn = Callable[[int, int], None]
 
@@ -64,6 +64,8 @@ class EngineSpec:
         overlapped: Compute overlaps communication kernels (two micro-batches or shared experts).
         offload: Experts are offloaded behind an HBM cache.
         a2a_holds_sms: The all-to-all's kernels hold SMs while in flight.
+        a2a_fixed_s: Fixed seconds each all-to-all call pays before its bytes move.
+        nccl_fixed_s: Fixed seconds of an NCCL call (tensor-parallel all-reduce).
     """
 
     steps: int
@@ -77,12 +79,19 @@ class EngineSpec:
     overlapped: bool
     offload: bool
     a2a_holds_sms: bool
+    a2a_fixed_s: float
+    nccl_fixed_s: float
 
     @classmethod
     def of(cls, r: ResolvedScenario) -> EngineSpec:
         """The spec of a resolved scenario."""
         s = r.scenario
         ov = s.policies.overlap
+        a2a = ALL_TO_ALL.get(s.policies.all_to_all.type)
+        fixed = r.hardware.kernels.collectives
+        host = 0.0 if s.workload.cuda_graphs else fixed.host_sync_s
+        nccl = fixed.nccl_launch_s + host
+        a2a_fixed = {None: 0.0, "nccl_launch": nccl, "deepep_notify": fixed.deepep_notify_s}
         return cls(
             steps=s.workload.steps,
             train=s.workload.mode == "train",
@@ -94,7 +103,9 @@ class EngineSpec:
             shared_overlap=ov.shared_experts,
             overlapped=ov.micro_batches > 1 or ov.shared_experts,
             offload=s.policies.offload.enabled,
-            a2a_holds_sms=ALL_TO_ALL.get(s.policies.all_to_all.type).holds_sms,
+            a2a_holds_sms=a2a.holds_sms,
+            a2a_fixed_s=a2a_fixed[a2a.fixed],
+            nccl_fixed_s=nccl,
         )
 
 
@@ -109,7 +120,7 @@ class Engine:
     """
 
     def __init__(
-        self, r: ResolvedScenario, routing: RoutingStage, costs: CostModel, collector: Collector
+        self, r: ResolvedScenario, routing: RoutingStage, costs: OpCostModel, collector: Collector
     ) -> None:
         self.r, self.routing, self.costs, self.col = r, routing, costs, collector
         self.spec = spec = EngineSpec.of(r)
@@ -118,8 +129,11 @@ class Engine:
         self.net = FlowNetwork(self.env, self.topology, r.scenario.engine.flow_tolerance)
         self.layout = Layout.of(r)
         self.flows = FlowBuilder(r, self.layout)
-        # compute meets communication kernels only when something overlaps them
-        rate = r.hardware.gpu.comm_compute_rate if spec.overlapped else 1.0
+        # compute meets communication kernels only when something overlaps them, and only
+        # while they are in flight unless they hold their SMs for the whole step (then the
+        # cost model prices compute on the SMs left)
+        persistent = costs.opts.persistent_comm_sms
+        rate = r.hardware.gpu.comm_compute_rate if spec.overlapped and not persistent else 1.0
         gpn = spec.gpus_per_node
         self.gpus = [GPU(self.env, g, g // gpn, rate) for g in range(spec.world)]
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
@@ -127,6 +141,7 @@ class Engine:
         self.offload: OffloadTiming | None = None
         self._pre: dict[tuple[Any, ...], tuple[Flows, Any]] = {}
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
+        self.ops_s: dict[str, float] = {}  # op seconds summed over the steps run
 
     def run(self, progress: ProgressFn | None = None) -> None:
         """Simulate every step; ``progress(done, total)`` is called after each."""
@@ -149,6 +164,9 @@ class Engine:
             micro = [
                 make_plan(self.r, self.layout, self.costs, m, step) for m in routing.micro
             ] or [plan]
+            for mp in micro:
+                for op, sec in mp.ops.items():
+                    self.ops_s[op] = self.ops_s.get(op, 0.0) + sec
             self._pre = self._precompute(micro, routing.migration)
             self._migrating = routing.migration is not None
             start = self.env.now
@@ -235,17 +253,18 @@ class Engine:
     def _layer(
         self, g: int, step: int, layer: int, plan: StepPlan, mb: int, backward: bool
     ) -> Generator[simpy.Event, Any, None]:
-        k = BACKWARD if backward else 1.0
         tp = self.layout.tp > 1
         moe = self.moe_index.get(layer)
-        attn = [("attention", plan.attention * k)]
+        p = plan.backward if backward else None
+        attn = [("attention", p["attention"] if p else plan.attention)]
         if moe is None:
-            mlp_compute = [("dense_ffn", plan.dense * k)]
+            mlp_compute = [("dense_ffn", p["dense"] if p else plan.dense)]
         else:
-            pre = [("gate", plan.gate * k)]
+            pre = [("gate", p["gate"] if p else plan.gate)]
+            ex = p["experts"] if p else plan.experts
             experts = [
-                ("expert_compute", float(plan.experts[moe, g]) * k),
-                ("shared_expert", plan.shared * k),
+                ("expert_compute", float(ex[moe, g])),
+                ("shared_expert", p["shared"] if p else plan.shared),
             ]
         if backward:  # mirror of the forward order
             if tp:
@@ -313,6 +332,9 @@ class Engine:
     ) -> Generator[simpy.Event, Any, None]:
         arrive = self.env.now
         tp = phase == "tp_comm"
+        fixed = self.spec.nccl_fixed_s if tp else self.spec.a2a_fixed_s
+        if fixed > 0 and phase != "migrate":  # launch / handshake before the bytes move
+            yield self.env.timeout(fixed)
         members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
         key = (step, mb, layer, phase, int(members[0]))
         pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]

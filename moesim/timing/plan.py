@@ -9,6 +9,7 @@ GPU layout (see :mod:`moesim.config.scenario`): ``gpu = (replica * ep + rank) * 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,9 +17,7 @@ from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES, token_bytes
 from moesim.routing.stage import StepRouting
-from moesim.timing.costs import CostModel
-
-BACKWARD = 2.0  # backward = gradient w.r.t. inputs + gradient w.r.t. weights
+from moesim.timing.costs import OpCostModel, total
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,11 @@ class StepPlan:
 
     Attributes:
         attention: Forward seconds of one attention block (all GPUs alike).
-        gate / shared / dense: Forward seconds of the router, shared experts, dense FFN.
+        gate / shared / dense: Forward seconds of the router block, shared experts, dense FFN.
         experts: ``[moe_layers, world]`` forward seconds of each GPU's routed experts.
+        backward: The same pieces' backward seconds (training; zeros otherwise), by name.
+        ops: Seconds per step of every op, forward and (``<op>_bwd``) backward, averaged over
+            GPUs (``ops_s`` of the summary).
         gpu_tokens: ``[moe_layers, world]`` assignments each GPU computes.
         routing: The routing stage's output.
         tokens_per_rank: Tokens each EP rank runs attention for.
@@ -80,6 +82,8 @@ class StepPlan:
     shared: float
     dense: float
     experts: np.ndarray
+    backward: dict[str, Any]
+    ops: dict[str, float]
     gpu_tokens: np.ndarray
     routing: StepRouting
     tokens_per_rank: int
@@ -88,7 +92,7 @@ class StepPlan:
 def make_plan(
     r: ResolvedScenario,
     layout: Layout,
-    costs: CostModel,
+    costs: OpCostModel,
     routing: StepRouting,
     step: int,
     on_gpu: np.ndarray | None = None,
@@ -99,7 +103,8 @@ def make_plan(
     batch = routing.batch
     tokens = batch.tokens_per_rank
     seqs = int(np.unique(batch.seq_id[0]).size)  # a micro-batch holds part of them
-    if w.mode == "decode":
+    decode, train = w.mode == "decode", w.mode == "train"
+    if decode:
         context = kv = float(w.context_len + step)
         kv_tokens = seqs * kv
     else:  # mean causal context of the batch's queries (seq_len/2 for whole sequences)
@@ -107,14 +112,40 @@ def make_plan(
     slot = np.stack([c.slot_tokens for c in routing.replicas])  # [dp, L, ep, S]
     per_gpu = slot[layout.replica, :, layout.rank, :]  # [world, L, S]
     per_gpu = np.moveaxis(per_gpu, 0, 1)  # [L, world, S]
+    slots = per_gpu if on_gpu is None else per_gpu * on_gpu
+    n_moe = len(m.moe_layers)
+    n_dense = m.num_layers - n_moe
+    t = float(tokens)
+    ops: dict[str, float] = {}
+    pieces: dict[str, Any] = {}
+    for bwd in (False, True) if train else (False,):
+        sfx = "_bwd" if bwd else ""
+        blocks = {
+            "attention": (costs.attention(t, context, kv_tokens, decode, w.seq_len, bwd),
+                          m.num_layers),
+            "gate": (costs.router(t, train, bwd), n_moe),
+            "shared": (costs.ffn(t, m.moe.shared_intermediate_size, "shared", bwd)
+                       if m.shared_params else {}, n_moe),
+            "dense": (costs.ffn(t, m.dense_intermediate_size, "dense", bwd)
+                      if n_dense else {}, n_dense),
+        }  # fmt: skip
+        for piece, (times, count) in blocks.items():
+            pieces[piece + sfx] = float(total(times))
+            for op, sec in times.items():
+                ops[op + sfx] = ops.get(op + sfx, 0.0) + float(sec) * count
+        ex = costs.experts(slots, bwd)
+        pieces["experts" + sfx] = total(ex) * np.ones(slots.shape[:2])
+        for op, sec in ex.items():
+            ops[op + sfx] = ops.get(op + sfx, 0.0) + float(np.asarray(sec).sum(axis=0).mean())
+    backward = {k.removesuffix("_bwd"): v for k, v in pieces.items() if k.endswith("_bwd")}
     return StepPlan(
-        attention=costs.attention(tokens, seqs, context, kv_tokens),
-        gate=float(costs.gemm(np.float64(tokens), m.gate_params)),
-        shared=float(costs.gemm(np.float64(tokens), m.shared_params)) if m.shared_params else 0.0,
-        dense=float(costs.gemm(np.float64(tokens), m.dense_ffn_params))
-        if m.dense_ffn_params
-        else 0.0,
-        experts=costs.experts(per_gpu if on_gpu is None else per_gpu * on_gpu),
+        attention=pieces["attention"],
+        gate=pieces["gate"],
+        shared=pieces["shared"],
+        dense=pieces["dense"],
+        experts=pieces["experts"],
+        backward=backward,
+        ops=ops,
         gpu_tokens=per_gpu.sum(axis=-1),
         routing=routing,
         tokens_per_rank=tokens,

@@ -15,7 +15,7 @@ from moesim.cli.app import app
 from moesim.config.loading import load_scenario
 from moesim.hardware.catalog import load_profile
 from moesim.runner import simulate
-from moesim.timing.costs import CalibratedCostModel, RooflineCostModel, cost_model
+from moesim.timing.costs import cost_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,17 +107,24 @@ def test_a_scenario_on_the_calibrated_profile_uses_the_tables(
     )
     r = load_scenario(scen)
     costs = cost_model(r.hardware, r.model, "fp32", 1)
-    assert isinstance(costs, CalibratedCostModel)
+    assert costs.expert_table is not None
     t = r.hardware.calibration.experts[0]  # type: ignore[union-attr]
     table = ExpertTimeTable(np.array(t.tokens), np.array(t.seconds), t.overhead_s)
     v = np.array([[3, 0, 17, 1], [0, 0, 0, 0]])
-    assert costs.experts(v).tolist() == table.predict(v).tolist()
+    ops = costs.experts(v)
+    assert ops["experts_calibrated"].tolist() == table.predict(v).tolist()
+    # the table replaces the grouped GEMMs and SwiGLU; permute and unpermute stay
+    assert "expert_gate_up" not in ops and set(ops) == {
+        "permute",
+        "experts_calibrated",
+        "unpermute",
+    }
     summary = simulate(r).summary
-    assert summary["cost_sources"]["experts"].startswith("calibrated: ")
-    assert summary["cost_sources"]["attention"] == "roofline"
+    assert summary["cost_sources"]["experts_calibrated"].startswith("calibrated: ")
+    assert summary["cost_sources"]["attn_core"].startswith("roofline")
     # another dtype has no table: the roofline, and the summary says why
     other = cost_model(r.hardware, r.model, "bf16", 1)
-    assert isinstance(other, RooflineCostModel) and not isinstance(other, CalibratedCostModel)
+    assert other.expert_table is None
     assert "not for hidden 256" in other.source
 
 

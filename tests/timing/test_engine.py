@@ -91,6 +91,9 @@ def test_step_never_beats_physical_bounds(write_scenario) -> None:
 
 
 def test_train_step_costs_about_three_forward_passes(write_scenario) -> None:
+    """Each expert GEMM's backward is an input-gradient and a weight-gradient GEMM of the same
+    FLOPs; tile quantisation of the transposed shapes and the doubled memory-bound kernels
+    keep the ratio near, not at, 3 (tests/timing/test_costs.py checks the shapes)."""
     fwd = run(
         write_scenario,
         model="olmoe-1b-7b",
@@ -105,7 +108,7 @@ def test_train_step_costs_about_three_forward_passes(write_scenario) -> None:
         train.summary["breakdown_s"]["expert_compute"]
         / fwd.summary["breakdown_s"]["expert_compute"]
     )
-    assert ratio == pytest.approx(3.0, rel=1e-6)
+    assert ratio == pytest.approx(3.0, rel=0.05)
 
 
 def test_tensor_parallel_adds_allreduce(write_scenario) -> None:

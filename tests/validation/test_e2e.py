@@ -15,8 +15,9 @@ from moesim.cli import app
 from moesim.config.loading import load_scenario
 from moesim.validation.e2e import CASES, SCENARIOS, validate_e2e
 
-# predicted / published - 1 at the time of recording (the roofline cost model; issue 16)
-RECORDED_ERROR = {"sglang-deepseek-v3-prefill-4x8xh100": 1.240}
+# predicted / published - 1 at the time of recording: +124.0% with the roofline cost model,
+# +50.6% with the op-level model on published kernel tables (issue 16)
+RECORDED_ERROR = {"sglang-deepseek-v3-prefill-4x8xh100": 0.506}
 
 
 def test_the_scenarios_state_the_published_setup() -> None:
