@@ -332,13 +332,13 @@ class Engine:
     ) -> Generator[simpy.Event, Any, None]:
         arrive = self.env.now
         tp = phase == "tp_comm"
-        fixed = self.spec.nccl_fixed_s if tp else self.spec.a2a_fixed_s
-        if fixed > 0 and phase != "migrate":  # launch / handshake before the bytes move
-            yield self.env.timeout(fixed)
+        fixed = (
+            0.0 if phase == "migrate" else self.spec.nccl_fixed_s if tp else self.spec.a2a_fixed_s
+        )
         members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
         key = (step, mb, layer, phase, int(members[0]))
         pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]
-        ev = self._join(key, g, members, pre, step, layer)
+        ev = self._join(key, g, members, pre, step, layer, fixed)
         sms = self.gpus[g].compute if tp or phase == "migrate" or self.spec.a2a_holds_sms else None
         if isinstance(sms, SharedSMStream):  # the collective's kernel holds SMs until it ends
             sms.comm_started()
@@ -357,7 +357,10 @@ class Engine:
         pre: tuple[Flows, np.ndarray | None],
         step: int,
         layer: int,
+        fixed: float,
     ) -> simpy.Event:
+        """Join the collective ``key``; the last member to arrive starts it, ``fixed`` seconds
+        (launch, handshake) before its bytes move."""
         rv = self._rv.get(key)
         if rv is None:
             rv = self._rv[key] = _Rendezvous(size=members.size)
@@ -374,7 +377,11 @@ class Engine:
             def done(gpu: int, _at: float) -> None:
                 rv.events[gpu].succeed(start)
 
-            self.net.transfer(flows, members, done, finish)
+            if fixed > 0:  # one timer for the whole group
+                timer = self.env.timeout(fixed)
+                timer.callbacks.append(lambda _e: self.net.transfer(flows, members, done, finish))
+            else:
+                self.net.transfer(flows, members, done, finish)
         return ev
 
 
