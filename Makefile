@@ -7,14 +7,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
-EXTRAS := dev,trace,cuda,distributed
+# aiconfigurator-core needs numpy >= 2.1: the oldest-bounds run leaves it out (its tests skip
+# there; `make test` and CI install it and run them).
+EXTRAS_OLDEST := dev,trace,cuda,distributed
+EXTRAS := $(EXTRAS_OLDEST),aiconfigurator
+AIC_PROFILE := moesim/hardware/profiles/h100-sxm-aiconfigurator.yaml
 LOCK   := constraints.txt
 # The oldest transformers the project allows (pyproject.toml, constraints-oldest.txt): make test
 # runs the capture tests on it too, overlaid on the locked environment.
 TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
 .PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 \
-	lint install dev clean
+	lint install dev clean profiles
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +70,15 @@ test-oldest:
 	rm -rf .venv-oldest
 	$(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install --quiet --upgrade pip
-	.venv-oldest/bin/pip install --quiet -c constraints-oldest.txt -e '.[$(EXTRAS)]'
+	.venv-oldest/bin/pip install --quiet -c constraints-oldest.txt -e '.[$(EXTRAS_OLDEST)]'
 	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider
+
+# The shipped profile whose kernel tables are NVIDIA's measurements (aiconfigurator-core);
+# tests/calibration/test_aiconfigurator.py checks that this command reproduces it byte for byte.
+profiles: $(DEVSTAMP)
+	rm -f $(AIC_PROFILE)
+	$(BIN)/moesim calibrate --from aiconfigurator --system h100_sxm --backend sglang \
+	  --model deepseek-v3 --model mixtral-8x7b --out $(AIC_PROFILE)
 
 # Rewrite the lock from the newest allowed versions (then run make test and commit it).
 lock:

@@ -239,6 +239,12 @@ def validate(
         Path | None,
         typer.Option(help="Folder of the validation scenarios (default: scenarios/validation)."),
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write an HTML report (predicted vs published, per-op breakdown of each case)."
+        ),
+    ] = None,
 ) -> None:
     """Predict published measurements (DeepEP normal kernels, end-to-end serving) from profile
     facts and print the errors; nothing is fitted to them."""
@@ -248,8 +254,17 @@ def validate(
     from moesim.validation.e2e import SCENARIOS, validate_e2e
 
     with reported():
+        if report is not None and report.exists():
+            from moesim.errors import ConfigError
+
+            raise ConfigError(None, "--report", f"{report} exists; moesim never overwrites it")
         rows = validate_deepep(seed=seed)
         e2e = validate_e2e(scenarios or SCENARIOS)
+        if report is not None:
+            from moesim.calibration.run import write_atomic
+            from moesim.validation.report import validation_html
+
+            write_atomic(report, validation_html(rows, e2e))
         if json_out:
             doc = {
                 "deepep": [r.as_dict() for r in rows],
@@ -259,6 +274,8 @@ def validate(
         else:
             print_validation(rows)
             print_e2e_validation(e2e)
+            if report is not None:
+                typer.echo(f"wrote {report}")
 
 
 def main() -> None:

@@ -23,8 +23,12 @@ def calibrate(
         typer.Option(help="Profile to write, e.g. hardware_profiles/h100-sxm-calibrated.yaml."),
     ],
     profile: Annotated[
-        str, typer.Option(help="Base profile (name or path) whose datasheet figures are kept.")
-    ] = "h100-sxm",
+        str | None,
+        typer.Option(
+            help="Base profile (name or path) whose datasheet figures are kept (default "
+            "h100-sxm; with --from aiconfigurator, the shipped profile of --system)."
+        ),
+    ] = None,
     model: Annotated[
         list[str] | None,
         typer.Option(help="Model whose expert shape to measure (repeatable; preset or config)."),
@@ -33,9 +37,34 @@ def calibrate(
         str,
         typer.Option(
             help="cuda (bundled CUDA C++ microbenchmark, built with nvcc), torch (PyTorch, on "
-            "CUDA when present), or cpu (NumPy; the whole pipeline without a GPU)."
+            "CUDA when present), or cpu (NumPy; the whole pipeline without a GPU). With --from "
+            "aiconfigurator: the serving framework whose kernels were measured (sglang, vllm, "
+            "trtllm; cuda means sglang)."
         ),
     ] = "cuda",
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="device: measure this machine; aiconfigurator: import NVIDIA's measured "
+            "kernel tables from the aiconfigurator-core package (pip install "
+            "'moesim[aiconfigurator]') for --model on --system.",
+        ),
+    ] = "device",
+    system: Annotated[
+        str,
+        typer.Option(
+            help="With --from aiconfigurator: the measured system (h100_sxm, h200_sxm, "
+            "b200_sxm, a100_sxm, l40s, ...)."
+        ),
+    ] = "h100_sxm",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --from aiconfigurator: its systems/data folder, when the package "
+            "is not installed."
+        ),
+    ] = None,
     dtype: Annotated[
         list[str] | None,
         typer.Option(
@@ -79,6 +108,16 @@ def calibrate(
     from moesim.hardware.catalog import find_profile, load_profile
     from moesim.models.presets import resolve_model
 
+    if source not in ("device", "aiconfigurator"):
+        with reported():
+            from moesim.errors import CalibrationError
+
+            raise CalibrationError(f"--from must be device or aiconfigurator, got {source!r}")
+    if source == "aiconfigurator":
+        framework = "sglang" if backend == "cuda" else backend
+        import_aiconfigurator(out, profile, model, framework, system, data, tp)
+        return
+    profile = profile or "h100-sxm"
     with reported():
         on_cpu = backend == "cpu" or (backend == "torch" and not _torch_cuda())
         dtypes = dtype or default_dtypes(backend)
@@ -138,6 +177,64 @@ def calibrate(
         )
         console.print(f"launch overhead: {doc['launch']['seconds'] * 1e6:.2f} us")
         console.print(f"wrote {result.raw_path}, {result.plot_path}, {result.profile_path}")
+
+
+def import_aiconfigurator(
+    out: Path,
+    profile: str | None,
+    models: list[str] | None,
+    backend: str,
+    system: str,
+    data: Path | None,
+    tp: int,
+) -> None:
+    """Write a profile whose kernel tables come from AIConfigurator's measurements."""
+    import yaml
+    from rich.console import Console
+
+    from moesim.calibration.aiconfigurator import (
+        SYSTEM_PROFILES,
+        dump,
+        find_data,
+        imported_profile,
+    )
+    from moesim.calibration.run import write_atomic
+    from moesim.errors import CalibrationError
+    from moesim.hardware.catalog import find_profile
+    from moesim.hardware.profile import HardwareProfile
+    from moesim.models.presets import resolve_model
+
+    with reported():
+        if not models:
+            raise CalibrationError("--from aiconfigurator needs --model (repeatable)")
+        if out.exists():
+            raise CalibrationError(
+                f"{out} exists; moesim never overwrites a profile (choose another --out)"
+            )
+        base_name = profile or SYSTEM_PROFILES.get(system)
+        if base_name is None:
+            raise CalibrationError(
+                f"no shipped profile for system {system!r}; name one with --profile "
+                f"(shipped: {', '.join(f'{k} -> {v}' for k, v in SYSTEM_PROFILES.items())})"
+            )
+        specs = [resolve_model(m) for m in models]
+        base_path = find_profile(base_name)
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8"))
+        src = find_data(data)
+        doc = imported_profile(base, src, system, backend, specs, tp, out.stem)
+        try:
+            HardwareProfile.model_validate(doc)
+        except ValueError as e:
+            raise CalibrationError(f"the imported profile does not validate: {e}") from e
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, dump(doc))
+        console = Console(highlight=False, soft_wrap=True)
+        k = doc["kernels"]
+        for t in k["gemm"]:
+            console.print(f"gemm {t['dtype']}: {len(t['points'])} measured points ({t['kernel']})")
+        for t in k["attention"]:
+            console.print(f"attention {t['kind']}: {t['kernel']}")
+        console.print(f"wrote {out} (base {base_path.name}; {src.cite})")
 
 
 def check_plan(plan: Plan, backend: str, on_cpu: bool, base: HardwareProfile) -> PlanCost:

@@ -104,12 +104,13 @@ def print_check(r: ResolvedScenario, usage: HBMUsage, work: WorkEstimate) -> Non
 def print_e2e_validation(rows: list[E2ERow]) -> None:
     """End-to-end cases: predicted vs published, with the relative error."""
     t = Table(title="End-to-end published measurements (../shared/validation/published.md 6)")
-    for col in ("case", "counted as", "published", "predicted", "error", "step"):
-        t.add_column(col, justify="left" if col in ("case", "counted as") else "right")
+    for col in ("case", "profile", "counted as", "published", "predicted", "error", "step"):
+        t.add_column(col, justify="left" if col in ("case", "profile", "counted as") else "right")
     for r in rows:
         colour = "green" if abs(r.error) <= 0.15 else "yellow"
         t.add_row(
             r.case,
+            r.profile,
             r.counted_as,
             f"{r.published:,.0f}",
             f"{r.predicted:,.0f}",
@@ -117,8 +118,9 @@ def print_e2e_validation(rows: list[E2ERow]) -> None:
             f"{r.step_time_s * 1e3:,.1f} ms",
         )
     Console().print(t)
-    for r in rows:
-        Console().print(f"  {r.case}: {r.source}")
+    for case in dict.fromkeys(r.case for r in rows):
+        source = next(r.source for r in rows if r.case == case)
+        Console().print(f"  {case}: {source}")
 
 
 def print_validation(rows: list[Row]) -> None:

@@ -82,6 +82,33 @@ def breakdown_figure(result: RunResult) -> Any:
     return fig
 
 
+def ops_figure(result: RunResult) -> Any | None:
+    """Seconds per step of each op (forward, and ``_bwd`` backward), with the table behind it
+    in the hover (summary ``ops_s`` and ``cost_sources``)."""
+    import plotly.graph_objects as go
+
+    ops = result.summary.get("ops_s") or {}
+    if not ops:
+        return None
+    sources = result.summary.get("cost_sources", {})
+    order = sorted(ops, key=lambda op: ops[op])
+    fig = go.Figure(
+        go.Bar(
+            x=[ops[op] * 1e3 for op in order],
+            y=order,
+            orientation="h",
+            customdata=[sources.get(op.removesuffix("_bwd"), "")[:160] for op in order],
+            hovertemplate="%{y}: %{x:.3f} ms<br>%{customdata}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="Compute per step by op (ms, mean over GPUs; hover: where the cost comes from)",
+        xaxis_title="ms per step",
+        height=160 + 18 * len(order),
+    )
+    return fig
+
+
 def tokens_figure(result: RunResult) -> Any:
     """Heatmap of tokens computed per GPU and MoE layer (mean over steps)."""
     import plotly.graph_objects as go
@@ -166,6 +193,9 @@ def links_figure(result: RunResult) -> Any | None:
 def write_report(result: RunResult, path: Path) -> None:
     """Write the report to ``path`` as one HTML file with plotly.js inlined."""
     figs = [timeline_figure(result), breakdown_figure(result), tokens_figure(result)]
+    ops = ops_figure(result)
+    if ops is not None:
+        figs.insert(2, ops)
     links = links_figure(result)
     if links is not None:
         figs.append(links)

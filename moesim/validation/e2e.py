@@ -35,6 +35,8 @@ class Case:
         counted_as: What the figure counts, in the authors' words.
         source: Where it was published.
         measure: The same count from a run's summary and its node count.
+        profiles: Hardware profiles to predict it on (None: the scenario's own). A case runs
+            on each, so that published-figure and measured kernel tables can be compared.
     """
 
     scenario: str
@@ -42,6 +44,7 @@ class Case:
     counted_as: str
     source: str
     measure: Callable[[dict[str, Any], int], float]
+    profiles: tuple[str | None, ...] = (None,)
 
 
 CASES = (
@@ -51,6 +54,9 @@ CASES = (
         "input tokens/s per node",
         "LMSYS blog 2025-05-05 (SGLang, DeepSeek-V3 prefill, 4x8 H100, EP32, TBO); published.md 6a",
         input_tokens_per_s_per_node,
+        # h100-sxm: DeepGEMM / FlashAttention-3 published figures; h100-sxm-aiconfigurator:
+        # NVIDIA's measured H100 kernel tables (aiconfigurator-core, `make profiles`)
+        profiles=(None, "h100-sxm-aiconfigurator"),
     ),
 )
 
@@ -60,11 +66,14 @@ class E2ERow:
     """Predicted vs published for one case."""
 
     case: str
+    profile: str
     counted_as: str
     source: str
     published: float
     predicted: float
     step_time_s: float
+    ops_s: dict[str, float]
+    breakdown_s: dict[str, float]
 
     @property
     def error(self) -> float:
@@ -92,16 +101,20 @@ def validate_e2e(folder: Path = SCENARIOS) -> list[E2ERow]:
             raise ConfigError(
                 None, "--scenarios", f"no {case.scenario} in '{folder}' (the validation scenarios)"
             )
-        resolved = load_scenario(path)
-        summary = simulate(resolved).summary
-        rows.append(
-            E2ERow(
-                case=resolved.scenario.name,
-                counted_as=case.counted_as,
-                source=case.source,
-                published=case.published,
-                predicted=case.measure(summary, resolved.scenario.cluster.nodes),
-                step_time_s=float(summary["step_time_s"]),
+        for profile in case.profiles:
+            resolved = load_scenario(path, None if profile is None else [f"hardware={profile}"])
+            summary = simulate(resolved).summary
+            rows.append(
+                E2ERow(
+                    case=resolved.scenario.name,
+                    profile=resolved.hardware.name,
+                    counted_as=case.counted_as,
+                    source=case.source,
+                    published=case.published,
+                    predicted=case.measure(summary, resolved.scenario.cluster.nodes),
+                    step_time_s=float(summary["step_time_s"]),
+                    ops_s=dict(summary["ops_s"]),
+                    breakdown_s=dict(summary["breakdown_s"]),
+                )
             )
-        )
     return rows

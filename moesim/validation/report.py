@@ -1,0 +1,107 @@
+"""``moesim validate --report F.html``: predicted vs published, and where each case's time goes.
+
+Figures: the DeepEP rows' bandwidths (published vs predicted), each end-to-end case on each
+profile (published vs predicted), and a per-op breakdown of every end-to-end case (seconds per
+step of each op, forward and backward, mean over GPUs), so that a person sees which kernels a
+prediction's error can come from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moesim.results.report import html_page
+
+if TYPE_CHECKING:
+    from moesim.validation.deepep import Row
+    from moesim.validation.e2e import E2ERow
+
+TOP_OPS = 16
+"""Ops shown by name in the breakdown; the rest are summed as 'other'."""
+
+
+def deepep_figure(rows: list[Row]) -> Any:
+    """Bottleneck bandwidth, published vs predicted, per DeepEP row."""
+    import plotly.graph_objects as go
+
+    labels = [f"{r.kind} EP{r.ep} {r.phase}" for r in rows]
+    fig = go.Figure()
+    fig.add_bar(name="published", x=labels, y=[r.published_gb_per_s for r in rows])
+    fig.add_bar(
+        name="predicted",
+        x=labels,
+        y=[r.predicted_gb_per_s for r in rows],
+        text=[f"{r.error:+.1%}" for r in rows],
+        textposition="outside",
+    )
+    fig.update_layout(
+        title="DeepEP normal kernels on H800: bottleneck bandwidth",
+        yaxis_title="GB/s",
+        barmode="group",
+    )
+    return fig
+
+
+def e2e_figure(rows: list[E2ERow]) -> Any:
+    """Each end-to-end case on each profile: published vs predicted, error in the label."""
+    import plotly.graph_objects as go
+
+    labels = [f"{r.case}<br>{r.profile}" for r in rows]
+    fig = go.Figure()
+    fig.add_bar(name="published", x=labels, y=[r.published for r in rows])
+    fig.add_bar(
+        name="predicted",
+        x=labels,
+        y=[r.predicted for r in rows],
+        text=[f"{r.error:+.1%}" for r in rows],
+        textposition="outside",
+    )
+    fig.update_layout(
+        title="End-to-end published measurements", yaxis_title=rows[0].counted_as if rows else ""
+    )
+    fig.update_layout(barmode="group", yaxis_tickformat=",.0f")
+    return fig
+
+
+def ops_figure(rows: list[E2ERow]) -> Any:
+    """Stacked seconds per step of the largest ops of each case and profile."""
+    import plotly.graph_objects as go
+
+    totals: dict[str, float] = {}
+    for r in rows:
+        for op, sec in r.ops_s.items():
+            totals[op] = totals.get(op, 0.0) + sec
+    top = sorted(totals, key=lambda op: -totals[op])[:TOP_OPS]
+    labels = [f"{r.case}<br>{r.profile}" for r in rows]
+    fig = go.Figure()
+    for op in top:
+        fig.add_bar(name=op, x=labels, y=[r.ops_s.get(op, 0.0) * 1e3 for r in rows])
+    fig.add_bar(
+        name="other ops",
+        x=labels,
+        y=[sum(v for k, v in r.ops_s.items() if k not in top) * 1e3 for r in rows],
+    )
+    fig.add_scatter(
+        name="step time",
+        x=labels,
+        y=[r.step_time_s * 1e3 for r in rows],
+        mode="markers",
+        marker={"symbol": "line-ew-open", "size": 40, "color": "black"},
+    )
+    fig.update_layout(
+        title="Per-op compute of each case (ms per step, mean over GPUs; step time marked)",
+        yaxis_title="ms",
+        barmode="stack",
+        yaxis_tickformat=",.0f",
+    )
+    return fig
+
+
+def validation_html(deepep: list[Row], e2e: list[E2ERow]) -> str:
+    """The whole report page."""
+    intro = (
+        "Predictions from profile facts and kernel tables, compared with published measurements "
+        "(../shared/validation/published.md); nothing is fitted to the published figures."
+    )
+    figs = [deepep_figure(deepep)] + ([e2e_figure(e2e), ops_figure(e2e)] if e2e else [])
+    return html_page("moesim validate", intro, figs)
