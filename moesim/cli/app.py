@@ -232,6 +232,49 @@ def sweep(
 
 
 @app.command()
+def ops(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    overrides: SetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the ops as JSON.")] = False,
+) -> None:
+    """Per-op cost of one layer on one GPU (forward, and backward in training), with the table
+    or model behind each op; expert loads spread evenly. Shares are of an MoE layer (attention,
+    router, experts, shared experts), or of a dense layer for the dense FFN's ops."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moesim.config.loading import load_scenario
+    from moesim.timing.costs import cost_model, cost_options, layer_ops
+
+    with reported():
+        r = load_scenario(scenario, overrides)
+        s = r.scenario
+        cm = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp, cost_options(r))
+        passes = [False, True] if s.workload.mode == "train" else [False]
+        result = {("backward" if b else "forward"): layer_ops(r, b, cm) for b in passes}
+        if json_out:
+            doc = {"ops_s": result, "sources": dict(sorted(cm.sources.items()))}
+            typer.echo(jsonout.dumps(doc, indent=2))
+            return
+        for direction, blocks in result.items():
+            t = Table(title=f"{s.name}: one layer, one GPU, {direction} ({r.hardware.name})")
+            for col in ("block", "op", "us", "share", "source"):
+                t.add_column(col, justify="right" if col in ("us", "share") else "left")
+            sums = {b: sum(ops_.values()) for b, ops_ in blocks.items()}
+            moe = sum(v for b, v in sums.items() if b != "dense")  # an MoE layer
+            for block, ops_ in blocks.items():
+                layer = sums["attention"] + sums[block] if block == "dense" else moe
+                for op, sec in sorted(ops_.items(), key=lambda kv: -kv[1]):
+                    src = cm.sources.get(op, "")
+                    t.add_row(block, op, f"{sec * 1e6:,.1f}", f"{sec / layer:.1%}", src[:60])
+            t.add_row("", "MoE layer", f"{moe * 1e6:,.1f}", "100%", "")
+            if "dense" in sums:
+                dense = sums["attention"] + sums["dense"]
+                t.add_row("", "dense layer", f"{dense * 1e6:,.1f}", "100%", "attention + dense")
+            Console().print(t)
+
+
+@app.command()
 def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the benchmark routing.")] = 0,
@@ -247,11 +290,13 @@ def validate(
     ] = None,
 ) -> None:
     """Predict published measurements (DeepEP normal kernels, end-to-end serving) from profile
-    facts and print the errors; nothing is fitted to them."""
+    facts and print the errors; nothing is fitted to them. Also checks that every shipped
+    kernel table is reproduced at its points."""
 
-    from moesim.cli.render import print_e2e_validation, print_validation
+    from moesim.cli.render import print_e2e_validation, print_kernel_tables, print_validation
     from moesim.validation.deepep import validate_deepep
     from moesim.validation.e2e import SCENARIOS, validate_e2e
+    from moesim.validation.kernels import validate_kernel_tables
 
     with reported():
         if report is not None and report.exists():
@@ -260,6 +305,7 @@ def validate(
             raise ConfigError(None, "--report", f"{report} exists; moesim never overwrites it")
         rows = validate_deepep(seed=seed)
         e2e = validate_e2e(scenarios or SCENARIOS)
+        tables = validate_kernel_tables()
         if report is not None:
             from moesim.calibration.run import write_atomic
             from moesim.validation.report import validation_html
@@ -269,9 +315,11 @@ def validate(
             doc = {
                 "deepep": [r.as_dict() for r in rows],
                 "end_to_end": [r.as_dict() for r in e2e],
+                "kernel_tables": [r.as_dict() for r in tables],
             }
             typer.echo(jsonout.dumps(doc, indent=2))
         else:
+            print_kernel_tables(tables)
             print_validation(rows)
             print_e2e_validation(e2e)
             if report is not None:

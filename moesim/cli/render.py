@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from moesim.timing.memory import HBMUsage
     from moesim.validation.deepep import Row
     from moesim.validation.e2e import E2ERow
+    from moesim.validation.kernels import TableRow
 
 GiB = 1024**3
 
@@ -121,6 +122,17 @@ def print_e2e_validation(rows: list[E2ERow]) -> None:
     for case in dict.fromkeys(r.case for r in rows):
         source = next(r.source for r in rows if r.case == case)
         Console().print(f"  {case}: {source}")
+
+
+def print_kernel_tables(rows: list[TableRow]) -> None:
+    """Each shipped kernel table reproduced at its points."""
+    t = Table(title="Kernel tables of the shipped profiles, reproduced at their points")
+    for col in ("profile", "table", "status", "points", "max error"):
+        t.add_column(col, justify="right" if col in ("points", "max error") else "left")
+    for r in rows:
+        colour = "green" if r.max_error <= 0.05 else "red"
+        t.add_row(r.profile, r.table, r.status, str(r.points), f"[{colour}]{r.max_error:.1e}[/]")
+    Console().print(t)
 
 
 def print_validation(rows: list[Row]) -> None:

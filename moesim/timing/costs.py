@@ -363,3 +363,37 @@ def cost_options(r: ResolvedScenario) -> CostOptions:
         recompute=w.recompute,
         persistent_comm_sms=pol.overlap.comm_sms == "persistent" and a2a.holds_sms,
     )
+
+
+def layer_ops(
+    r: ResolvedScenario, backward: bool = False, cm: OpCostModel | None = None
+) -> dict[str, dict[str, float]]:
+    """Seconds of each op of one layer on one GPU, by block (``attention``, ``router``,
+    ``experts``, ``shared``, ``dense``), for the scenario's first step with evenly spread
+    expert loads (each local expert gets ``tokens * ep * top_k / experts`` tokens).
+
+    This is the per-op breakdown ``moesim ops`` prints; a run's ``ops_s`` sums the same ops
+    over its layers with the routed loads. ``cm``: the scenario's cost model (its ``sources``
+    then name the table behind each op).
+    """
+    s, m = r.scenario, r.model
+    w = s.workload
+    cm = cm or cost_model(r.hardware, m, w.dtype, s.parallelism.tp, cost_options(r))
+    ep = s.parallelism.ep
+    seqs = max(w.batch_size // ep, 1)
+    decode, train = w.mode == "decode", w.mode == "train"
+    tokens = float(seqs if decode else seqs * w.seq_len)
+    context = float(w.context_len) if decode else w.seq_len / 2
+    kv_tokens = seqs * float(w.context_len) if decode else 0.0
+    per_expert = tokens * ep * m.moe.top_k / m.moe.num_experts
+    local = max(m.moe.num_experts // ep, 1)
+    blocks: dict[str, OpTimes] = {
+        "attention": cm.attention(tokens, context, kv_tokens, decode, w.seq_len, backward),
+        "router": cm.router(tokens, train, backward),
+        "experts": cm.experts(np.full(local, per_expert), backward),
+    }
+    if m.shared_params:
+        blocks["shared"] = cm.ffn(tokens, m.moe.shared_intermediate_size, "shared", backward)
+    if m.dense_intermediate_size and len(m.moe_layers) < m.num_layers:
+        blocks["dense"] = cm.ffn(tokens, m.dense_intermediate_size, "dense", backward)
+    return {b: {op: float(t) for op, t in ops.items()} for b, ops in blocks.items()}

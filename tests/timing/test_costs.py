@@ -164,3 +164,27 @@ def test_gemm_efficiency_broadcasts_like_scalar_calls() -> None:
     for i in np.ndindex(m.shape):
         want = float(gm.time(m[i], 4096, k[i], "fp8", "contiguous", 4))
         assert float(got[i]) == pytest.approx(want, rel=1e-12)
+
+
+def test_ops_command_breaks_one_layer_down_forward_and_backward() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from moesim.cli import app
+    from tests.conftest import SCENARIOS
+
+    res = CliRunner().invoke(
+        app, ["ops", str(SCENARIOS / "qwen3-moe-train-2x8xh100.yaml"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    fwd, bwd = doc["ops_s"]["forward"], doc["ops_s"]["backward"]
+    assert set(fwd) == set(bwd) and {"attention", "router", "experts"} <= set(fwd)
+    for block in ("attention", "experts"):
+        assert sum(bwd[block].values()) > 1.5 * sum(fwd[block].values())
+    for ops in (*fwd.values(), *bwd.values()):
+        for op, sec in ops.items():
+            assert sec > 0 and doc["sources"].get(op), op
+    table = CliRunner().invoke(app, ["ops", str(SCENARIOS / "quickstart.yaml")])
+    assert table.exit_code == 0 and "MoE layer" in table.output and "backward" not in table.output
