@@ -276,8 +276,9 @@ def deepep_fixed(data: Data, system: str, backend: str, hidden: int) -> tuple[fl
     d = pd.read_parquet(path)
     d = d[d.hidden_size == _nearest(d.hidden_size, hidden)]
     us = float(d.dispatch_transmit_us.min())
+    hidden_size = int(d.hidden_size.iloc[0])
     return us * 1e-6, (
-        f"{data.source(path)}: the smallest normal dispatch (hidden {int(d.hidden_size.iloc[0])}) "
+        f"measured: {data.source(path)}: the smallest normal dispatch (hidden {hidden_size}) "
         f"takes {us:.1f} us; taken whole as the fixed cost per call."
     )
 
@@ -315,7 +316,7 @@ def imported_profile(
     old = base.get("sources", {})
     sources["kernels.gemm_block"] = old.get(
         "kernels.gemm_block",
-        "DeepGEMM aligns each group's rows to 128 (deepseek-ai/DeepGEMM README).",
+        "published: DeepGEMM aligns each group's rows to 128 (deepseek-ai/DeepGEMM README).",
     )
     kernels["gemm"] = gemm_tables(data, system, backend, models, tp)
     families: dict[str, ModelSpec] = {}
@@ -327,7 +328,7 @@ def imported_profile(
     collectives = dict(base.get("kernels", {}).get("collectives", {}))
     for key in collectives:
         sources[f"kernels.collectives.{key}"] = old.get(
-            f"kernels.collectives.{key}", "base profile"
+            f"kernels.collectives.{key}", "assumed: the base profile's figure"
         )
     fixed = deepep_fixed(data, system, backend, max(m.hidden_size for m in models))
     if fixed is not None:

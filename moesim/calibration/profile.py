@@ -43,7 +43,7 @@ def calibrated_profile(
     except (OSError, yaml.YAMLError) as e:
         raise CalibrationError(f"{base_path}: cannot read the base profile: {e}") from e
     rel = os.path.relpath(raw_path.resolve(), out_path.resolve().parent)
-    cite = f"Measured by `moesim calibrate --backend {doc['backend']}` on {doc['device']}, "
+    cite = f"measured: by `moesim calibrate --backend {doc['backend']}` on {doc['device']}, "
     cite += f"{doc['created']}; raw data {rel}"
     gpu, node, sources = data["gpu"], data["node"], data["sources"]
     base_name = data["name"]

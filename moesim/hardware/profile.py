@@ -4,7 +4,11 @@ A profile is a YAML file: shipped in ``moesim/hardware/profiles/``, or a user's 
 ``hardware_profiles/``. Every numeric figure must be covered by an
 entry of its ``sources:`` map, keyed by the figure's dotted path or a prefix of it
 (``gpu.peak_dense_tflops`` covers ``gpu.peak_dense_tflops.bf16``); a profile with an uncited
-figure does not load. Bandwidths are in GB/s (1e9 bytes per second) per direction.
+figure does not load. Every source begins with the figure's status: ``measured:`` (on a
+device: ``moesim calibrate``, or a vendor's measurement data), ``published:`` (datasheets,
+papers, project documentation) or ``assumed:`` (an estimate, or a figure carried over from
+another device); kernel tables carry a ``status`` field of their own. Bandwidths are in GB/s
+(1e9 bytes per second) per direction.
 """
 
 from __future__ import annotations
@@ -294,6 +298,25 @@ class HardwareProfile(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _every_source_says_its_status(self) -> HardwareProfile:
+        untagged = [k for k, v in self.sources.items() if not v.startswith(STATUS_TAGS)]
+        if untagged:
+            raise ValueError(
+                "every source must start with 'measured: ', 'published: ' or 'assumed: ' "
+                f"(measured on a device, published, or an assumption): {', '.join(untagged)}"
+            )
+        return self
+
+    def status_of(self, path: str) -> str:
+        """``measured``, ``published`` or ``assumed``: the tag of the source citing ``path``."""
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            src = self.sources.get(".".join(parts[:i]))
+            if src is not None:
+                return src.split(":", 1)[0]
+        raise KeyError(f"no source cites {path}")
+
+    @model_validator(mode="after")
     def _figures_in_range(self) -> HardwareProfile:
         figures = self.model_dump(include={"gpu", "node", "fabric"})
         huge = [p for p in numeric_paths(figures) if abs(_at(figures, p)) > MAX_FIGURE]
@@ -306,6 +329,9 @@ class HardwareProfile(_Frozen):
         table = self.gpu.peak_dense_tflops
         return 1e12 * table.get(dtype, table.get("bf16", next(iter(table.values()))))
 
+
+STATUS_TAGS = ("measured: ", "published: ", "assumed: ")
+"""How every source begins: measured on a device, published, or an assumption."""
 
 MAX_FIGURE = 1e18
 """Largest figure a profile may state (no bandwidth, size or peak comes near it)."""

@@ -31,6 +31,23 @@ def test_uncited_figure_is_refused(tmp_path) -> None:
         load_profile(str(path))
 
 
+def test_every_source_says_whether_it_is_measured_published_or_assumed(tmp_path) -> None:
+    for name in profile_names():
+        p = load_profile(name)
+        assert {p.status_of(k) for k in p.sources} <= {"measured", "published", "assumed"}
+    h800 = load_profile("h800")
+    assert h800.status_of("gpu.peak_dense_tflops.fp8") == "published"
+    assert h800.status_of("fabric.latency_s") == "assumed"  # an engineering estimate
+    assert load_profile("h100-sxm").status_of("gpu.matmul_efficiency") == "measured"
+    assert {t.status for t in h800.kernels.gemm} == {"published"}
+    data = yaml.safe_load((ROOT / "moesim" / "hardware" / "profiles" / "h800.yaml").read_text())
+    data["sources"]["gpu.hbm_bytes"] = "NVIDIA H100 datasheet (SXM5), 80 GB HBM3."
+    path = tmp_path / "untagged.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigErrors, match=r"must start with 'measured: '.*gpu\.hbm_bytes"):
+        load_profile(str(path))
+
+
 def test_h800_nvlink_is_the_deepep_setting() -> None:
     p = load_profile("h800")
     achieved = p.node.nvlink_gb_per_s * p.node.nvlink_efficiency
