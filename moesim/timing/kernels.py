@@ -70,7 +70,7 @@ class GemmRoofline:
         ops: GemmOperands,
     ) -> tuple[Arr, Arr]:
         """Compute seconds (quantised) and memory seconds at peak rates; ``m`` is the total of
-        rows already padded per group."""
+        rows already padded per group. The roofline time is the larger of the two."""
         mm = np.asarray(m, dtype=np.float64)
         g = np.asarray(groups, dtype=np.float64)
         kk = np.asarray(k, dtype=np.float64)
@@ -82,19 +82,6 @@ class GemmRoofline:
         compute = waves * 2.0 * self.block_m * self.block_n * (kk / split) / per_sm
         nbytes = g * n * kk * ops.weight + mm * kk * ops.inputs + mm * n * ops.output
         return np.where(mm > 0, compute, 0.0), np.where(mm > 0, nbytes / self.bw, 0.0)
-
-    def time(
-        self,
-        m: npt.ArrayLike,
-        n: float,
-        k: npt.ArrayLike,
-        groups: npt.ArrayLike,
-        dtype: str,
-        ops: GemmOperands,
-    ) -> Arr:
-        """Seconds at 100% efficiency; ``m`` is the total of rows already padded per group."""
-        compute, memory = self.parts(m, n, k, groups, dtype, ops)
-        return np.maximum(compute, memory)
 
 
 class GemmCurve:
@@ -116,7 +103,7 @@ class GemmCurve:
         rows = groups * (m if table.layout == "dense" else np.ceil(m / roof.block_m) * roof.block_m)
         eff = np.array(
             [
-                roof.time(r, ni, ki, gi, table.dtype, ops) / s
+                np.maximum(*roof.parts(r, ni, ki, gi, table.dtype, ops)) / s
                 for r, ni, ki, gi, s in zip(rows, n, k, groups, seconds, strict=True)
             ]
         )
@@ -204,7 +191,8 @@ class GemmModel:
             compute, memory = self.roof.parts(m, n, k, groups, dtype, ops)
             gpu = self.hw.gpu
             return np.maximum(compute / gpu.matmul_efficiency, memory / gpu.memory_efficiency)
-        return self.roof.time(m, n, k, groups, dtype, ops) / c.efficiency(m, n, k, groups)
+        roof = np.maximum(*self.roof.parts(m, n, k, groups, dtype, ops))
+        return roof / c.efficiency(m, n, k, groups)
 
 
 def operands(dtype: str) -> GemmOperands:

@@ -20,46 +20,49 @@ TOP_OPS = 16
 """Ops shown by name in the breakdown; the rest are summed as 'other'."""
 
 
-def deepep_figure(rows: list[Row]) -> Any:
-    """Bottleneck bandwidth, published vs predicted, per DeepEP row."""
+def _versus(labels: list[str], published: list[float], predicted: list[float],
+             errors: list[float]) -> Any:  # fmt: skip
+    """Grouped bars of published and predicted values, each prediction labelled with its error."""
     import plotly.graph_objects as go
 
-    labels = [f"{r.kind} EP{r.ep} {r.phase}" for r in rows]
     fig = go.Figure()
-    fig.add_bar(name="published", x=labels, y=[r.published_gb_per_s for r in rows])
+    fig.add_bar(name="published", x=labels, y=published)
     fig.add_bar(
         name="predicted",
         x=labels,
-        y=[r.predicted_gb_per_s for r in rows],
-        text=[f"{r.error:+.1%}" for r in rows],
+        y=predicted,
+        text=[f"{e:+.1%}" for e in errors],
         textposition="outside",
     )
+    fig.update_layout(barmode="group", yaxis_tickformat=",.0f")
+    return fig
+
+
+def deepep_figure(rows: list[Row]) -> Any:
+    """Bottleneck bandwidth, published vs predicted, per DeepEP row."""
+    fig = _versus(
+        [f"{r.kind} EP{r.ep} {r.phase}" for r in rows],
+        [r.published_gb_per_s for r in rows],
+        [r.predicted_gb_per_s for r in rows],
+        [r.error for r in rows],
+    )
     fig.update_layout(
-        title="DeepEP normal kernels on H800: bottleneck bandwidth",
-        yaxis_title="GB/s",
-        barmode="group",
+        title="DeepEP normal kernels on H800: bottleneck bandwidth", yaxis_title="GB/s"
     )
     return fig
 
 
 def e2e_figure(rows: list[E2ERow]) -> Any:
     """Each end-to-end case on each profile: published vs predicted, error in the label."""
-    import plotly.graph_objects as go
-
-    labels = [f"{r.case}<br>{r.profile}" for r in rows]
-    fig = go.Figure()
-    fig.add_bar(name="published", x=labels, y=[r.published for r in rows])
-    fig.add_bar(
-        name="predicted",
-        x=labels,
-        y=[r.predicted for r in rows],
-        text=[f"{r.error:+.1%}" for r in rows],
-        textposition="outside",
+    fig = _versus(
+        [f"{r.case}<br>{r.profile}" for r in rows],
+        [r.published for r in rows],
+        [r.predicted for r in rows],
+        [r.error for r in rows],
     )
     fig.update_layout(
         title="End-to-end published measurements", yaxis_title=rows[0].counted_as if rows else ""
     )
-    fig.update_layout(barmode="group", yaxis_tickformat=",.0f")
     return fig
 
 
