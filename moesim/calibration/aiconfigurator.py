@@ -34,6 +34,7 @@ import yaml
 
 from moesim.errors import CalibrationError
 from moesim.models.spec import ModelSpec
+from moesim.timing.costs import projection_shapes
 
 PACKAGE = "aiconfigurator-core"
 SYSTEM_PROFILES = {
@@ -99,31 +100,6 @@ def find_data(folder: Path | None = None) -> Data:
     return Data(root, f"{PACKAGE} {version} (NVIDIA, Apache-2.0), measured by NVIDIA")
 
 
-def gemm_shapes(model: ModelSpec, tp: int) -> list[tuple[int, int]]:
-    """``(n, k)`` of every projection the op-level model prices, and their transposes."""
-    m, att = model, model.attention
-    h, nh = m.hidden_size, max(att.num_heads // tp, 1)
-    shapes: list[tuple[int, int]] = []
-    if att.type == "gqa":
-        kv = max(att.num_kv_heads // tp, 1)
-        shapes += [((nh + 2 * kv) * att.head_dim, h), (h, nh * att.head_dim)]
-    else:
-        qk = att.qk_nope_head_dim + att.qk_rope_head_dim
-        lat = att.kv_lora_rank + att.qk_rope_head_dim
-        shapes += [(att.q_lora_rank + lat, h), (h, nh * att.v_head_dim)]
-        shapes += [(nh * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank)]
-        if att.q_lora_rank:
-            shapes.append((nh * qk, att.q_lora_rank))
-    mats = m.moe.matrices - 1
-    for width in (m.moe.expert_intermediate_size, m.moe.shared_intermediate_size,
-                  m.dense_intermediate_size):  # fmt: skip
-        w = width // tp
-        if w:
-            shapes += [(mats * w, h), (h, w)]
-    shapes.append((m.moe.num_experts, h))
-    return sorted(set(shapes) | {(k, n) for n, k in shapes})
-
-
 def _bracket(grid: np.ndarray, x: float) -> list[int]:
     """The grid values just below and above ``x`` (one if ``x`` is on the grid or outside)."""
     below, above = grid[grid <= x], grid[grid >= x]
@@ -143,7 +119,7 @@ def gemm_tables(
         if d.empty:
             continue
         ns, ks = np.sort(d.n.unique()), np.sort(d.k.unique())
-        shapes = {s for m in models for s in gemm_shapes(m, tp)}
+        shapes = {s for m in models for s in projection_shapes(m, tp)}
         keep = {(n, k) for sn, sk in shapes
                 for n in _bracket(ns, sn) for k in _bracket(ks, sk)}  # fmt: skip
         d = d[[(n, k) in keep for n, k in zip(d.n, d.k, strict=True)]]

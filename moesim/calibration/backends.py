@@ -20,6 +20,7 @@ from moesim.calibration.measure import (
     case_record,
     cpu_name,
     fit_in_memory,
+    gemm_record,
     new_document,
     rand,
     reference_ffn,
@@ -27,7 +28,7 @@ from moesim.calibration.measure import (
     timed,
     weights,
 )
-from moesim.calibration.plan import Case, Plan, set_bytes
+from moesim.calibration.plan import Case, GemmCase, Plan, set_bytes
 from moesim.errors import CalibrationError
 
 
@@ -63,6 +64,10 @@ class CPUBackend:
                 if progress:
                     progress(f"{shape.key} {case.label}")
                 doc["expert_ffn"].append(self._case(case, wsets, xsets, plan))
+        for g in plan.gemms:
+            if progress:
+                progress(f"gemm {g.m}x{g.n}x{g.k} {g.dtype}")
+            doc["gemm"].append(self._gemm(g, plan))
         doc["memory"] = self._memory(plan)
         doc["launch"] = {"seconds": statistics.median(call_overhead())}
         doc["host_link"] = {"skipped": "the cpu backend has no device-host link"}
@@ -90,6 +95,16 @@ class CPUBackend:
         ref = reference_ffn(shape, xsets[0][e0, :n0], wsets[0][0][e0], wsets[0][1][e0])
         check = rel_error(out[0][:n0], ref)
         return case_record(case, timed(call, plan, len(wsets)), check)
+
+    def _gemm(self, g: GemmCase, plan: Plan) -> dict[str, Any]:
+        """``x [m, k] @ w [k, n]`` in float32 on rotating sets, checked against float64."""
+        sets = buffer_sets(4.0 * (g.n * g.k + g.m * g.k))
+        ws = [rand(self.rng, (g.k, g.n), g.k**-0.5) for _ in range(sets)]
+        xs = [rand(self.rng, (g.m, g.k), 1.0) for _ in range(sets)]
+        rows = min(g.m, 64)
+        ref = xs[0][:rows].astype(np.float64) @ ws[0].astype(np.float64)
+        check = rel_error((xs[0] @ ws[0])[:rows], ref)
+        return gemm_record(g, timed(lambda s: xs[s] @ ws[s], plan, sets), check)
 
     def _memory(self, plan: Plan) -> dict[str, Any]:
         n = plan.copy_bytes // 4

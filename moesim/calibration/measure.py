@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from moesim.calibration.plan import Case, ExpertShape, Plan
+from moesim.calibration.plan import Case, ExpertShape, GemmCase, Plan
 from moesim.errors import CalibrationError
 
 FORMAT = "moesim-calibration/1"
@@ -49,8 +49,9 @@ def new_document(backend: str, device: str, detail: dict[str, Any], plan: Plan) 
         "device_detail": detail,
         "host": platform.node(),
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "settings": {k: v for k, v in plan.as_json().items() if k != "cases"},
+        "settings": {k: v for k, v in plan.as_json().items() if k not in ("cases", "gemms")},
         "expert_ffn": [],
+        "gemm": [],
     }
 
 
@@ -68,6 +69,17 @@ def case_record(case: Case, samples: list[float], check: float) -> dict[str, Any
         "samples": samples,
         "check_rel_error": check,
     }
+
+
+def gemm_record(case: GemmCase, samples: list[float], check: float) -> dict[str, Any]:
+    """The raw record of one GEMM: its shape, every timed sample, the median, the check."""
+    if not np.isfinite(check) or check > CHECK_TOL[case.dtype]:
+        raise CalibrationError(
+            f"GEMM {case.m}x{case.n}x{case.k} {case.dtype}: result differs from the float64 "
+            f"reference by {check:.2e} (tolerance {CHECK_TOL[case.dtype]:g})"
+        )
+    seconds = statistics.median(samples)
+    return {**case.as_json(), "seconds": seconds, "samples": samples, "check_rel_error": check}
 
 
 def buffer_sets(nbytes: float) -> int:

@@ -62,6 +62,23 @@ class Case:
         }
 
 
+@dataclass(frozen=True)
+class GemmCase:
+    """One dense GEMM: ``m`` tokens by ``(n, k)`` in ``dtype`` (a point of a GEMM table)."""
+
+    m: int
+    n: int
+    k: int
+    dtype: str
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k
+
+
 @dataclass
 class Plan:
     """Everything one calibration run measures."""
@@ -72,6 +89,7 @@ class Plan:
     repeats: int
     warmup: int
     alltoall_bytes: list[int] = field(default_factory=list)
+    gemms: list[GemmCase] = field(default_factory=list)
 
     def shapes(self) -> list[ExpertShape]:
         seen: dict[str, ExpertShape] = {}
@@ -87,6 +105,7 @@ class Plan:
             "repeats": self.repeats,
             "warmup": self.warmup,
             "alltoall_bytes": self.alltoall_bytes,
+            "gemms": [g.as_json() for g in self.gemms],
         }
 
 
@@ -125,6 +144,13 @@ def uneven_counts(rng: np.random.Generator, experts: int, total: int, kind: str)
 UNEVEN_KINDS = ("zipf0.8", "zipf1.5", "dirichlet0.3", "dirichlet2.0")
 
 
+def gemm_cases(shapes: list[tuple[int, int]], dtypes: list[str], max_tokens: int) -> list[GemmCase]:
+    """Dense GEMMs of every ``(n, k)`` and dtype at ``m`` = 1, 2, 4, ... up to ``max_tokens``:
+    the points of the profile's GEMM tables (``kernels.gemm``)."""
+    ms = [1 << i for i in range(max(max_tokens, 1).bit_length()) if 1 << i <= max_tokens]
+    return [GemmCase(m, n, k, d) for d in dtypes for n, k in sorted(set(shapes)) for m in ms]
+
+
 def make_plan(
     shapes: list[ExpertShape],
     experts: int,
@@ -135,9 +161,11 @@ def make_plan(
     copy_bytes: int = 1 << 30,
     host_copy_bytes: int = 256 << 20,
     alltoall_bytes: list[int] | None = None,
+    gemm_shapes: list[tuple[int, int]] | None = None,
 ) -> Plan:
     """Cases for every shape: the uniform grid, then uneven draws (four skews) at every other
-    grid total; 10% of each shape's cases, drawn from its uneven ones, are held out."""
+    grid total; 10% of each shape's cases, drawn from its uneven ones, are held out. With
+    ``gemm_shapes``, dense GEMMs of those ``(n, k)`` in every shape's dtype too."""
     if experts < 2:
         raise ValueError("experts must be >= 2 so that uneven token vectors exist")
     if max_tokens < 2:
@@ -155,7 +183,9 @@ def make_plan(
         k = min(len(uneven), max(1, math.ceil(HOLDOUT_FRACTION * len(own))))
         held = set(rng.choice(uneven, size=k, replace=False).tolist())
         cases += [Case(c.shape, c.counts, c.label, i in held) for i, c in enumerate(own)]
-    return Plan(cases, copy_bytes, host_copy_bytes, repeats, warmup, alltoall_bytes or [])
+    dtypes = list(dict.fromkeys(s.dtype for s in shapes))
+    gemms = gemm_cases(gemm_shapes or [], dtypes, max_tokens)
+    return Plan(cases, copy_bytes, host_copy_bytes, repeats, warmup, alltoall_bytes or [], gemms)
 
 
 def set_bytes(shape: ExpertShape, experts: int, max_tokens: int, element_bytes: float) -> float:
@@ -189,7 +219,10 @@ def plan_cost(plan: Plan, flops_per_s: float, element_bytes: dict[str, float]) -
     ``element_bytes[dtype]`` bytes."""
     calls = plan.warmup + plan.repeats + 1
     flops = sum(calls * c.shape.flops(sum(c.counts)) for c in plan.cases)
+    flops += sum(calls * g.flops for g in plan.gemms)
     peak = 2.0 * plan.copy_bytes
+    for g in plan.gemms:
+        peak = max(peak, (g.n * g.k + g.m * (g.k + g.n)) * element_bytes[g.dtype])
     for shape in plan.shapes():
         cases = [c for c in plan.cases if c.shape == shape]
         most = max(max(c.counts) for c in cases)

@@ -21,11 +21,12 @@ from moesim.calibration.measure import (
     activation,
     buffer_sets,
     case_record,
+    gemm_record,
     new_document,
     rel_error,
     timed,
 )
-from moesim.calibration.plan import Case, ExpertShape, Plan
+from moesim.calibration.plan import Case, ExpertShape, GemmCase, Plan
 from moesim.errors import CalibrationError
 
 FP8_ROWS = 16
@@ -85,6 +86,10 @@ class TorchBackend:
             self._check_dtype(shape.dtype)
             cases = [c for c in plan.cases if c.shape == shape]
             doc["expert_ffn"] += self._shape(shape, cases, plan, progress)
+        for g in plan.gemms:
+            if progress:
+                progress(f"gemm {g.m}x{g.n}x{g.k} {g.dtype}")
+            doc["gemm"].append(self._gemm(g, plan))
         doc["memory"] = self._memory(plan)
         doc["launch"] = {"seconds": self._launch()}
         doc["host_link"] = self._host_link(plan) if cuda else {"skipped": "no CUDA device"}
@@ -163,6 +168,43 @@ class TorchBackend:
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
         return out
+
+    def _gemm(self, g: GemmCase, plan: Plan) -> dict[str, Any]:
+        """``x [m, k] @ w^T`` (``w [n, k]``) in the dtype: ``torch.mm``, or ``torch._scaled_mm``
+        with per-tensor scales and BF16 output for fp8 (rows padded to 16), as FP8 GEMMs run."""
+        torch = _torch()
+        dt, fp8 = self._dtype(g.dtype), g.dtype == "fp8"
+        rows = -(-g.m // FP8_ROWS) * FP8_ROWS if fp8 else g.m
+        scale = g.k**-0.5
+        sets = buffer_sets(g.n * g.k * (1 if fp8 else 2) + rows * g.k)
+        bufs = [
+            (
+                (self._randn(g.n, g.k) * (1.0 if fp8 else scale)).to(dt),
+                self._randn(rows, g.k).to(dt),
+            )
+            for _ in range(sets)
+        ]
+        if fp8:
+            one, sw = torch.ones((), device=self.dev), torch.tensor(scale, device=self.dev)
+
+            def call(s: int) -> Any:
+                w, x = bufs[s]
+                return torch._scaled_mm(x, w.t(), one, sw, out_dtype=torch.bfloat16)
+
+        else:
+
+            def call(s: int) -> Any:
+                w, x = bufs[s]
+                return torch.mm(x, w.t())
+
+        n = min(g.m, 64)
+        w, x = bufs[0]
+        w64 = w.to(torch.float64).cpu().numpy() * (scale if fp8 else 1.0)
+        ref = x[:n].to(torch.float64).cpu().numpy() @ w64.T
+        check = rel_error(call(0)[:n].to(torch.float64).cpu().numpy(), ref)
+        rec = gemm_record(g, self._time(call, plan, sets), check)
+        rec["impl"] = "torch._scaled_mm" if fp8 else "torch.mm"
+        return rec
 
     def _grouped_ok(self, shape: ExpertShape) -> bool:
         """bf16 runs as ``torch._grouped_mm`` where PyTorch has it: on CUDA by default;

@@ -107,6 +107,7 @@ def calibrate(
     from moesim.errors import CalibrationError
     from moesim.hardware.catalog import find_profile, load_profile
     from moesim.models.presets import resolve_model
+    from moesim.timing.costs import projection_shapes
 
     if source not in ("device", "aiconfigurator"):
         with reported():
@@ -121,9 +122,11 @@ def calibrate(
     with reported():
         on_cpu = backend == "cpu" or (backend == "torch" and not _torch_cuda())
         dtypes = dtype or default_dtypes(backend)
-        shapes = []
+        shapes, projections = [], []
         for name in model or ["mixtral-8x7b"]:
-            shapes += [s for s in shapes_for(resolve_model(name), tp, dtypes) if s not in shapes]
+            spec = resolve_model(name)
+            shapes += [s for s in shapes_for(spec, tp, dtypes) if s not in shapes]
+            projections += projection_shapes(spec, tp)
         try:
             plan = make_plan(
                 shapes,
@@ -133,6 +136,7 @@ def calibrate(
                 repeats=repeats,
                 warmup=warmup,
                 copy_bytes=(copy_mib or (256 if on_cpu else 1024)) << 20,
+                gemm_shapes=[] if backend == "cuda" else projections,
             )
         except ValueError as e:
             raise CalibrationError(str(e)) from e
@@ -176,6 +180,12 @@ def calibrate(
             )
         )
         console.print(f"launch overhead: {doc['launch']['seconds'] * 1e6:.2f} us")
+        gemms = doc.get("gemm", [])
+        console.print(
+            f"dense GEMMs: {len(gemms)} measured, written as the profile's kernels.gemm tables"
+            if gemms
+            else "dense GEMMs: not measured by the cuda backend (--backend torch measures them)"
+        )
         console.print(f"wrote {result.raw_path}, {result.plot_path}, {result.profile_path}")
 
 

@@ -397,3 +397,28 @@ def layer_ops(
     if m.dense_intermediate_size and len(m.moe_layers) < m.num_layers:
         blocks["dense"] = cm.ffn(tokens, m.dense_intermediate_size, "dense", backward)
     return {b: {op: float(t) for op, t in ops.items()} for b, ops in blocks.items()}
+
+
+def projection_shapes(model: ModelSpec, tp: int) -> list[tuple[int, int]]:
+    """``(n, k)`` of every projection the op-level model prices, and their transposes."""
+    m, att = model, model.attention
+    h, nh = m.hidden_size, max(att.num_heads // tp, 1)
+    shapes: list[tuple[int, int]] = []
+    if att.type == "gqa":
+        kv = max(att.num_kv_heads // tp, 1)
+        shapes += [((nh + 2 * kv) * att.head_dim, h), (h, nh * att.head_dim)]
+    else:
+        qk = att.qk_nope_head_dim + att.qk_rope_head_dim
+        lat = att.kv_lora_rank + att.qk_rope_head_dim
+        shapes += [(att.q_lora_rank + lat, h), (h, nh * att.v_head_dim)]
+        shapes += [(nh * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank)]
+        if att.q_lora_rank:
+            shapes.append((nh * qk, att.q_lora_rank))
+    mats = m.moe.matrices - 1
+    for width in (m.moe.expert_intermediate_size, m.moe.shared_intermediate_size,
+                  m.dense_intermediate_size):  # fmt: skip
+        w = width // tp
+        if w:
+            shapes += [(mats * w, h), (h, w)]
+    shapes.append((m.moe.num_experts, h))
+    return sorted(set(shapes) | {(k, n) for n, k in shapes})

@@ -79,6 +79,20 @@ def test_cpu_calibration_writes_raw_data_plot_and_a_profile_citing_them(
     assert (
         prof.sources["node.nic_gb_per_s"] == load_profile("h100-sxm").sources["node.nic_gb_per_s"]
     )
+    # dense GEMMs of every projection the op-level model prices, in the same table format as
+    # published and imported tables, placed first so that the measurement is the one used
+    (gemm,) = [t for t in prof.kernels.gemm if t.dtype == "fp32"]
+    assert gemm.status == "measured" and str(prof.calibration.measurements) in gemm.source
+    assert prof.kernels.gemm[0] is gemm
+    assert {(p[2], p[3]) for p in gemm.points} >= {(1024, 256), (256, 512), (8, 256)}
+    assert sorted({p[1] for p in gemm.points}) == [1, 2, 4, 8, 16, 32, 64]
+    assert all(r["check_rel_error"] < 1e-4 for r in doc["gemm"])
+    measured = {(r["m"], r["n"], r["k"]): r["seconds"] for r in doc["gemm"]}
+    from moesim.timing.kernels import GemmModel
+
+    gm = GemmModel(prof, prof.gpu.sm_count)
+    for _, m, n, k, _ in gemm.points[:: max(1, len(gemm.points) // 20)]:
+        assert float(gm.time(m, n, k, "fp32")) == pytest.approx(measured[(m, n, k)], rel=1e-4)
 
 
 def test_a_scenario_on_the_calibrated_profile_uses_the_tables(
@@ -122,6 +136,9 @@ def test_a_scenario_on_the_calibrated_profile_uses_the_tables(
     summary = simulate(r).summary
     assert summary["cost_sources"]["experts_calibrated"].startswith("calibrated: ")
     assert summary["cost_sources"]["attn_core"].startswith("roofline")
+    # the fp32 projections come from the measured GEMM table (the router runs in bf16)
+    for op in ("qkv_proj", "o_proj"):
+        assert "fp32 dense table (measured: by `moesim calibrate" in summary["cost_sources"][op]
     # another dtype has no table: the roofline, and the summary says why
     other = cost_model(r.hardware, r.model, "bf16", 1)
     assert other.expert_table is None
