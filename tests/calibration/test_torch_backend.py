@@ -16,9 +16,17 @@ def test_torch_backend_measures_checks_and_fits_on_cpu(dtype: str, tol: float) -
     from moesim.calibration.torch_backend import TorchBackend
 
     shapes = [ExpertShape(128, 256, 3, dtype), ExpertShape(128, 256, 2, dtype)]
-    plan = make_plan(shapes, 4, 16, repeats=3, warmup=1, copy_bytes=8 << 20)
+    plan = make_plan(
+        shapes, 4, 16, repeats=3, warmup=1, copy_bytes=8 << 20, gemm_shapes=[(96, 128), (128, 64)]
+    )
     doc = TorchBackend(seed=1).measure(plan)
     assert doc["backend"] == "torch" and doc["device"].startswith("CPU")
+    # dense GEMMs at m = 1 .. 16 for each (n, k), checked against float64
+    assert [(r["m"], r["n"], r["k"]) for r in doc["gemm"]][:5] == [
+        (1, 96, 128), (2, 96, 128), (4, 96, 128), (8, 96, 128), (16, 96, 128)
+    ]  # fmt: skip
+    assert len(doc["gemm"]) == 10 and all(r["impl"] == "torch.mm" for r in doc["gemm"])
+    assert all(0 < r["check_rel_error"] < tol and r["seconds"] > 0 for r in doc["gemm"])
     assert len(doc["expert_ffn"]) == len(plan.cases)
     assert all(0 < r["check_rel_error"] < tol for r in doc["expert_ffn"])
     assert all(r["impl"] == "loop" and r["seconds"] > 0 for r in doc["expert_ffn"])
@@ -63,15 +71,21 @@ def test_fp8_scaled_mm_path_passes_its_check(monkeypatch: pytest.MonkeyPatch) ->
     """The fp8 path of GPUs (``torch._scaled_mm`` per expert, rows padded to 16, per-tensor
     weight scales) through PyTorch's CPU ``_scaled_mm``; only the GPU gate is bypassed."""
     from moesim.calibration import torch_backend
-    from moesim.calibration.plan import Case, Plan
+    from moesim.calibration.plan import Case, GemmCase, Plan
 
     if not hasattr(torch, "_scaled_mm"):
         pytest.skip(f"torch {torch.__version__} has no _scaled_mm")
     monkeypatch.setattr(torch_backend, "torch_capability", lambda: (9, 0))
     shape = ExpertShape(64, 96, 3, "fp8")
-    plan = Plan([Case(shape, (3, 0, 20, 16), "uneven")], 1 << 20, 1 << 20, repeats=2, warmup=1)
-    rec = torch_backend.TorchBackend(seed=2).measure(plan)["expert_ffn"][0]
+    gemms = [GemmCase(5, 96, 64, "fp8"), GemmCase(32, 64, 128, "fp8")]
+    plan = Plan(
+        [Case(shape, (3, 0, 20, 16), "uneven")], 1 << 20, 1 << 20, repeats=2, warmup=1, gemms=gemms
+    )
+    doc = torch_backend.TorchBackend(seed=2).measure(plan)
+    rec = doc["expert_ffn"][0]
     assert rec["impl"] == "loop" and 0 < rec["check_rel_error"] < 8e-2
+    assert [r["impl"] for r in doc["gemm"]] == ["torch._scaled_mm"] * 2
+    assert all(0 < r["check_rel_error"] < 8e-2 for r in doc["gemm"])
 
 
 def test_alltoall_measurement_runs_and_checks_on_cpu_ranks() -> None:
