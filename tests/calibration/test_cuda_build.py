@@ -44,6 +44,9 @@ def test_moebench_compiles_and_links_for_hopper(moebench: Path) -> None:
         "case 0 64 128 3 bf16 -1",
         "case 0 64 128 3 fp16 2 1 1",
         "case 0 64 128 3 bf16 3 1 1",
+        "gemm 0 0 128 64 bf16",
+        "gemm 0 16 128 64 fp32",
+        "gemm 0 16 128",
         "warp 9",
     ],
 )
@@ -61,10 +64,12 @@ def test_toolchain_finds_cublas() -> None:
 
 
 def test_plan_text_and_output_parsing_round_trip() -> None:
-    plan = make_plan([ExpertShape(64, 128, 3, "bf16")], 2, 4, repeats=3)
+    plan = make_plan([ExpertShape(64, 128, 3, "bf16")], 2, 4, repeats=3, gemm_shapes=[(96, 64)])
     text = plan_text(plan)
     assert text.splitlines()[0] == "repeats 3" and text.endswith("run\n")
     assert len([x for x in text.splitlines() if x.startswith("case ")]) == len(plan.cases)
+    gemm_lines = [x for x in text.splitlines() if x.startswith("gemm ")]
+    assert gemm_lines == ["gemm 0 1 96 64 bf16", "gemm 1 2 96 64 bf16", "gemm 2 4 96 64 bf16"]
     lines = [json.dumps({"device": "NVIDIA H100 80GB HBM3", "capability": [9, 0]})]
     lines += [
         json.dumps(
@@ -76,6 +81,10 @@ def test_plan_text_and_output_parsing_round_trip() -> None:
             }
         )
         for i in range(len(plan.cases))
+    ]
+    lines += [
+        json.dumps({"gemm": i, "sets": 2, "check_rel_error": 2e-3, "samples": [2e-6, 3e-6, 4e-6]})
+        for i in range(len(plan.gemms))
     ]
     lines += [
         json.dumps({"memory": {"bytes": 2 << 30, "samples": [1e-3, 0.7e-3, 0.8e-3]}}),
@@ -97,6 +106,11 @@ def test_plan_text_and_output_parsing_round_trip() -> None:
     assert doc["memory"]["gb_per_s"] == pytest.approx((2 << 30) / 0.8e-3 / 1e9)
     assert doc["launch"]["seconds"] == 2.5e-6
     assert doc["expert_ffn"][1]["seconds"] == pytest.approx(2e-5)
+    assert [(g["m"], g["seconds"], g["impl"]) for g in doc["gemm"]] == [
+        (1, 3e-6, "cublasLt"), (2, 3e-6, "cublasLt"), (4, 3e-6, "cublasLt")
+    ]  # fmt: skip
+    with pytest.raises(CalibrationError, match="2 of 3 GEMMs"):
+        parse_output([x for x in lines if '"gemm": 2' not in x], plan)
     with pytest.raises(CalibrationError, match="incomplete"):
         parse_output(lines[:-2], plan)
     bad = [lines[0], json.dumps({"case": 0, "sets": 2, "check_rel_error": 0.5, "samples": [1]})]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moesim.calibration.measure import Progress, case_record, new_document
+from moesim.calibration.measure import Progress, case_record, gemm_record, new_document
 from moesim.calibration.plan import Plan
 from moesim.errors import CalibrationError
 
@@ -154,6 +154,7 @@ def plan_text(plan: Plan) -> str:
             f"case {i} {s.hidden} {s.width} {s.matrices} {s.dtype} {len(c.counts)} "
             + " ".join(str(n) for n in c.counts)
         )
+    lines += [f"gemm {i} {g.m} {g.n} {g.k} {g.dtype}" for i, g in enumerate(plan.gemms)]
     return "\n".join([*lines, "run"]) + "\n"
 
 
@@ -171,6 +172,14 @@ def parse_output(lines: list[str], plan: Plan, progress: Progress | None = None)
             out["impl"] = "cublasLt loop"
             out["buffer_sets"] = rec["sets"]
             doc["expert_ffn"].append(out)
+        elif "gemm" in rec:
+            g = plan.gemms[rec["gemm"]]
+            if progress:
+                progress(f"gemm {g.m}x{g.n}x{g.k} {g.dtype}")
+            out = gemm_record(g, rec["samples"], rec["check_rel_error"])
+            out["impl"] = "cublasLt"
+            out["buffer_sets"] = rec["sets"]
+            doc["gemm"].append(out)
         elif "memory" in rec:
             m = rec["memory"]
             sec = statistics.median(m["samples"])
@@ -197,9 +206,10 @@ def parse_output(lines: list[str], plan: Plan, progress: Progress | None = None)
                 p = {**p, "gb_per_s": p["bytes"] / statistics.median(p["samples"]) / 1e9}
             doc["peer"] = p
     missing = [k for k in ("memory", "host_link", "launch", "peer") if k not in doc]
-    if missing or len(doc["expert_ffn"]) != len(plan.cases):
+    if missing or len(doc["expert_ffn"]) != len(plan.cases) or len(doc["gemm"]) != len(plan.gemms):
         raise CalibrationError(
             f"moebench output incomplete: {len(doc['expert_ffn'])} of {len(plan.cases)} cases, "
+            f"{len(doc['gemm'])} of {len(plan.gemms)} GEMMs, "
             f"missing {', '.join(missing) or 'nothing else'}"
         )
     return doc

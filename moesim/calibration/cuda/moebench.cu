@@ -3,15 +3,20 @@
 // Reads a plan on stdin (one directive per line, written by moesim.calibration.cuda):
 //   repeats R | warmup W | copy_bytes N | host_copy_bytes N
 //   case ID HIDDEN WIDTH MATRICES DTYPE E c_0 ... c_{E-1}
+//   gemm ID M N K DTYPE
 //   run
 // and prints one JSON object per line on stdout:
-//   {"device": ...}, {"case": ID, "samples": [...], "check_rel_error": x}, {"memory": ...},
+//   {"device": ...}, {"case": ID, "samples": [...], "check_rel_error": x},
+//   {"gemm": ID, "samples": [...], "check_rel_error": x}, {"memory": ...},
 //   {"host_link": ...}, {"launch": ...}, {"peer": ...}.
 //
 // Expert FFN of one case: for every expert i with c_i > 0 tokens,
 //   H = X_i W1_i^T (gate and up fused: W1_i is [up x hidden], up = 2*width when gated),
 //   A = silu(H[:, :width]) * H[:, width:] (gated) or relu(H), rounded to the dtype,
 //   Y = A W2_i^T (W2_i is [hidden x width]),
+// A `gemm` directive is the first of these GEMMs alone: Y = X W^T with X [M x K] and
+// W [N x K] (one expert of M tokens, hidden K, up width N, no activation or down GEMM), the
+// points of the profile's dense GEMM tables.
 // as cuBLASLt TN matmuls (weights stored [out, in] row-major, as nn.Linear), bf16 with float
 // accumulation, or fp8 e4m3 with per-tensor scales and bf16 output (rows padded to 16).
 // Before timing, the first rows of the first busy expert are checked against a float64
@@ -73,12 +78,14 @@ struct Case {
   int id = 0, hidden = 0, width = 0, matrices = 3, experts = 0;
   std::string dtype;
   std::vector<int> counts;
+  bool gemm_only = false;  // a `gemm` directive: the up GEMM alone
 };
 
 struct Plan {
   int repeats = 20, warmup = 3;
   size_t copy_bytes = size_t(1) << 30, host_copy_bytes = size_t(256) << 20;
   std::vector<Case> cases;
+  std::vector<Case> gemms;
 };
 
 __device__ __host__ inline float hash_uniform(uint64_t i, uint64_t seed) {
@@ -221,7 +228,7 @@ class ExpertFFN {
       if (c_.counts[e] == 0) continue;
       int m = rows_for(c_.counts[e]);
       gemm_for(0, up_, m, c_.hidden);
-      gemm_for(1, c_.hidden, m, c_.width);
+      if (!c_.gemm_only) gemm_for(1, c_.hidden, m, c_.width);
     }
   }
 
@@ -235,6 +242,7 @@ class ExpertFFN {
       const char* w2 = static_cast<const char*>(b.w2) + size_t(e) * c_.hidden * c_.width * esize_;
       const char* x = static_cast<const char*>(b.x) + row_off_[e] * c_.hidden * esize_;
       gemm(0, w1, x, h_, up_, m, c_.hidden, s);
+      if (c_.gemm_only) continue;
       int blocks = int(std::min<size_t>(4096, (size_t(m) * c_.width + 255) / 256));
       if (fp8_) {
         activation<__nv_fp8_e4m3><<<blocks, 256, 0, s>>>(
@@ -271,6 +279,8 @@ class ExpertFFN {
     std::vector<double> w2 = fetch(static_cast<const char*>(b.w2) + size_t(first) * H * W * esize_, size_t(H) * W);
     std::vector<uint16_t> yraw(size_t(r) * H);
     CUDA_OK(cudaMemcpy(yraw.data(), y_, yraw.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<uint16_t> hraw(size_t(r) * up_);
+    CUDA_OK(cudaMemcpy(hraw.data(), h_, hraw.size() * 2, cudaMemcpyDeviceToHost));
     double s1 = fp8_ ? 1.0 / std::sqrt(double(H)) : 1.0, s2 = fp8_ ? 1.0 / std::sqrt(double(W)) : 1.0;
     double num = 0, den = 0;
     std::vector<double> hrow(up_), arow(W);
@@ -279,7 +289,13 @@ class ExpertFFN {
         double acc = 0;
         for (int k = 0; k < H; ++k) acc += x[size_t(i) * H + k] * w1[size_t(j) * H + k];
         hrow[j] = round_bf16(acc * s1);  // H is written in bf16
+        if (c_.gemm_only) {  // the GEMM's own output is what is checked
+          double got = bf16_bits_to_double(hraw[size_t(i) * up_ + j]);
+          num += (got - acc * s1) * (got - acc * s1);
+          den += acc * s1 * acc * s1;
+        }
       }
+      if (c_.gemm_only) continue;
       for (int j = 0; j < W; ++j) {
         double g = hrow[j];
         double v = c_.matrices == 3 ? g / (1.0 + std::exp(-g)) * hrow[W + j] : std::max(g, 0.0);
@@ -420,7 +436,8 @@ void run_case(cublasLtHandle_t lt, const Case& c, const Plan& plan, void* ws, si
   double err = ffn.check(bufs[0], s, 8);
   ffn.prepare();
   auto ms = time_events(plan.warmup, plan.repeats, s, [&](int i) { ffn.run(bufs[i % sets], s); });
-  std::printf("{\"case\": %d, \"sets\": %d, \"check_rel_error\": %.6g, \"samples\": ", c.id, sets, err);
+  std::printf("{\"%s\": %d, \"sets\": %d, \"check_rel_error\": %.6g, \"samples\": ",
+              c.gemm_only ? "gemm" : "case", c.id, sets, err);
   print_samples(ms);
   std::printf("}\n");
   std::fflush(stdout);
@@ -601,6 +618,18 @@ Plan read_plan(std::istream& in) {
         std::exit(2);
       }
       p.cases.push_back(c);
+    } else if (key == "gemm") {
+      Case c;
+      ls >> c.id >> c.experts >> c.width >> c.hidden >> c.dtype;  // M N K: counts, up, hidden
+      if (!ls || c.experts < 1 || c.width < 1 || c.hidden < 1 || (c.dtype != "bf16" && c.dtype != "fp8")) {
+        std::fprintf(stderr, "moebench: bad plan line: %s\n", line.c_str());
+        std::exit(2);
+      }
+      c.counts = {c.experts};
+      c.experts = 1;
+      c.matrices = 2;  // the up GEMM is then [width x hidden] = [N x K]
+      c.gemm_only = true;
+      p.gemms.push_back(c);
     } else if (key == "run") break;
     else if (!key.empty()) {
       std::fprintf(stderr, "moebench: unknown plan directive: %s\n", key.c_str());
@@ -632,6 +661,7 @@ int main() {
   cudaStream_t s;
   CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   for (const Case& c : plan.cases) run_case(lt, c, plan, ws, ws_bytes, s);
+  for (const Case& c : plan.gemms) run_case(lt, c, plan, ws, ws_bytes, s);
   run_memory(plan, s);
   run_host_link(plan, s, lt, ws, ws_bytes);
   run_launch(s);
