@@ -79,6 +79,11 @@ class Workload(_Section):
         "bf16", description="Dtype of tokens sent to experts (fp8 adds 1 scale per 128)."
     )
     combine_dtype: DType = Field("bf16", description="Dtype of expert outputs sent back.")
+    gradient_dtype: DType = Field(
+        "bf16",
+        description="Dtype of the gradients the backward all-to-alls carry (training); fp8 "
+        "adds 1 scale per 128, as FP8 training recipes may send them.",
+    )
     attention_dtype: DType = Field(
         "bf16",
         description="Dtype of the attention core (FlashAttention / FlashMLA); fp8 for FP8 "

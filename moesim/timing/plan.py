@@ -161,6 +161,7 @@ class FlowBuilder:
         self.algorithm = ALL_TO_ALL.get(r.scenario.policies.all_to_all.type)
         self.dispatch_bytes = token_bytes(h, w.dispatch_dtype)
         self.combine_bytes = token_bytes(h, w.combine_dtype)
+        self.gradient_bytes = token_bytes(h, w.gradient_dtype)
         self.hidden = h
         # activations are all-reduced in the compute precision, never in fp8 (TE and
         # Megatron keep fp8 for GEMM inputs only): 2 bytes for bf16/fp16/fp8, 4 for fp32
@@ -171,7 +172,7 @@ class FlowBuilder:
         """Flows of ``phase`` (dispatch, combine, or their backward) in ``gpu``'s EP group.
 
         Forward dispatch sends tokens to their experts and combine sends them back; backward
-        reverses both directions and carries bf16 gradients in each.
+        reverses both directions and carries gradients in ``workload.gradient_dtype``.
         """
         counts = plan.routing.replicas[self.layout.replica[gpu]]
         ex = Exchange(
@@ -187,10 +188,10 @@ class FlowBuilder:
         if phase == "combine":
             return self.algorithm.combine(ex, self.combine_bytes)
         # backward: gradients of the combine go to the experts (the dispatch's direction),
-        # gradients of the dispatch come back (the combine's), both in the combine dtype
+        # gradients of the dispatch come back (the combine's), both in workload.gradient_dtype
         if phase == "combine_bwd":
-            return self.algorithm.dispatch(ex, self.combine_bytes)
-        return self.algorithm.combine(ex, self.combine_bytes)
+            return self.algorithm.dispatch(ex, self.gradient_bytes)
+        return self.algorithm.combine(ex, self.gradient_bytes)
 
     def migration(self, moved: np.ndarray, gpu: int) -> Flows:
         """Expert weights moved between the ranks of ``gpu``'s EP group.

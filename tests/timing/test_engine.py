@@ -111,6 +111,18 @@ def test_train_step_costs_about_three_forward_passes(write_scenario) -> None:
     assert ratio == pytest.approx(3.0, rel=0.05)
 
 
+def test_gradients_cross_the_all_to_all_in_their_own_dtype(write_scenario) -> None:
+    """FP8 gradients halve the backward all-to-all bytes of BF16 ones (plus the scales); the
+    forward phases do not change."""
+    w = {"mode": "train", "batch_size": 8, "seq_len": 256, "steps": 1}
+    bf = run(write_scenario, model="olmoe-1b-7b", **{"workload": w})
+    fp = run(write_scenario, model="olmoe-1b-7b", **{"workload": {**w, "gradient_dtype": "fp8"}})
+    b_intra = bf.summary["bytes_intra_node"]
+    f_intra = fp.summary["bytes_intra_node"]
+    # forward dispatch + combine stay bf16 (2 of the 4 phases); backward goes to 1.03 bytes
+    assert f_intra == pytest.approx(b_intra * (2 + 2 * (1 + 4 / 128) / 2) / 4, rel=1e-9)
+
+
 def test_tensor_parallel_adds_allreduce(write_scenario) -> None:
     res = run(write_scenario, **{"parallelism": {"ep": 4, "tp": 2, "dp": 1}})
     assert res.summary["breakdown_s"]["tp_comm"] > 0
