@@ -196,9 +196,15 @@ class GemmTable(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> GemmTable:
-        bad = [p for p in self.points if min(p[:4]) < 1 or not 0 < p[4] < 1e6]
+        bad = [
+            p
+            for p in self.points
+            if not (min(p[:4]) >= 1 and max(p[:4]) <= 2**31 and 0 < p[4] < 1e6)
+        ]
         if bad:
-            raise ValueError(f"points need groups, m, n, k >= 1 and 0 < tflops < 1e6: {bad[:3]}")
+            raise ValueError(
+                f"points need 1 <= groups, m, n, k <= 2**31 and 0 < tflops < 1e6: {bad[:3]}"
+            )
         return self
 
 
@@ -228,8 +234,8 @@ class AttentionTable(_Frozen):
             raise ValueError("a prefill attention table needs points [seq_len, tflops]")
         if self.kind == "decode" and (self.gb_per_s is None or self.tflops is None):
             raise ValueError("a decode attention table needs gb_per_s and tflops")
-        if any(not (p[0] >= 1 and 0 < p[1] < 1e6) for p in self.points):
-            raise ValueError("points need seq_len >= 1 and 0 < tflops < 1e6")
+        if any(not (1 <= p[0] <= 2**31 and 0 < p[1] < 1e6) for p in self.points):
+            raise ValueError("points need 1 <= seq_len <= 2**31 and 0 < tflops < 1e6")
         return self
 
 
