@@ -10,6 +10,13 @@ times the profile's efficiency) and ``latency`` in seconds. The graph is a
 - inter-node: GPU's NIC -> leaf -> GPU's NIC when both NICs hang off one leaf (same rail in a
   rail-optimised fabric, same node in a plain fat-tree), else NIC -> leaf -> spine -> leaf -> NIC.
   A leaf's uplink carries ``ports * NIC rate / oversubscription``.
+
+A leaf uplink (or downlink) of a non-oversubscribed fabric can never bind: every flow on it
+also crosses the NIC of one of the leaf's ports, so its load is at most the sum of those NICs'
+capacities, which is its own. Such a link is *implied*: the feasible rates, and so the max-min
+allocation, are the same without it. The max-min solver leaves implied links out
+(:meth:`Topology.fluid_paths`, an exact reduction: half the incidence entries of an
+inter-rail flow) while loads, latencies and privacy keep them.
 """
 
 from __future__ import annotations
@@ -116,12 +123,15 @@ class Topology:
             self._sw_down = links.add_array(
                 self._n_sw, "host{g}", "pcisw{i}", cap, lat, "pcie", False, sw_per_node
             )
+        self._implied: list[int] = []
         self._build_fabric(links, fabric.topology, fabric.oversubscription)
         self.link_names = links.names
         self.link_kind = np.array(links.kind)
         self.capacity = np.array(links.capacity, dtype=np.float64)
         self.latency = np.array(links.latency, dtype=np.float64)
         self.link_owner = np.array(links.owner, dtype=np.int64)
+        self.implied = np.zeros(len(links.names), dtype=bool)
+        self.implied[self._implied] = True
         self._ends = links.ends
         self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -156,6 +166,8 @@ class Topology:
         lat = fabric.spine_latency_s / 2
         self._leaf_up = links.add_array(n_leaf, "leaf{i}", "spine", up_cap, lat, "spine", False)
         self._leaf_down = links.add_array(n_leaf, "spine", "leaf{i}", up_cap, lat, "spine", False)
+        if oversub <= 1:  # every port's NIC below covers it: never a bottleneck
+            self._implied += [*self._leaf_up.tolist(), *self._leaf_down.tolist()]
 
     # --- queries --------------------------------------------------------------------------
     def node_of(self, gpu: np.ndarray) -> np.ndarray:
@@ -172,12 +184,11 @@ class Topology:
             paths = np.full((src.size, self.MAX_HOPS), -1, dtype=np.int64)
             paths[off] = self._compute_paths(src[off], dst[off])
             lat = self.path_latency(paths)
-            owner = np.where(paths >= 0, self.link_owner[np.maximum(paths, 0)], 0)
             shape = (self.gpus, self.gpus)
             self._table = (
                 paths.reshape(*shape, self.MAX_HOPS),
                 lat.reshape(shape),
-                (owner >= 0).all(axis=1).reshape(shape),
+                self._owned(paths).all(axis=1).reshape(shape),
             )
         return self._table
 
@@ -218,8 +229,7 @@ class Topology:
         ``via_nic`` sends even same-node flows through the NICs (pure-RDMA kernels)."""
         if via_nic:
             paths = self._nic_paths(np.asarray(src), np.asarray(dst))
-            owned = bool((self.link_owner[paths[paths >= 0]] >= 0).all())
-            return paths, self.path_latency(paths), owned
+            return paths, self.path_latency(paths), bool(self._owned(paths).all())
         paths = self.paths(src, dst)
         return paths, self.latency_of(src, dst, paths), self.private(src, dst, paths)
 
@@ -242,7 +252,18 @@ class Topology:
         destination), so that the flows can meet no other collective's traffic."""
         if self.gpus <= DENSE_LIMIT:
             return bool(self.pair_table()[2][src, dst].all())
-        return bool((self.link_owner[paths[paths >= 0]] >= 0).all())
+        return bool(self._owned(paths).all())
+
+    def _owned(self, paths: np.ndarray) -> np.ndarray:
+        """Per hop: no link (-1), or a GPU's own link."""
+        link = np.maximum(paths, 0)
+        return (paths < 0) | (self.link_owner[link] >= 0)
+
+    def fluid_paths(self, paths: np.ndarray) -> np.ndarray:
+        """``paths`` without their implied links (-1 there): what the max-min model needs."""
+        if not self.implied.any():
+            return paths
+        return np.where((paths >= 0) & self.implied[np.maximum(paths, 0)], -1, paths)
 
     def latency_of(self, src: np.ndarray, dst: np.ndarray, paths: np.ndarray) -> np.ndarray:
         """``[n]`` path latency of each flow, seconds."""

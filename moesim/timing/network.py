@@ -123,6 +123,7 @@ class FlowNetwork:
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
         t.load = self.link_load(flows, paths)
+        paths = self.topology.fluid_paths(paths)  # loads keep the implied links, rates do not
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             if finish is None:
@@ -174,7 +175,7 @@ class FlowNetwork:
             p, lat, private = self.topology.route(f.src, f.dst, f.via_nic)
             if private:
                 picked.append(i)
-                paths.append(p)
+                paths.append(self.topology.fluid_paths(p))
                 sizes.append(f.nbytes.astype(np.float64))
                 windows.append(self.window(self.link_load(f, p), lat))
         out: list[np.ndarray | None] = [None] * len(transfers)

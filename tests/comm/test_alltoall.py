@@ -89,7 +89,17 @@ def test_low_latency_goes_through_the_nics() -> None:
     paths, _lat, private = topo.route(np.array([0]), np.array([1]), via_nic=True)
     names = [topo.link_names[i] for i in paths[0] if i >= 0]
     assert names[0] == "gpu0->leaf0" and names[-1] == "leaf1->gpu1"
-    assert not private  # crosses the spine between rails
+    assert "leaf0->spine" in names  # crosses the spine between rails (loads, latency) ...
+    # ... but a non-oversubscribed leaf uplink carries at most what its NICs send: it cannot
+    # bind, so the max-min solver leaves it out (the transfer still shares the spine)
+    fluid = [topo.link_names[i] for i in topo.fluid_paths(paths)[0] if i >= 0]
+    assert fluid == ["gpu0->leaf0", "leaf1->gpu1"] and not private
+    over = load_profile("h800").model_copy(
+        update={"fabric": load_profile("h800").fabric.model_copy(update={"oversubscription": 2})}
+    )
+    topo2 = Topology(over, 1)
+    paths2, _lat, private2 = topo2.route(np.array([0]), np.array([1]), via_nic=True)
+    assert not private2 and (topo2.fluid_paths(paths2) == paths2).all()  # it can bind
 
 
 def _exchange(seed: int, ranks: int = 16, per_node: int = 8) -> Exchange:

@@ -162,3 +162,35 @@ def test_link_records_carry_every_byte_and_the_bottleneck_is_full() -> None:
     summary = links_summary(table, steps=1)
     assert summary["by_kind"]["nvlink"]["bytes_per_step"] == pytest.approx(table["bytes"].sum())
     assert summary["busiest_link"]["mean_utilisation"] <= 1.0
+
+
+def test_implied_links_change_no_rate() -> None:
+    """Leaving a non-oversubscribed fabric's leaf links out of the max-min model is exact: the
+    rates of a skewed 64-GPU all-to-all over the NICs are the same with and without them."""
+    from moesim.hardware.catalog import load_profile
+    from moesim.hardware.topology import Topology
+    from moesim.timing.maxmin import max_min_rates
+
+    topo = Topology(load_profile("h800"), 8)
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 64, 3000)
+    dst = (src + rng.integers(1, 64, 3000)) % 64
+    paths, _lat, private = topo.route(src, dst, via_nic=True)
+    assert not private and topo.implied[paths[paths >= 0]].any()
+
+    def rates(p: np.ndarray) -> np.ndarray:
+        live = p >= 0
+        return max_min_rates(topo.capacity, np.nonzero(live)[0], p[live], src.size)
+
+    full, fluid = rates(paths), rates(topo.fluid_paths(paths))
+    np.testing.assert_allclose(fluid, full, rtol=1e-12)
+    # where the fabric is oversubscribed the leaf links do bind, and they are kept
+    h800 = load_profile("h800")
+    over = h800.model_copy(
+        update={"fabric": h800.fabric.model_copy(update={"oversubscription": 4})}
+    )
+    topo4 = Topology(over, 8)
+    p4, _lat, private4 = topo4.route(src, dst, via_nic=True)
+    live = p4 >= 0
+    r4 = max_min_rates(topo4.capacity, np.nonzero(live)[0], p4[live], src.size)
+    assert not private4 and not topo4.implied.any() and r4.sum() < 0.99 * full.sum()
