@@ -326,6 +326,28 @@ def validate(
                 typer.echo(f"wrote {report}")
 
 
+@app.command()
+def schema(
+    what: Annotated[
+        str, typer.Argument(help="scenario (a scenario file) or profile (a hardware profile).")
+    ] = "scenario",
+) -> None:
+    """Print the JSON Schema of a scenario (or a hardware profile), for editors that complete
+    YAML (e.g. a `# yaml-language-server: $schema=...` line pointing at the saved output)."""
+    from moesim.errors import ConfigError
+
+    with reported():
+        if what == "scenario":
+            from moesim.config.scenario import Scenario as model
+        elif what == "profile":
+            from moesim.hardware.profile import HardwareProfile as model  # type: ignore[assignment]
+        else:
+            raise ConfigError(None, "what", f"expected scenario or profile, got {what!r}")
+        doc = model.model_json_schema()
+        doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        typer.echo(jsonout.dumps(doc, indent=2))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

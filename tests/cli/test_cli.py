@@ -80,3 +80,21 @@ def test_profiles_show_topology_draws_and_never_overwrites(tmp_path: Path) -> No
     assert "pcisw0" in html and "leaf0" in html and "spine" in html
     again = runner.invoke(app, ["profiles", "show", "l40s-pcie", "--topology", "--out", str(out)])
     assert again.exit_code == 2
+
+
+def test_schema_prints_the_scenario_and_profile_json_schema() -> None:
+    from moesim.config.scenario import Scenario
+    from moesim.hardware.profile import HardwareProfile
+
+    res = CliRunner().invoke(app, ["schema"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["$schema"].endswith("2020-12/schema")
+    assert set(doc["properties"]) == set(Scenario.model_fields)
+    workload = doc["$defs"]["Workload"]["properties"]
+    assert {"gradient_dtype", "cuda_graphs", "recompute"} <= set(workload)
+    assert workload["recompute"]["enum"] == ["none", "selective", "full"]
+    prof = json.loads(CliRunner().invoke(app, ["schema", "profile"]).output)
+    assert set(prof["properties"]) == set(HardwareProfile.model_fields)
+    bad = CliRunner().invoke(app, ["schema", "model"])
+    assert bad.exit_code == 2 and "expected scenario or profile" in bad.output
