@@ -164,22 +164,18 @@ def parse_output(lines: list[str], plan: Plan, progress: Progress | None = None)
     head = records[0]
     doc = new_document("cuda", head["device"], head, plan)
     for rec in records[1:]:
-        if "case" in rec:
-            case = plan.cases[rec["case"]]
+        if "case" in rec or "gemm" in rec:  # an expert FFN case, or a dense GEMM
+            if "case" in rec:
+                case = plan.cases[rec["case"]]
+                label, key, impl = f"{case.shape.key} {case.label}", "expert_ffn", "cublasLt loop"
+                out = case_record(case, rec["samples"], rec["check_rel_error"])
+            else:
+                g = plan.gemms[rec["gemm"]]
+                label, key, impl = f"gemm {g.m}x{g.n}x{g.k} {g.dtype}", "gemm", "cublasLt"
+                out = gemm_record(g, rec["samples"], rec["check_rel_error"])
             if progress:
-                progress(f"{case.shape.key} {case.label}")
-            out = case_record(case, rec["samples"], rec["check_rel_error"])
-            out["impl"] = "cublasLt loop"
-            out["buffer_sets"] = rec["sets"]
-            doc["expert_ffn"].append(out)
-        elif "gemm" in rec:
-            g = plan.gemms[rec["gemm"]]
-            if progress:
-                progress(f"gemm {g.m}x{g.n}x{g.k} {g.dtype}")
-            out = gemm_record(g, rec["samples"], rec["check_rel_error"])
-            out["impl"] = "cublasLt"
-            out["buffer_sets"] = rec["sets"]
-            doc["gemm"].append(out)
+                progress(label)
+            doc[key].append({**out, "impl": impl, "buffer_sets": rec["sets"]})
         elif "memory" in rec:
             m = rec["memory"]
             sec = statistics.median(m["samples"])
