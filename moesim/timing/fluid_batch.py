@@ -17,7 +17,11 @@ from moesim.timing.maxmin import max_min_rates
 
 
 def batched_fluid_schedule(
-    capacity: np.ndarray, paths: list[np.ndarray], nbytes: list[np.ndarray], windows: np.ndarray
+    capacity: np.ndarray,
+    paths: list[np.ndarray],
+    nbytes: list[np.ndarray],
+    windows: np.ndarray,
+    compiled: bool = True,
 ) -> list[np.ndarray]:
     """Finish time (seconds after each transfer's start) of every flow of every transfer.
 
@@ -26,6 +30,7 @@ def batched_fluid_schedule(
         paths: One ``[flows, hops]`` link-id array (-1 padded) per transfer.
         nbytes: One ``[flows]`` byte array per transfer.
         windows: ``[transfers]`` batching window of each transfer, seconds.
+        compiled: Use the compiled max-min solver (:func:`moesim.timing.maxmin.max_min_rates`).
 
     Returns:
         One ``[flows]`` finish-time array per transfer (latency not included).
@@ -46,7 +51,7 @@ def batched_fluid_schedule(
         keep = alive[flow]
         rate = np.zeros(rem.size)
         rate[alive] = max_min_rates(
-            cap, np.cumsum(alive)[flow[keep]] - 1, link[keep], int(alive.sum())
+            cap, np.cumsum(alive)[flow[keep]] - 1, link[keep], int(alive.sum()), compiled=compiled
         )
         idx = np.nonzero(alive)[0]
         t = tid[idx]

@@ -17,9 +17,14 @@ result is the same unique max-min allocation; rounds are the depth of the bottle
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 SATURATED = 1e-9
+COMPILED_MIN_GPUS = 64
+"""Networks of this many GPUs or more use the compiled solver (smaller ones solve in well
+under the half second numba takes to load)."""
 _TIE = 1e-12  # relative: shares this close are equal
 
 
@@ -29,8 +34,52 @@ def max_min_rates(
     link_of: np.ndarray,
     n_flows: int,
     tolerance: float = 0.0,
+    compiled: bool = True,
 ) -> np.ndarray:
-    """Max-min fair rate of every flow.
+    """Max-min fair rate of every flow: the compiled solver (:mod:`moesim.timing._maxmin_jit`)
+    with ``compiled`` where numba is installed and ``tolerance`` is 0, else
+    :func:`max_min_rates_numpy`.
+
+    Both are exact; they differ by float rounding only (within 1e-11 relative: the order in
+    which frozen rates are subtracted from a link, and links whose shares tie within 1e-12).
+    The compiled one costs about half a second to load once per process (numba), so a network
+    chooses one for its lifetime (:data:`COMPILED_MIN_GPUS`): the same solver for every call
+    keeps a run's results independent of how its transfers are batched.
+    """
+    fill = _compiled() if compiled and tolerance == 0.0 else None
+    if fill is None:
+        return max_min_rates_numpy(capacity, flow_of, link_of, n_flows, tolerance)
+    return fill(
+        np.asarray(capacity, dtype=np.float64),
+        np.asarray(flow_of, dtype=np.int64),
+        np.asarray(link_of, dtype=np.int64),
+        int(n_flows),
+    )
+
+
+_FILL: list[Any] = []
+
+
+def _compiled() -> Any:
+    """The compiled progressive filling, or None without numba (imported on first use)."""
+    if not _FILL:
+        try:
+            from moesim.timing import _maxmin_jit
+        except ImportError:  # numba missing or unusable here: the numpy solver
+            _FILL.append(None)
+        else:
+            _FILL.append(_maxmin_jit.fill)
+    return _FILL[0]
+
+
+def max_min_rates_numpy(
+    capacity: np.ndarray,
+    flow_of: np.ndarray,
+    link_of: np.ndarray,
+    n_flows: int,
+    tolerance: float = 0.0,
+) -> np.ndarray:
+    """Max-min fair rate of every flow, on numpy arrays (local bottlenecks, see the module).
 
     Args:
         capacity: ``[links]`` float64, bytes per second of each link.

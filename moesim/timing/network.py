@@ -35,7 +35,7 @@ import simpy
 from moesim.comm.alltoall import Flows
 from moesim.hardware.topology import Topology
 from moesim.timing.fluid_batch import batched_fluid_schedule
-from moesim.timing.maxmin import max_min_rates
+from moesim.timing.maxmin import COMPILED_MIN_GPUS, max_min_rates
 
 DoneFn = Callable[[int, float], None]
 _FIELDS = ("_paths", "_rem", "_rate", "_window", "_lat", "_src", "_dst", "_tid")
@@ -75,6 +75,7 @@ class FlowNetwork:
 
     def __init__(self, env: simpy.Environment, topology: Topology, tolerance: float) -> None:
         self.env, self.topology, self.tolerance = env, topology, tolerance
+        self.compiled = topology.gpus >= COMPILED_MIN_GPUS  # the max-min solver, for good
         self._paths = np.empty((0, Topology.MAX_HOPS), dtype=np.int64)
         self._rem = np.empty(0)
         self._rate = np.empty(0)
@@ -129,7 +130,7 @@ class FlowNetwork:
             if finish is None:
                 window = self.window(t.load, lat)
                 (finish,) = batched_fluid_schedule(
-                    self.topology.capacity, [paths], [nbytes], np.array([window])
+                    self.topology.capacity, [paths], [nbytes], np.array([window]), self.compiled
                 )
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
@@ -180,7 +181,9 @@ class FlowNetwork:
                 windows.append(self.window(self.link_load(f, p), lat))
         out: list[np.ndarray | None] = [None] * len(transfers)
         if picked:
-            finish = batched_fluid_schedule(self.topology.capacity, paths, sizes, np.array(windows))
+            finish = batched_fluid_schedule(
+                self.topology.capacity, paths, sizes, np.array(windows), self.compiled
+            )
             for i, fin in zip(picked, finish, strict=True):
                 out[i] = fin
         return out
@@ -205,7 +208,11 @@ class FlowNetwork:
         now = self.env.now
         live = self._paths >= 0
         self._rate = max_min_rates(
-            self.topology.capacity, np.nonzero(live)[0], self._paths[live], self._rem.size
+            self.topology.capacity,
+            np.nonzero(live)[0],
+            self._paths[live],
+            self._rem.size,
+            compiled=self.compiled,
         )
         finish = now + np.maximum(self._rem, 0.0) / self._rate
         first = float(finish.min())
