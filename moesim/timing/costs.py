@@ -30,7 +30,9 @@ grouped expert GEMMs and SwiGLU. :attr:`OpCostModel.sources` names the table beh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +43,9 @@ from moesim.dtypes import token_bytes
 from moesim.hardware.profile import Calibration, ExpertCalibration, HardwareProfile
 from moesim.models.spec import ModelSpec
 from moesim.timing.kernels import AttentionModel, GemmModel, operands, pad_rows
+
+if TYPE_CHECKING:
+    from moesim.calibration.fit import ExpertTimeTable
 
 ACT_BYTES = 2.0  # activations are kept in bf16
 FP32 = 4.0
@@ -91,10 +96,10 @@ class _Ops:
         self.out[name] = self.out[name] + t if name in self.out else t
 
     def mem(self, name: str, nbytes: npt.ArrayLike, active: npt.ArrayLike = True) -> None:
-        """A memory-bound kernel moving ``nbytes`` (twice that in the backward pass)."""
-        b = np.asarray(nbytes, dtype=np.float64) * (2.0 if self.backward else 1.0)
-        kernels = 2.0 if self.backward else 1.0
-        self.add(name, np.where(active, b / self.cm.bw + kernels * self.cm.launch, 0.0))
+        """A memory-bound kernel moving ``nbytes`` (two kernels, twice the bytes, backwards)."""
+        passes = 2.0 if self.backward else 1.0
+        b = np.asarray(nbytes, dtype=np.float64)
+        self.add(name, np.where(active, passes * (b / self.cm.bw + self.cm.launch), 0.0))
 
     def gemm(
         self,
@@ -149,6 +154,7 @@ class OpCostModel:
         self.memory_source = f"{mem} {hw.gpu.memory_efficiency:g}"
         self.sources: dict[str, str] = {}
         self.expert_table: ExpertCalibration | None = None
+        self.expert_time: ExpertTimeTable | None = None  # the table's fit, built once
         self.source = "op-level (GEMM and attention tables of the profile, else roofline)"
 
     # ---- helpers -----------------------------------------------------------------------
@@ -162,21 +168,18 @@ class OpCostModel:
         if self.opts.dtype == "fp8":
             ops.mem(name, np.asarray(elements, dtype=np.float64) * (ACT_BYTES + self._q))
 
-    def _recompute(self, ops: _Ops, forward: OpTimes) -> None:
-        rc = self.opts.recompute
-        if ops.backward and rc != "none":
-            names = forward if rc == "full" else [n for n in forward if n in SELECTIVE]
-            for n in names:
-                ops.add("recompute", forward[n])
-
-    def _blocks(self, fn: object, backward: bool, *args: object) -> OpTimes:
-        """Run a block builder forward (and backward with the recomputed forward ops)."""
+    def _blocks(self, fn: Callable[..., None], backward: bool, *args: object) -> OpTimes:
+        """Run a block builder forward, or backward with the forward ops that
+        ``recompute`` re-runs (``selective``: :data:`SELECTIVE`; ``full``: all)."""
         ops = _Ops(self, backward)
-        fn(ops, *args)  # type: ignore[operator]
-        if backward and self.opts.recompute != "none":
+        fn(ops, *args)
+        rc = self.opts.recompute
+        if backward and rc != "none":
             fwd = _Ops(self, False)
-            fn(fwd, *args)  # type: ignore[operator]
-            self._recompute(ops, fwd.out)
+            fn(fwd, *args)
+            for name, sec in fwd.out.items():
+                if rc == "full" or name in SELECTIVE:
+                    ops.add("recompute", sec)
         for name in ops.out:
             self.sources.setdefault(name, self.memory_source)
         return ops.out
@@ -275,7 +278,7 @@ class OpCostModel:
         busy = rows > 0
         tok = token_bytes(h, self.opts.dispatch_dtype)
         ops.mem("permute", 2 * rows * tok, busy)
-        if self.expert_table is not None:
+        if self.expert_time is not None:
             self._calibrated(ops, v)
         else:
             padded = pad_rows(v, self.gemm.roof.block_m).sum(axis=-1)
@@ -288,13 +291,9 @@ class OpCostModel:
         ops.mem("unpermute", 2 * rows * h * ACT_BYTES, busy)
 
     def _calibrated(self, ops: _Ops, v: np.ndarray) -> None:
-        from moesim.calibration.fit import ExpertTimeTable
-
-        t = self.expert_table
-        assert t is not None
-        table = ExpertTimeTable(np.asarray(t.tokens), np.asarray(t.seconds), t.overhead_s)
+        assert self.expert_time is not None
         # the table times forward passes; the backward is priced at twice that
-        ops.add("experts_calibrated", table.predict(v) * (2.0 if ops.backward else 1.0))
+        ops.add("experts_calibrated", self.expert_time.predict(v) * (2.0 if ops.backward else 1.0))
 
     def ffn(self, tokens: float, width: float, name: str, backward: bool = False) -> OpTimes:
         """A dense FFN of total ``width`` (shared experts, or a dense layer with its norm and
@@ -333,13 +332,15 @@ def cost_model(
     if cal is not None:
         table = cal.table_for(model.hidden_size, width, model.moe.matrices, dtype)
         if table is not None:
+            from moesim.calibration.fit import ExpertTimeTable
+
             cm.expert_table = table
-            cm.sources["experts_calibrated"] = f"calibrated: {cal.backend} on {cal.device}, " + (
-                cal.measurements
+            cm.expert_time = ExpertTimeTable(
+                np.asarray(table.tokens), np.asarray(table.seconds), table.overhead_s
             )
-            cm.source = (
-                f"op-level; experts calibrated ({cal.backend} on {cal.device}, {cal.measurements})"
-            )
+            where = f"{cal.backend} on {cal.device}, {cal.measurements}"
+            cm.sources["experts_calibrated"] = f"calibrated: {where}"
+            cm.source = f"op-level; experts calibrated ({where})"
         else:
             cm.source = (
                 f"op-level (profile calibrated, but not for hidden {model.hidden_size}, "
@@ -365,6 +366,33 @@ def cost_options(r: ResolvedScenario) -> CostOptions:
     )
 
 
+def layer_blocks(
+    cm: OpCostModel,
+    tokens: float,
+    context: float,
+    kv_tokens: float,
+    decode: bool,
+    seq_len: float,
+    train: bool,
+    slot_tokens: np.ndarray,
+    backward: bool = False,
+) -> dict[str, OpTimes]:
+    """Op times of each block of a layer on one GPU: ``attention``, ``router`` and ``experts``
+    (``slot_tokens``: ``[..., slots]`` tokens per local expert), and ``shared`` and ``dense``
+    where the model has shared experts and dense layers."""
+    m = cm.model
+    blocks = {
+        "attention": cm.attention(tokens, context, kv_tokens, decode, seq_len, backward),
+        "router": cm.router(tokens, train, backward),
+        "experts": cm.experts(slot_tokens, backward),
+    }
+    if m.shared_params:
+        blocks["shared"] = cm.ffn(tokens, m.moe.shared_intermediate_size, "shared", backward)
+    if len(m.moe_layers) < m.num_layers:
+        blocks["dense"] = cm.ffn(tokens, m.dense_intermediate_size, "dense", backward)
+    return blocks
+
+
 def layer_ops(
     r: ResolvedScenario, backward: bool = False, cm: OpCostModel | None = None
 ) -> dict[str, dict[str, float]]:
@@ -386,16 +414,8 @@ def layer_ops(
     context = float(w.context_len) if decode else w.seq_len / 2
     kv_tokens = seqs * float(w.context_len) if decode else 0.0
     per_expert = tokens * ep * m.moe.top_k / m.moe.num_experts
-    local = max(m.moe.num_experts // ep, 1)
-    blocks: dict[str, OpTimes] = {
-        "attention": cm.attention(tokens, context, kv_tokens, decode, w.seq_len, backward),
-        "router": cm.router(tokens, train, backward),
-        "experts": cm.experts(np.full(local, per_expert), backward),
-    }
-    if m.shared_params:
-        blocks["shared"] = cm.ffn(tokens, m.moe.shared_intermediate_size, "shared", backward)
-    if m.dense_intermediate_size and len(m.moe_layers) < m.num_layers:
-        blocks["dense"] = cm.ffn(tokens, m.dense_intermediate_size, "dense", backward)
+    slots = np.full(max(m.moe.num_experts // ep, 1), per_expert)
+    blocks = layer_blocks(cm, tokens, context, kv_tokens, decode, w.seq_len, train, slots, backward)
     return {b: {op: float(t) for op, t in ops.items()} for b, ops in blocks.items()}
 
 

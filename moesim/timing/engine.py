@@ -33,7 +33,7 @@ from moesim.timing.costs import OpCostModel
 from moesim.timing.gpu import GPU, SharedSMStream
 from moesim.timing.network import FlowNetwork
 from moesim.timing.offload import OffloadTiming
-from moesim.timing.plan import FlowBuilder, Layout, StepPlan, make_plan
+from moesim.timing.plan import FlowBuilder, Layout, StepPlan, gpu_slot_tokens, make_plan
 
 ProgressFn = Callable[[int, int], None]
 
@@ -159,11 +159,12 @@ class Engine:
         for step in range(steps):
             routing = ahead[step] if ahead else self.routing.step(step)
             on_gpu = None if self.offload is None else self.offload.gpu_slots(step, self.spec.world)
-            plan = make_plan(self.r, self.layout, self.costs, routing, step, on_gpu)
-            self._record_routing(step, plan)
+            per_gpu = gpu_slot_tokens(self.layout, routing)
+            self._record_routing(step, routing, per_gpu.sum(axis=-1))
+            # two-batch overlap runs (and prices) its micro-batches, not the whole batch
             micro = [
                 make_plan(self.r, self.layout, self.costs, m, step) for m in routing.micro
-            ] or [plan]
+            ] or [make_plan(self.r, self.layout, self.costs, routing, step, on_gpu, per_gpu)]
             for mp in micro:
                 for op, sec in mp.ops.items():
                     self.ops_s[op] = self.ops_s.get(op, 0.0) + sec
@@ -177,7 +178,7 @@ class Engine:
             )
             busy = np.array([g.compute.busy_s for g in self.gpus]) - busy0
             slowed = np.array([_slowed(g) for g in self.gpus]) - slow0
-            tokens = plan.tokens_per_rank * self.layout.ep * self.spec.dp
+            tokens = routing.batch.tokens_per_rank * self.layout.ep * self.spec.dp
             self.col.on_step(step, self.env.now - start, busy, tokens, slowed)
             if progress:
                 progress(step + 1, steps)
@@ -215,12 +216,12 @@ class Engine:
         finish = self.net.plan_isolated(flows)
         return {k: (f, fin) for k, f, fin in zip(keys, flows, finish, strict=True)}
 
-    def _record_routing(self, step: int, plan: StepPlan) -> None:
+    def _record_routing(self, step: int, routing: StepRouting, gpu_tokens: np.ndarray) -> None:
         lay = self.layout
         self.col.on_routing(
             step,
-            plan.routing,
-            plan.gpu_tokens,
+            routing,
+            gpu_tokens,
             (lay.replica, lay.rank, lay.tp_rank, lay.tp),
             self.spec.top_k,
             self.spec.seq_len,

@@ -17,7 +17,7 @@ from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES, token_bytes
 from moesim.routing.stage import StepRouting
-from moesim.timing.costs import OpCostModel, total
+from moesim.timing.costs import OpCostModel, layer_blocks, total
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,9 @@ class StepPlan:
         attention: Forward seconds of one attention block (all GPUs alike).
         gate / shared / dense: Forward seconds of the router block, shared experts, dense FFN.
         experts: ``[moe_layers, world]`` forward seconds of each GPU's routed experts.
-        backward: The same pieces' backward seconds (training; zeros otherwise), by name.
+        backward: The same pieces' backward seconds (training; empty otherwise), by name.
         ops: Seconds per step of every op, forward and (``<op>_bwd``) backward, averaged over
             GPUs (``ops_s`` of the summary).
-        gpu_tokens: ``[moe_layers, world]`` assignments each GPU computes.
         routing: The routing stage's output.
         tokens_per_rank: Tokens each EP rank runs attention for.
     """
@@ -84,9 +83,14 @@ class StepPlan:
     experts: np.ndarray
     backward: dict[str, Any]
     ops: dict[str, float]
-    gpu_tokens: np.ndarray
     routing: StepRouting
     tokens_per_rank: int
+
+
+def gpu_slot_tokens(layout: Layout, routing: StepRouting) -> np.ndarray:
+    """``[L, world, slots]`` tokens each GPU's expert slots compute in each MoE layer."""
+    slot = np.stack([c.slot_tokens for c in routing.replicas])  # [dp, L, ep, S]
+    return np.moveaxis(slot[layout.replica, :, layout.rank, :], 0, 1)  # [world, L, S] -> [L, ...]
 
 
 def make_plan(
@@ -96,9 +100,11 @@ def make_plan(
     routing: StepRouting,
     step: int,
     on_gpu: np.ndarray | None = None,
+    per_gpu: np.ndarray | None = None,
 ) -> StepPlan:
     """Price one step's compute for every GPU (``on_gpu``: ``[L, world, slots]`` the slots a
-    GPU computes itself; the others run on the host CPUs)."""
+    GPU computes itself, the others running on the host CPUs; ``per_gpu``: the step's
+    :func:`gpu_slot_tokens`, when the caller has them)."""
     m, w = r.model, r.scenario.workload
     batch = routing.batch
     tokens = batch.tokens_per_rank
@@ -109,44 +115,39 @@ def make_plan(
         kv_tokens = seqs * kv
     else:  # mean causal context of the batch's queries (seq_len/2 for whole sequences)
         context, kv_tokens = float(batch.position[0].mean()) + 0.5, 0.0
-    slot = np.stack([c.slot_tokens for c in routing.replicas])  # [dp, L, ep, S]
-    per_gpu = slot[layout.replica, :, layout.rank, :]  # [world, L, S]
-    per_gpu = np.moveaxis(per_gpu, 0, 1)  # [L, world, S]
+    if per_gpu is None:
+        per_gpu = gpu_slot_tokens(layout, routing)
     slots = per_gpu if on_gpu is None else per_gpu * on_gpu
     n_moe = len(m.moe_layers)
-    n_dense = m.num_layers - n_moe
-    t = float(tokens)
+    layers = {"attention": m.num_layers, "router": n_moe, "shared": n_moe}
+    layers["dense"] = m.num_layers - n_moe
     ops: dict[str, float] = {}
-    pieces: dict[str, Any] = {}
-    for bwd in (False, True) if train else (False,):
-        sfx = "_bwd" if bwd else ""
-        blocks = {
-            "attention": (costs.attention(t, context, kv_tokens, decode, w.seq_len, bwd),
-                          m.num_layers),
-            "gate": (costs.router(t, train, bwd), n_moe),
-            "shared": (costs.ffn(t, m.moe.shared_intermediate_size, "shared", bwd)
-                       if m.shared_params else {}, n_moe),
-            "dense": (costs.ffn(t, m.dense_intermediate_size, "dense", bwd)
-                      if n_dense else {}, n_dense),
-        }  # fmt: skip
-        for piece, (times, count) in blocks.items():
-            pieces[piece + sfx] = float(total(times))
+
+    def pieces(backward: bool) -> dict[str, Any]:
+        """Each piece's seconds in one direction; its ops' seconds per step into ``ops``."""
+        sfx = "_bwd" if backward else ""
+        blocks = layer_blocks(
+            costs, float(tokens), context, kv_tokens, decode, w.seq_len, train, slots, backward
+        )
+        for block, times in blocks.items():
             for op, sec in times.items():
-                ops[op + sfx] = ops.get(op + sfx, 0.0) + float(sec) * count
-        ex = costs.experts(slots, bwd)
-        pieces["experts" + sfx] = total(ex) * np.ones(slots.shape[:2])
-        for op, sec in ex.items():
-            ops[op + sfx] = ops.get(op + sfx, 0.0) + float(np.asarray(sec).sum(axis=0).mean())
-    backward = {k.removesuffix("_bwd"): v for k, v in pieces.items() if k.endswith("_bwd")}
+                a = np.asarray(sec)  # experts: [L, world]; summed over layers, mean over GPUs
+                per_step = a.sum(axis=0).mean() if block == "experts" else a * layers[block]
+                ops[op + sfx] = ops.get(op + sfx, 0.0) + float(per_step)
+        sums = {block: total(times) for block, times in blocks.items()}
+        return {
+            "attention": float(sums["attention"]),
+            "gate": float(sums["router"]),
+            "shared": float(sums.get("shared", 0.0)),
+            "dense": float(sums.get("dense", 0.0)),
+            "experts": sums["experts"] * np.ones(slots.shape[:2]),
+        }
+
+    forward = pieces(False)
     return StepPlan(
-        attention=pieces["attention"],
-        gate=pieces["gate"],
-        shared=pieces["shared"],
-        dense=pieces["dense"],
-        experts=pieces["experts"],
-        backward=backward,
+        **forward,
+        backward=pieces(True) if train else {},
         ops=ops,
-        gpu_tokens=per_gpu.sum(axis=-1),
         routing=routing,
         tokens_per_rank=tokens,
     )
