@@ -63,24 +63,26 @@ class GemmRoofline:
     def parts(
         self,
         m: npt.ArrayLike,
-        n: float,
+        n: npt.ArrayLike,
         k: npt.ArrayLike,
         groups: npt.ArrayLike,
         dtype: str,
         ops: GemmOperands,
     ) -> tuple[Arr, Arr]:
         """Compute seconds (quantised) and memory seconds at peak rates; ``m`` is the total of
-        rows already padded per group. The roofline time is the larger of the two."""
+        rows already padded per group (all arguments broadcast). The roofline time is the larger
+        of the two."""
         mm = np.asarray(m, dtype=np.float64)
         g = np.asarray(groups, dtype=np.float64)
         kk = np.asarray(k, dtype=np.float64)
-        tiles = np.maximum(np.ceil(mm / self.block_m) * np.ceil(n / self.block_n), 1.0)
+        nn = np.asarray(n, dtype=np.float64)
+        tiles = np.maximum(np.ceil(mm / self.block_m) * np.ceil(nn / self.block_n), 1.0)
         # too few tiles to fill the SMs: the kernel splits K (cuBLAS split-K, stream-K)
         split = np.clip(np.floor(self.sms / tiles), 1.0, np.maximum(np.ceil(kk / SPLIT_K_MIN), 1.0))
         waves = np.ceil(tiles * split / self.sms)
         per_sm = self.hw.peak_flops(dtype) / self.hw.gpu.sm_count
         compute = waves * 2.0 * self.block_m * self.block_n * (kk / split) / per_sm
-        nbytes = g * n * kk * ops.weight + mm * kk * ops.inputs + mm * n * ops.output
+        nbytes = g * nn * kk * ops.weight + mm * kk * ops.inputs + mm * nn * ops.output
         return np.where(mm > 0, compute, 0.0), np.where(mm > 0, nbytes / self.bw, 0.0)
 
 
@@ -101,19 +103,14 @@ class GemmCurve:
         # dense rows stay as measured (the roofline's tiles pad them); grouped layouts pad
         # every group's rows to the block, as their callers do
         rows = groups * (m if table.layout == "dense" else np.ceil(m / roof.block_m) * roof.block_m)
-        eff = np.array(
-            [
-                np.maximum(*roof.parts(r, ni, ki, gi, table.dtype, ops)) / s
-                for r, ni, ki, gi, s in zip(rows, n, k, groups, seconds, strict=True)
-            ]
-        )
+        eff = np.maximum(*roof.parts(rows, n, k, groups, table.dtype, ops)) / seconds
+        per_group = rows / groups
         self.shapes: list[tuple[float, float, Arr, Arr]] = []
         for nk in sorted({(a, b) for a, b in zip(n, k, strict=True)}):
-            sel = (n == nk[0]) & (k == nk[1])
-            order = np.argsort(rows[sel] / groups[sel])
-            per_group = rows[sel][order] / groups[sel][order]
+            sel = np.flatnonzero((n == nk[0]) & (k == nk[1]))
+            sel = sel[np.argsort(per_group[sel])]
             self.shapes.append(
-                (np.log2(nk[0]), np.log2(nk[1]), np.log(per_group), np.log(eff[sel][order]))
+                (np.log2(nk[0]), np.log2(nk[1]), np.log(per_group[sel]), np.log(eff[sel]))
             )
 
     def efficiency(
