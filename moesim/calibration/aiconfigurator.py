@@ -171,11 +171,7 @@ def attention_tables(
     d = _attention_rows(pd.read_parquet(path), mla, heads, att.num_kv_heads // tp or 1,
                         att.head_dim)  # fmt: skip
     h = int(d.num_heads.iloc[0])
-    per_ctx = (
-        2.0 * h * (att.qk_nope_head_dim + att.qk_rope_head_dim + att.v_head_dim)
-        if mla
-        else 4.0 * h * att.head_dim
-    )
+    per_ctx = att.score_flops_per_token(1.0) * h / att.num_heads  # per token and context key
     d = d.sort_values(["isl", "batch_size"]).groupby("isl").tail(1)  # most tokens per length
     tflops = d.batch_size * d.isl * per_ctx * (d.isl / 2) / (d.latency * 1e-3) / 1e12
     out.append(
@@ -194,14 +190,13 @@ def attention_tables(
     g = _attention_rows(pd.read_parquet(path), mla, heads, att.num_kv_heads // tp or 1,
                         att.head_dim)  # fmt: skip
     h = int(g.num_heads.iloc[0])
-    if mla:
-        kv, flops_ctx = (
-            att.kv_lora_rank + att.qk_rope_head_dim,
-            2.0 * h * (2 * att.kv_lora_rank + att.qk_rope_head_dim),
-        )
-    else:
-        kv = 2 * int(g.num_key_value_heads.iloc[0]) * att.head_dim
-        flops_ctx = 4.0 * h * att.head_dim
+    flops_ctx = att.decode_score_flops_per_token(1.0) * h / att.num_heads
+    # KV values per cached token read by the measured heads (the latent, for MLA)
+    kv = (
+        att.kv_elements_per_token()
+        if mla
+        else 2 * int(g.num_key_value_heads.iloc[0]) * att.head_dim
+    )
     seconds = g.latency * 1e-3
     context = g.isl + g.step  # a decode step at `step` reads the prompt and what followed
     gbs = (g.batch_size * context * kv * 2.0 / seconds / 1e9).max()

@@ -66,6 +66,15 @@ class AttentionSpec(_Frozen):
         qk = self.qk_nope_head_dim + self.qk_rope_head_dim
         return 2.0 * self.num_heads * (qk + self.v_head_dim) * context
 
+    def decode_score_flops_per_token(self, context: float) -> float:
+        """As :meth:`score_flops_per_token` for a decode step: MLA decodes absorbed, its
+        queries scoring the cached latent (kv_lora_rank + rope values) and reading values
+        from it (kv_lora_rank)."""
+        if self.type == "gqa":
+            return self.score_flops_per_token(context)
+        latent = self.kv_lora_rank + self.qk_rope_head_dim
+        return 2.0 * self.num_heads * (latent + self.kv_lora_rank) * context
+
 
 class MoESpec(_Frozen):
     """The routed and shared experts of the MoE layers."""

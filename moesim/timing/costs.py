@@ -220,7 +220,7 @@ class OpCostModel:
                 bt = "bf16"
                 ops.gemm("q_absorb", t, att.kv_lora_rank, att.qk_nope_head_dim, bt, "dense", heads,
                          heads * t)  # fmt: skip
-                flops = 2.0 * t * nh * (lat + att.kv_lora_rank) * context
+                flops = t * att.decode_score_flops_per_token(context) / tp
             else:
                 self._quant(ops, "kv_b_quant", t * att.kv_lora_rank)
                 ops.gemm("kv_b_proj", t, nh * (att.qk_nope_head_dim + att.v_head_dim),
