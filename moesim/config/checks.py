@@ -92,7 +92,7 @@ def two_batch_overlap(r: ResolvedScenario) -> Problems:
 def host_experts_need_host_figures(r: ResolvedScenario) -> Problems:
     """Running missed experts on the CPU needs the host's bandwidth and FLOP/s."""
     off, hw = r.scenario.policies.offload, r.hardware
-    if off.type == "none" or off.miss != "cpu":
+    if not off.enabled or off.miss != "cpu":
         return
     absent = [k for k in ("host_memory_gb_per_s", "host_tflops") if getattr(hw.node, k) is None]
     if absent:
