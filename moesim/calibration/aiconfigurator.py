@@ -33,6 +33,7 @@ import pandas as pd
 import yaml
 
 from moesim.errors import CalibrationError
+from moesim.hardware.profile import GemmTable
 from moesim.models.spec import ModelSpec
 from moesim.timing.costs import projection_shapes
 
@@ -124,11 +125,10 @@ def gemm_tables(
                 for n in _bracket(ns, sn) for k in _bracket(ks, sk)}  # fmt: skip
         d = d[[(n, k) in keep for n, k in zip(d.n, d.k, strict=True)]]
         d = d[d.latency > 0].sort_values(["n", "k", "m"])
-        tflops = 2.0 * d.m * d.n * d.k / (d.latency * 1e-3) / 1e12
         kernels = ", ".join(sorted(d.kernel_source.unique()))
         points = [
-            [1, int(m), int(n), int(k), float(f"{t:.5g}")]
-            for m, n, k, t in zip(d.m, d.n, d.k, tflops, strict=True)
+            GemmTable.point(m, n, k, ms * 1e-3)
+            for m, n, k, ms in zip(d.m, d.n, d.k, d.latency, strict=True)
         ]
         tables.append(
             {

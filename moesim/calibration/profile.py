@@ -25,6 +25,7 @@ import yaml
 
 from moesim.calibration.plan import ExpertShape
 from moesim.errors import CalibrationError
+from moesim.hardware.profile import GemmTable
 
 
 def _efficiency(measured: float, peak: float) -> tuple[float, str]:
@@ -50,16 +51,7 @@ def gemm_tables(doc: dict[str, Any], cite: str) -> list[dict[str, Any]]:
                 "layout": "dense",
                 "status": "measured",
                 "source": f"{where} (dense GEMMs, median of the timed repeats)",
-                "points": [
-                    [
-                        1,
-                        r["m"],
-                        r["n"],
-                        r["k"],
-                        float(f"{2 * r['m'] * r['n'] * r['k'] / r['seconds'] / 1e12:.5g}"),
-                    ]
-                    for r in rows
-                ],
+                "points": [GemmTable.point(r["m"], r["n"], r["k"], r["seconds"]) for r in rows],
             }
         )
     return out

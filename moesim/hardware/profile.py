@@ -194,6 +194,11 @@ class GemmTable(_Frozen):
         min_length=1, description="[groups, m, n, k, tflops] per measured shape."
     )
 
+    @staticmethod
+    def point(m: int, n: int, k: int, seconds: float) -> list[float]:
+        """The point of one measured dense GEMM: ``[1, m, n, k, tflops]`` (5 digits)."""
+        return [1, int(m), int(n), int(k), float(f"{2.0 * m * n * k / seconds / 1e12:.5g}")]
+
     @model_validator(mode="after")
     def _check(self) -> GemmTable:
         bad = [
