@@ -17,7 +17,7 @@ from moesim.metrics.links import links_summary, links_table
 from moesim.metrics.summary import layers_table, offload_summary, summarize
 from moesim.results.result import RunResult
 from moesim.routing.stage import RoutingStage
-from moesim.timing.costs import cost_model, cost_options
+from moesim.timing.costs import scenario_costs
 from moesim.timing.engine import Engine, ProgressFn
 from moesim.timing.memory import check_fits, hbm_usage
 
@@ -34,7 +34,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up
     seeds = np.random.SeedSequence(s.seed).spawn(2)
     routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
-    costs = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp, cost_options(r))
+    costs = scenario_costs(r)
     col = Collector(
         s.workload.steps,
         r.model.num_layers,

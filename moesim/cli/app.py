@@ -240,38 +240,20 @@ def ops(
     """Per-op cost of one layer on one GPU (forward, and backward in training), with the table
     or model behind each op; expert loads spread evenly. Shares are of an MoE layer (attention,
     router, experts, shared experts), or of a dense layer for the dense FFN's ops."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from moesim.cli.render import print_layer_ops
     from moesim.config.loading import load_scenario
-    from moesim.timing.costs import cost_model, cost_options, layer_ops
+    from moesim.timing.costs import layer_ops, scenario_costs
 
     with reported():
         r = load_scenario(scenario, overrides)
-        s = r.scenario
-        cm = cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp, cost_options(r))
-        passes = [False, True] if s.workload.mode == "train" else [False]
+        cm = scenario_costs(r)
+        passes = [False, True] if r.scenario.workload.mode == "train" else [False]
         result = {("backward" if b else "forward"): layer_ops(r, b, cm) for b in passes}
         if json_out:
             doc = {"ops_s": result, "sources": dict(sorted(cm.sources.items()))}
             typer.echo(jsonout.dumps(doc, indent=2))
-            return
-        for direction, blocks in result.items():
-            t = Table(title=f"{s.name}: one layer, one GPU, {direction} ({r.hardware.name})")
-            for col in ("block", "op", "us", "share", "source"):
-                t.add_column(col, justify="right" if col in ("us", "share") else "left")
-            sums = {b: sum(ops_.values()) for b, ops_ in blocks.items()}
-            moe = sum(v for b, v in sums.items() if b != "dense")  # an MoE layer
-            for block, ops_ in blocks.items():
-                layer = sums["attention"] + sums[block] if block == "dense" else moe
-                for op, sec in sorted(ops_.items(), key=lambda kv: -kv[1]):
-                    src = cm.sources.get(op, "")
-                    t.add_row(block, op, f"{sec * 1e6:,.1f}", f"{sec / layer:.1%}", src[:60])
-            t.add_row("", "MoE layer", f"{moe * 1e6:,.1f}", "100%", "")
-            if "dense" in sums:
-                dense = sums["attention"] + sums["dense"]
-                t.add_row("", "dense layer", f"{dense * 1e6:,.1f}", "100%", "attention + dense")
-            Console().print(t)
+        else:
+            print_layer_ops(r.scenario.name, r.hardware.name, result, cm.sources)
 
 
 @app.command()

@@ -124,6 +124,32 @@ def print_e2e_validation(rows: list[E2ERow]) -> None:
         Console().print(f"  {case}: {source}")
 
 
+def print_layer_ops(
+    scenario: str,
+    hardware: str,
+    result: dict[str, dict[str, dict[str, float]]],
+    sources: dict[str, str],
+) -> None:
+    """``moesim ops``: one table per direction, each op's microseconds, its share of an MoE
+    layer (of a dense layer for the dense FFN's ops) and the table behind it."""
+    for direction, blocks in result.items():
+        t = Table(title=f"{scenario}: one layer, one GPU, {direction} ({hardware})")
+        for col in ("block", "op", "us", "share", "source"):
+            t.add_column(col, justify="right" if col in ("us", "share") else "left")
+        sums = {b: sum(ops.values()) for b, ops in blocks.items()}
+        moe = sum(v for b, v in sums.items() if b != "dense")  # an MoE layer
+        for block, ops in blocks.items():
+            layer = sums["attention"] + sums[block] if block == "dense" else moe
+            for op, sec in sorted(ops.items(), key=lambda kv: -kv[1]):
+                src = sources.get(op, "")
+                t.add_row(block, op, f"{sec * 1e6:,.1f}", f"{sec / layer:.1%}", src[:60])
+        t.add_row("", "MoE layer", f"{moe * 1e6:,.1f}", "100%", "")
+        if "dense" in sums:
+            dense = sums["attention"] + sums["dense"]
+            t.add_row("", "dense layer", f"{dense * 1e6:,.1f}", "100%", "attention + dense")
+        Console().print(t)
+
+
 def print_kernel_tables(rows: list[TableRow]) -> None:
     """Each shipped kernel table reproduced at its points."""
     t = Table(title="Kernel tables of the shipped profiles, reproduced at their points")

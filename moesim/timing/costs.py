@@ -349,6 +349,12 @@ def cost_model(
     return cm
 
 
+def scenario_costs(r: ResolvedScenario) -> OpCostModel:
+    """The cost model of a resolved scenario (its dtype, tp and cost settings)."""
+    s = r.scenario
+    return cost_model(r.hardware, r.model, s.workload.dtype, s.parallelism.tp, cost_options(r))
+
+
 def cost_options(r: ResolvedScenario) -> CostOptions:
     """The cost settings of a resolved scenario."""
     s = r.scenario
@@ -406,7 +412,7 @@ def layer_ops(
     """
     s, m = r.scenario, r.model
     w = s.workload
-    cm = cm or cost_model(r.hardware, m, w.dtype, s.parallelism.tp, cost_options(r))
+    cm = cm or scenario_costs(r)
     ep = s.parallelism.ep
     seqs = max(w.batch_size // ep, 1)
     decode, train = w.mode == "decode", w.mode == "train"
