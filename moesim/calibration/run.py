@@ -98,6 +98,16 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_out_profile(out: Path) -> None:
+    """A profile is written to a new ``.yaml`` file, never over an earlier one."""
+    if out.exists():
+        raise CalibrationError(
+            f"{out} exists; moesim never overwrites a profile (choose another --out)"
+        )
+    if out.suffix not in (".yaml", ".yml"):
+        raise CalibrationError(f"--out {out}: expected a .yaml file")
+
+
 def calibrate(
     plan: Plan,
     backend: str,
@@ -108,12 +118,7 @@ def calibrate(
     progress: Progress | None = None,
 ) -> CalibrationResult:
     """Measure ``plan`` with ``backend``, fit, and write the raw file, plot and profile."""
-    if out_profile.exists():
-        raise CalibrationError(
-            f"{out_profile} exists; moesim never overwrites a profile (choose another --out)"
-        )
-    if out_profile.suffix not in (".yaml", ".yml"):
-        raise CalibrationError(f"--out {out_profile}: expected a .yaml file")
+    check_out_profile(out_profile)
     doc = get_backend(backend, seed).measure(plan, progress)
     tables = fit_document(doc)
     stem = f"{slug(doc['device'])}-{doc['created'][:10]}"

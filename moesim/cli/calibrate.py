@@ -204,7 +204,7 @@ def import_aiconfigurator(
         find_data,
         imported_profile,
     )
-    from moesim.calibration.run import write_atomic
+    from moesim.calibration.run import check_out_profile, write_atomic
     from moesim.errors import CalibrationError
     from moesim.hardware.catalog import find_profile
     from moesim.hardware.profile import HardwareProfile
@@ -213,10 +213,7 @@ def import_aiconfigurator(
     with reported():
         if not models:
             raise CalibrationError("--from aiconfigurator needs --model (repeatable)")
-        if out.exists():
-            raise CalibrationError(
-                f"{out} exists; moesim never overwrites a profile (choose another --out)"
-            )
+        check_out_profile(out)
         base_name = profile or SYSTEM_PROFILES.get(system)
         if base_name is None:
             raise CalibrationError(
@@ -232,7 +229,6 @@ def import_aiconfigurator(
             HardwareProfile.model_validate(doc)
         except ValueError as e:
             raise CalibrationError(f"the imported profile does not validate: {e}") from e
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, dump(doc))
         console = Console(highlight=False, soft_wrap=True)
         k = doc["kernels"]

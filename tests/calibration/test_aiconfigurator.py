@@ -113,6 +113,8 @@ def test_bad_imports_are_clear_errors(tmp_path: Path) -> None:
               "deepseek-v3", "--out", str(tmp_path / "y.yaml")],
     )  # fmt: skip
     assert res.exit_code != 0 and "no shipped profile for system 'nowhere'" in res.output
+    res = _import(tmp_path / "x.txt")
+    assert res.exit_code != 0 and "expected a .yaml file" in res.output  # type: ignore[attr-defined]
     res = CliRunner().invoke(app, ["calibrate", "--from", "elsewhere", "--out", "z.yaml"])
     assert res.exit_code != 0 and "--from must be device or aiconfigurator" in res.output
     assert not list(tmp_path.glob("*.yaml"))
