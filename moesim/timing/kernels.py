@@ -100,9 +100,7 @@ class GemmCurve:
         pts = np.asarray(table.points, dtype=np.float64)
         groups, m, n, k, tflops = pts.T
         seconds = 2.0 * groups * m * n * k / (tflops * 1e12)
-        # dense rows stay as measured (the roofline's tiles pad them); grouped layouts pad
-        # every group's rows to the block, as their callers do
-        rows = groups * (m if table.layout == "dense" else np.ceil(m / roof.block_m) * roof.block_m)
+        rows = point_rows(table.layout, groups, m, roof.block_m)
         eff = np.maximum(*roof.parts(rows, n, k, groups, table.dtype, ops)) / seconds
         per_group = rows / groups
         self.shapes: list[tuple[float, float, Arr, Arr]] = []
@@ -201,6 +199,14 @@ def operands(dtype: str) -> GemmOperands:
         return GemmOperands(1.0, 1.0 + FP8_SCALE_BYTES / FP8_SCALE_BLOCK, 2.0)
     b = ELEMENT_BYTES[dtype]
     return GemmOperands(b, b, b)
+
+
+def point_rows(layout: str, groups: npt.ArrayLike, m: npt.ArrayLike, block: int) -> Arr:
+    """The rows a table point of ``groups`` x ``m`` is priced at: as measured for a dense GEMM
+    (the roofline's tiles pad them), each group's padded to the block for grouped layouts (as
+    their callers pad them)."""
+    g = np.asarray(groups, dtype=np.float64)
+    return g * (np.asarray(m, dtype=np.float64) if layout == "dense" else pad_rows(m, block))
 
 
 def pad_rows(tokens: npt.ArrayLike, block: int) -> Arr:

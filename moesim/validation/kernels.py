@@ -7,13 +7,12 @@ efficiency interpolation included), so that a change that breaks it is seen.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.profile import HardwareProfile
-from moesim.timing.kernels import AttentionModel, GemmModel
+from moesim.timing.kernels import AttentionModel, GemmModel, point_rows
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def table_rows(hw: HardwareProfile) -> list[TableRow]:
     for t in hw.kernels.gemm:
         errors = []
         for g, m, n, k, tflops in t.points:
-            rows_ = g * m if t.layout == "dense" else g * math.ceil(m / block) * block
+            rows_ = point_rows(t.layout, g, m, block)
             want = 2.0 * g * m * n * k / (tflops * 1e12)
             errors.append(abs(float(gm.time(rows_, n, k, t.dtype, t.layout, g)) / want - 1))
         name = f"gemm {t.kernel} {t.dtype} {t.layout}"
