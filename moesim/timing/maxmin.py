@@ -17,6 +17,7 @@ result is the same unique max-min allocation; rounds are the depth of the bottle
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -57,19 +58,14 @@ def max_min_rates(
     )
 
 
-_FILL: list[Any] = []
-
-
+@functools.cache
 def _compiled() -> Any:
     """The compiled progressive filling, or None without numba (imported on first use)."""
-    if not _FILL:
-        try:
-            from moesim.timing import _maxmin_jit
-        except ImportError:  # numba missing or unusable here: the numpy solver
-            _FILL.append(None)
-        else:
-            _FILL.append(_maxmin_jit.fill)
-    return _FILL[0]
+    try:
+        from moesim.timing import _maxmin_jit
+    except ImportError:  # numba missing or unusable here: the numpy solver
+        return None
+    return _maxmin_jit.fill
 
 
 def max_min_rates_numpy(
