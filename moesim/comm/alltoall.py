@@ -118,11 +118,15 @@ def algorithm(
     return deco
 
 
-def _pairs(counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float) -> Flows:
-    """Flows for the non-zero, off-diagonal entries of a ``[src, dst]`` count matrix."""
+def _pairs(
+    counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float, own: bool = False
+) -> Flows:
+    """Flows for the non-zero entries of a ``[src, dst]`` count matrix; a GPU's entry to
+    itself only when ``own`` (a copy kernel that moves its own tokens like a peer's)."""
     s, d = np.nonzero(counts)
-    off = src_gpu[s] != dst_gpu[d]
-    s, d = s[off], d[off]
+    if not own:
+        off = src_gpu[s] != dst_gpu[d]
+        s, d = s[off], d[off]
     return Flows(src=src_gpu[s], dst=dst_gpu[d], nbytes=counts[s, d] * float(tb))
 
 
@@ -170,10 +174,18 @@ def rdma_peer(rank_node: np.ndarray) -> np.ndarray:
 
 @algorithm("hierarchical", fixed="deepep_notify")
 def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
-    """DeepEP normal kernels: RDMA once per destination node, then NVLink forwarding."""
+    """DeepEP normal kernels: RDMA once per destination node, then NVLink forwarding.
+
+    A rank's tokens for its own experts, and those a forwarder relays to itself, go through
+    the same channel buffers and copy warps as a peer's (DeepEP ``csrc/kernels/intranode.cu``
+    and ``internode.cu``: the senders write ``buffer_ptrs[responsible_rank]`` for every rank of
+    the node, their own included), so they are flows from the GPU to itself, which take their
+    share of its NVLink port (:meth:`moesim.hardware.topology.Topology.paths`): the port is
+    what bounds these kernels on H800 (DeepEP issue #285: at EP16 "the NVLink bandwidth will
+    exceed 140 GB/s, making NVLink the bottleneck"). RDMA to the own node is a local copy."""
     node = ex.rank_node
     same = node[:, None] == node[None, :]
-    local = _pairs(np.where(same, ex.copies, 0), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    local = _pairs(np.where(same, ex.copies, 0), ex.rank_gpu, ex.rank_gpu, token_bytes, own=True)
     peer = rdma_peer(node)  # [ranks, nodes]
     remote_nodes = np.where(
         np.arange(ex.node_copies.shape[1])[None, :] == node[:, None], 0, ex.node_copies
@@ -190,7 +202,7 @@ def hierarchical(ex: Exchange, token_bytes: float) -> Flows:
     relay = peer[s, node[d]]
     ranks = ex.copies.shape[0]
     per_pair = np.bincount(relay * ranks + d, weights=fwd[s, d], minlength=ranks * ranks)
-    forward = _pairs(per_pair.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes)
+    forward = _pairs(per_pair.reshape(ranks, ranks), ex.rank_gpu, ex.rank_gpu, token_bytes, True)
     return _concat([local, rdma, forward])
 
 

@@ -180,9 +180,7 @@ class Topology:
         if self._table is None:
             g = np.arange(self.gpus)
             src, dst = np.repeat(g, self.gpus), np.tile(g, self.gpus)
-            off = src != dst
-            paths = np.full((src.size, self.MAX_HOPS), -1, dtype=np.int64)
-            paths[off] = self._compute_paths(src[off], dst[off])
+            paths = self._compute_paths(src, dst)
             lat = self.path_latency(paths)
             shape = (self.gpus, self.gpus)
             self._table = (
@@ -193,7 +191,11 @@ class Topology:
         return self._table
 
     def paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """``[n, MAX_HOPS]`` int64 link ids of each src -> dst path, -1 padded (src != dst)."""
+        """``[n, MAX_HOPS]`` int64 link ids of each src -> dst path, -1 padded.
+
+        A GPU's path to itself is a loopback through its own switch port (up, then down) on
+        NVSwitch and PCIe nodes, where a copy kernel's local copies share the port budget
+        with its peers' (:func:`moesim.comm.alltoall.hierarchical`); it is empty on a mesh."""
         if self.gpus <= DENSE_LIMIT:
             return self.pair_table()[0][src, dst]
         return self._compute_paths(src, dst)

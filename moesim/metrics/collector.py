@@ -162,7 +162,9 @@ class Collector:
     def on_flows(
         self, step: int, layer: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gpn: int
     ) -> None:
-        """Bytes put on the network by one phase."""
+        """Bytes put on the network by one phase (a GPU's copies to itself are not)."""
+        moved = src != dst
+        src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
         inter = src // gpn != dst // gpn
         self.bytes_inter[step] += float(nbytes[inter].sum())
         self.bytes_intra[step] += float(nbytes[~inter].sum())

@@ -99,7 +99,8 @@ class FlowNetwork:
         done at once.
 
         Args:
-            flows: The phase's point-to-point flows (positive bytes, src != dst).
+            flows: The phase's point-to-point flows (positive bytes; ``src == dst`` is a GPU's
+                copy to itself, :meth:`Topology.paths`).
             gpus: ``[n]`` GPUs taking part.
             on_done: Called at the simulated time each GPU is done.
             finish: Precomputed fluid finish times of the flows (seconds after the start,
@@ -107,6 +108,7 @@ class FlowNetwork:
         """
         now = self.env.now
         tid, self._next_tid = self._next_tid, self._next_tid + 1
+        flows, routed = self._route(flows)
         pending = dict.fromkeys(gpus.tolist(), 0)
         for g in flows.src.tolist() + flows.dst.tolist():
             pending[g] = pending.get(g, 0) + 1
@@ -117,10 +119,10 @@ class FlowNetwork:
         for g, c in pending.items():
             if c == 0:
                 self._signal(t, g, now)
-        if flows.src.size == 0:
+        if routed is None:
             del self._transfers[tid]
             return
-        paths, lat, private = self.topology.route(flows.src, flows.dst, flows.via_nic)
+        paths, lat, private = routed
         nbytes = flows.nbytes.astype(np.float64)
         n = nbytes.size
         t.load = self.link_load(flows, paths)
@@ -148,6 +150,20 @@ class FlowNetwork:
         )
         self._reschedule()
 
+    def _route(self, flows: Flows) -> tuple[Flows, tuple[np.ndarray, np.ndarray, bool] | None]:
+        """The flows that cross a link, with their paths, latencies and privacy (None when
+        no flow is left). A GPU's copy to itself with no port to cross (a mesh) is free."""
+        if not flows.src.size:
+            return flows, None
+        paths, lat, private = self.topology.route(flows.src, flows.dst, flows.via_nic)
+        keep = (paths >= 0).any(axis=1)
+        if not keep.all():
+            flows = Flows(flows.src[keep], flows.dst[keep], flows.nbytes[keep], flows.via_nic)
+            paths, lat = paths[keep], lat[keep]
+            if not flows.src.size:
+                return flows, None
+        return flows, (paths, lat, private)
+
     def link_load(self, flows: Flows, paths: np.ndarray) -> np.ndarray:
         """Bytes the flows put on each link."""
         live = paths >= 0
@@ -171,9 +187,10 @@ class FlowNetwork:
         (:func:`batched_fluid_schedule`); None for transfers that are not isolated."""
         picked, paths, sizes, windows = [], [], [], []
         for i, f in enumerate(transfers):
-            if not f.src.size:
+            f, routed = self._route(f)
+            if routed is None:
                 continue
-            p, lat, private = self.topology.route(f.src, f.dst, f.via_nic)
+            p, lat, private = routed
             if private:
                 picked.append(i)
                 paths.append(self.topology.fluid_paths(p))

@@ -112,7 +112,7 @@ def predict(
         assignments=counts.assignments[0],
         tokens_per_rank=TOKENS,
     )
-    algorithm = ALL_TO_ALL.get("direct" if kind == "intranode" else "hierarchical").dispatch
+    algorithm = ALL_TO_ALL.get("hierarchical").dispatch  # on one node: NVLink only
     if kind == "intranode":
         tokens_counted = ex.copies.sum(axis=0)  # received per rank, own tokens included
         bottleneck = "NVLink"

@@ -17,7 +17,8 @@ def test_hierarchical_crosses_rdma_once_per_node() -> None:
 
     # 4 ranks on 2 nodes (ranks 0,1 on node 0; 2,3 on node 1). Rank 0 sends 10 tokens that
     # each need both GPUs of node 1: direct sends 10 to rank 2 and 10 to rank 3 over the
-    # network; hierarchical sends 10 once to rank 2 (same rail) which forwards 10 to rank 3.
+    # network; hierarchical sends 10 once to rank 2 (same rail) which forwards 10 to rank 3,
+    # and copies the 10 for its own experts through its own channel buffers (8 -> 8).
     copies = np.zeros((4, 4), dtype=np.int64)
     copies[0, 2] = copies[0, 3] = 10
     node_copies = np.zeros((4, 2), dtype=np.int64)
@@ -31,13 +32,29 @@ def test_hierarchical_crosses_rdma_once_per_node() -> None:
     h = hierarchical(ex, 1.0)
     assert rows(h) == [
         (0, 8, 10.0),
+        (8, 8, 10.0),
         (8, 9, 10.0),
     ]
     back = h.reversed(2.0)
     assert rows(back) == [
         (8, 0, 20.0),
+        (8, 8, 20.0),
         (9, 8, 20.0),
     ]
+
+
+def test_hierarchical_copies_a_ranks_own_tokens_like_a_peers() -> None:
+    from moesim.comm.alltoall import Exchange, direct, hierarchical
+
+    # One node of 2 GPUs: rank 0 keeps 6 tokens for its own experts and sends 4 to rank 1.
+    copies = np.array([[6, 4], [0, 0]], dtype=np.int64)
+    ex = Exchange(copies, copies.sum(1, keepdims=True), np.arange(2), np.zeros(2, int), copies, 10)
+    h, d = hierarchical(ex, 1.0), direct(ex, 1.0)
+    assert sorted(zip(h.src.tolist(), h.dst.tolist(), h.nbytes.tolist(), strict=True)) == [
+        (0, 0, 6.0),
+        (0, 1, 4.0),
+    ]
+    assert (d.src.tolist(), d.dst.tolist()) == ([0], [1])  # NCCL's local copy is no flow
 
 
 def test_pxn_relays_over_nvlink_to_the_destination_rail() -> None:
@@ -113,14 +130,14 @@ def _exchange(seed: int, ranks: int = 16, per_node: int = 8) -> Exchange:
 
 
 @pytest.mark.parametrize("name", ALL_TO_ALL.names())
-def test_every_all_to_all_sends_positive_bytes_between_distinct_gpus_of_the_group(
-    name: str,
-) -> None:
+def test_every_all_to_all_sends_positive_bytes_between_gpus_of_the_group(name: str) -> None:
     algo = ALL_TO_ALL.get(name)
     for seed in range(3):
         ex = _exchange(seed)
         f = algo.dispatch(ex, 7.0)
-        assert f.src.size and (f.nbytes > 0).all() and (f.src != f.dst).all()
+        assert f.src.size and (f.nbytes > 0).all()
+        # Only DeepEP's normal kernels move a rank's own tokens (through their buffers).
+        assert (f.src != f.dst).all() or name == "hierarchical"
         assert np.isin(f.src, ex.rank_gpu).all() and np.isin(f.dst, ex.rank_gpu).all()
         back = algo.combine(ex, 7.0)
         assert np.array_equal(back.src, f.dst) and np.array_equal(back.dst, f.src)

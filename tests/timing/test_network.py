@@ -41,6 +41,43 @@ def test_uniform_all_to_all_in_nvswitch_node_is_closed_form() -> None:
     assert done == pytest.approx(np.full(8, expected), rel=0.01)
 
 
+def test_deepep_normal_intranode_copies_its_own_tokens_through_its_port() -> None:
+    from moesim.comm.alltoall import hierarchical
+
+    # Every rank sends `per_pair` tokens to every rank of one H800 node, itself included:
+    # DeepEP's normal kernels move all 8 shares through the GPU's NVLink port budget, NCCL's
+    # direct exchange only the 7 for its peers.
+    p, per_pair, tb = load_profile("h800"), 1000, 8192.0
+    copies = np.full((8, 8), per_pair)
+    gpus = np.arange(8)
+    ex = Exchange(copies, copies.sum(1, keepdims=True), gpus, np.zeros(8, int), copies, 0)
+    bw = p.node.nvlink_gb_per_s * 1e9 * p.node.nvlink_efficiency
+    for flows, shares in ((hierarchical(ex, tb), 8), (direct(ex, tb), 7)):
+        env = simpy.Environment()
+        net = FlowNetwork(env, Topology(p, 1), 0.0)
+        done = np.full(8, np.nan)
+        net.transfer(flows, gpus, done.__setitem__)
+        env.run()
+        expected = shares * per_pair * tb / bw + p.node.nvlink_latency_s
+        assert done == pytest.approx(np.full(8, expected), rel=1e-9)
+
+
+def test_a_copy_to_itself_is_free_where_no_port_carries_it() -> None:
+    topo = Topology(load_profile("mi300x"), 1)  # a mesh: no switch port to loop through
+    assert (topo.paths(np.array([3]), np.array([3])) < 0).all()
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo, 0.0)
+    done: dict[int, float] = {}
+    net.transfer(
+        Flows(np.array([3, 3]), np.array([3, 4]), np.array([1e12, 1e6])),
+        np.array([3, 4]),
+        lambda g, t: done.__setitem__(g, t),
+    )
+    env.run()
+    paths, lat, _ = topo.route(np.array([3]), np.array([4]))
+    assert done[3] == pytest.approx(1e6 / topo.capacity[paths[0, 0]] + lat[0], rel=1e-9)
+
+
 def test_isolated_flow_takes_bytes_over_bottleneck_plus_latency() -> None:
     topo = Topology(load_profile("h800"), 2)
     env = simpy.Environment()
