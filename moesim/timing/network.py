@@ -43,14 +43,21 @@ _FIELDS = ("_paths", "_rem", "_rate", "_window", "_lat", "_src", "_dst", "_tid")
 
 @dataclass
 class _Transfer:
-    """Book-keeping of one collective phase: pending flows and last arrival per GPU."""
+    """Book-keeping of one collective phase, per GPU of the cluster: flows still pending, last
+    arrival so far, taking part, already told."""
 
-    pending: dict[int, int]
-    finish: dict[int, float]
+    pending: np.ndarray
+    finish: np.ndarray
+    members: np.ndarray
     on_done: DoneFn
     start: float = 0.0
     load: np.ndarray | None = None  # bytes per link
-    signalled: set[int] = field(default_factory=set)
+    signalled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def ends(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """``[gpus]`` how many of the flows ``src -> dst`` each GPU sends or receives."""
+        n = self.pending.size
+        return np.bincount(src, minlength=n) + np.bincount(dst, minlength=n)
 
 
 @dataclass
@@ -109,16 +116,22 @@ class FlowNetwork:
         now = self.env.now
         tid, self._next_tid = self._next_tid, self._next_tid + 1
         flows, routed = self._route(flows)
-        pending = dict.fromkeys(gpus.tolist(), 0)
-        for g in flows.src.tolist() + flows.dst.tolist():
-            pending[g] = pending.get(g, 0) + 1
+        n = self.topology.gpus
+        members = np.zeros(n, dtype=bool)
+        members[gpus] = True
         t = _Transfer(
-            pending=pending, finish=dict.fromkeys(pending, now), on_done=on_done, start=now
+            pending=np.zeros(n, dtype=np.int64),
+            finish=np.full(n, float(now)),
+            members=members,
+            on_done=on_done,
+            start=now,
+            signalled=np.zeros(n, dtype=bool),
         )
+        t.pending = t.ends(flows.src, flows.dst)
+        t.members |= t.pending > 0
         self._transfers[tid] = t
-        for g, c in pending.items():
-            if c == 0:
-                self._signal(t, g, now)
+        for g in np.nonzero(t.members & (t.pending == 0))[0].tolist():
+            self._signal(t, g, now)
         if routed is None:
             del self._transfers[tid]
             return
@@ -264,25 +277,21 @@ class FlowNetwork:
 
     def _complete(self, tid: int, src: np.ndarray, dst: np.ndarray, arrive: np.ndarray) -> None:
         t = self._transfers[tid]
-        a = arrive.tolist()
-        for ends in (src.tolist(), dst.tolist()):
-            for g, at in zip(ends, a, strict=True):
-                t.pending[g] -= 1
-                if at > t.finish[g]:
-                    t.finish[g] = at
-        for g in set(src.tolist()) | set(dst.tolist()):
-            if t.pending[g] == 0:
-                self._signal(t, g, self.env.now)
-        if len(t.signalled) == len(t.pending):
+        t.pending -= t.ends(src, dst)
+        np.maximum.at(t.finish, src, arrive)
+        np.maximum.at(t.finish, dst, arrive)
+        for g in np.nonzero(t.members & (t.pending == 0) & ~t.signalled)[0].tolist():
+            self._signal(t, g, self.env.now)
+        if t.signalled[t.members].all():
             del self._transfers[tid]
             if t.load is not None:
                 used = np.nonzero(t.load)[0]
-                end = max(t.finish.values())
+                end = float(t.finish[t.members].max())
                 self.records.append(LinkRecord(t.start, end, used, t.load[used]))
 
     def _signal(self, t: _Transfer, gpu: int, now: float) -> None:
-        t.signalled.add(gpu)
-        at = t.finish[gpu]
+        t.signalled[gpu] = True
+        at = float(t.finish[gpu])
         if at <= now:
             t.on_done(gpu, now)
         else:
