@@ -13,8 +13,7 @@ so that each layer has different hot experts) or ``dirichlet`` (popularity drawn
 symmetric Dirichlet of concentration ``alpha``); ``fitted`` is fitted to a trace or to published
 counts (:mod:`moesim.routing.replay`). ``trace`` replays a trace. ``group_limited`` reproduces
 DeepEP's benchmark routing for models with expert groups (DeepSeek-V3: 8 groups, a token
-reaches at most 4): see :func:`group_limited_topk`; it costs about a second per million tokens
-per layer.
+reaches at most 4): see :func:`group_limited_topk`.
 """
 
 from __future__ import annotations
@@ -172,9 +171,9 @@ def group_limited_topk(
     topk_group: int,
     rng: np.random.Generator,
     group_score: str = "top2_sum",
-    chunk: int = 16384,
+    chunk: int = 65536,
 ) -> np.ndarray:
-    """Group-limited top-k routing on DeepEP's benchmark scores.
+    """Group-limited top-k routing on DeepEP's benchmark scores, drawn from order statistics.
 
     Scores are ``|N(0, 1)| + 1`` per (token, expert), as in DeepEP's tests. A group's score is
     the sum of its two best experts (``top2_sum``, DeepSeek-V3's ``noaux_tc`` router) or its
@@ -182,9 +181,117 @@ def group_limited_topk(
     experts); each token keeps its ``topk_group`` best groups and its ``top_k`` best experts
     inside them.
 
+    The scores are i.i.d., so only each group's best ``top_k`` matter, and which of the group's
+    experts hold them is a uniform draw without replacement. Those order statistics are drawn
+    directly (the ``i``-th best of ``m`` uniforms is ``exp(-(E_1/m + ... + E_i/(m-i+1)))`` for
+    i.i.d. exponentials ``E``; rank comparisons need nothing more, a ``top2_sum`` the two best
+    half-normal values through the normal quantile): a quarter of the random numbers and none
+    of the sorting over every expert that scoring all of them needs, with the same
+    distribution (:func:`group_limited_topk_scored` is that reference; tests compare the two).
+
     Returns:
-        ``[n, top_k]`` int16 expert ids.
+        ``[n, top_k]`` int16 expert ids, best first.
     """
+    per = experts // n_group
+    m = min(top_k, per)
+    head = min(2, m)  # order statistics every group needs for its score
+    out = np.empty((n, top_k), dtype=np.int16)
+    spacing = (1.0 / (per - np.arange(m))).astype(np.float32)  # gaps: E_i / (per - i)
+    for start in range(0, n, chunk):
+        c = min(chunk, n - start)
+        # depth[t, g, i]: -log of the i-th best of group g's `per` uniforms (increasing in i);
+        # the best `head` for every group, the rest only for the groups kept.
+        depth = np.cumsum(
+            rng.standard_exponential((c, n_group, head), dtype=np.float32) * spacing[:head],
+            axis=2,
+        )
+        if group_score == "max" or per < 2:
+            gscore = -depth[:, :, 0]
+        else:
+            gscore = _half_normal_from_depth(depth[:, :, 0]) + _half_normal_from_depth(
+                depth[:, :, 1]
+            )
+        if topk_group < n_group:
+            keep = np.argpartition(-gscore, topk_group - 1, axis=1)[:, :topk_group]
+            depth = np.take_along_axis(depth, keep[:, :, None], axis=1)
+        else:
+            keep = np.broadcast_to(np.arange(n_group), (c, n_group))
+        if m > head:
+            rest = rng.standard_exponential((c, keep.shape[1], m - head), dtype=np.float32)
+            rest = depth[:, :, -1:] + np.cumsum(rest * spacing[head:], axis=2)
+            depth = np.concatenate([depth, rest], axis=2)
+        cand = depth.reshape(c, -1)
+        pick = np.argpartition(cand, top_k - 1, axis=1)[:, :top_k]
+        pick = np.take_along_axis(
+            pick, np.argsort(np.take_along_axis(cand, pick, axis=1), axis=1), axis=1
+        )
+        group = np.take_along_axis(keep, pick // m, axis=1)
+        slot = _distinct_within(group, per, rng)
+        out[start : start + c] = group * per + slot
+    return out
+
+
+def _distinct_within(group: np.ndarray, per: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n, k]`` expert offsets inside each slot's group: uniform, distinct per group and row
+    (repeats are drawn again, which is sampling without replacement)."""
+    slot = rng.integers(0, per, size=group.shape)
+    key = group.astype(np.int64) * per + slot
+    rows = np.nonzero(_duplicate_slots(key).any(axis=1))[0]
+    while rows.size:
+        sub, sub_key = slot[rows], key[rows]
+        dup = _duplicate_slots(sub_key)
+        sub[dup] = rng.integers(0, per, size=int(dup.sum()))
+        slot[rows], key[rows] = sub, group[rows].astype(np.int64) * per + sub
+        rows = rows[_duplicate_slots(key[rows]).any(axis=1)]
+    return slot
+
+
+def _half_normal_from_depth(depth: np.ndarray) -> np.ndarray:
+    """The half-normal value at uniform quantile ``exp(-depth)``: ``-ppf((1 - u) / 2)``."""
+    return -_normal_ppf_lower(-np.expm1(-depth.astype(np.float64)) / 2.0)
+
+
+# Acklam's rational approximation of the normal quantile (relative error < 1.2e-9).
+_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+      1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)  # fmt: skip
+_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+      6.680131188771972e01, -1.328068155288572e01)  # fmt: skip
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+      -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)  # fmt: skip
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00,
+      3.754408661907416e00)  # fmt: skip
+
+
+def _normal_ppf_lower(p: np.ndarray) -> np.ndarray:
+    """Standard normal quantile for ``0 < p <= 0.5`` (Acklam's algorithm)."""
+    low = p < 0.02425
+    q = np.sqrt(-2.0 * np.log(np.where(low, p, 0.02425)))
+    tail = _poly(_C, q) / (_poly(_D, q) * q + 1.0)
+    r0 = np.where(low, 0.3, p) - 0.5
+    r = r0 * r0
+    mid = _poly(_A, r) * r0 / (_poly(_B, r) * r + 1.0)
+    return np.where(low, tail, mid)
+
+
+def _poly(coef: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    acc = np.full_like(x, coef[0])
+    for c in coef[1:]:
+        acc = acc * x + c
+    return acc
+
+
+def group_limited_topk_scored(
+    n: int,
+    experts: int,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    rng: np.random.Generator,
+    group_score: str = "top2_sum",
+    chunk: int = 16384,
+) -> np.ndarray:
+    """:func:`group_limited_topk` by scoring every expert of every token, as DeepEP's tests do
+    (the reference the order-statistics draw is tested against)."""
     from moesim.policies.gating import group_limited_select
 
     out = np.empty((n, top_k), dtype=np.int16)

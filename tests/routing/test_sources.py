@@ -1,8 +1,9 @@
-"""Synthetic routing: distinct experts per token, seeded, uniform vs Zipf loads."""
+"""Synthetic routing: distinct experts per token, seeded, Zipf skew, group-limited draws."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moesim.routing.sources import distinct_topk, zipf_popularity
 
@@ -37,3 +38,41 @@ def test_uniform_loads_are_even_and_zipf_loads_are_skewed() -> None:
 def test_zipf_layers_have_different_hot_experts() -> None:
     p = zipf_popularity(4, 64, 1.0, np.random.default_rng(3))
     assert len(set(p.argmax(axis=1).tolist())) > 1
+
+
+@pytest.mark.parametrize(
+    ("n_group", "topk_group", "score"),
+    [(8, 4, "top2_sum"), (8, 4, "max"), (4, 4, "max"), (2, 2, "max"), (1, 1, "max")],
+)
+def test_group_limited_order_statistics_draw_matches_scoring_every_expert(
+    n_group: int, topk_group: int, score: str
+) -> None:
+    from moesim.routing.sources import group_limited_topk, group_limited_topk_scored
+
+    n, experts, k = 40_000, 256, 8
+    per = experts // n_group
+    fast = group_limited_topk(n, experts, k, n_group, topk_group, np.random.default_rng(1), score)
+    ref = group_limited_topk_scored(
+        n, experts, k, n_group, topk_group, np.random.default_rng(2), score
+    )
+    assert fast.shape == (n, k) and fast.dtype == np.int16
+    assert (np.sort(fast, axis=1)[:, 1:] != np.sort(fast, axis=1)[:, :-1]).all()  # distinct
+
+    def shape_of(x: np.ndarray) -> np.ndarray:
+        """Per token: experts taken from each group, sorted (the routing's group profile)."""
+        g = x.astype(np.int64) // per
+        counts = np.zeros((n, n_group), dtype=np.int64)
+        np.add.at(counts, (np.arange(n)[:, None], g), 1)
+        return -np.sort(-counts, axis=1)
+
+    for a, b in zip(shape_of(fast).T, shape_of(ref).T, strict=True):  # the i-th largest group
+        pa, pb = (np.bincount(v, minlength=k + 1) / n for v in (a, b))
+        sigma = np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)
+        assert (np.abs(pa - pb) <= 5 * sigma + 1e-3).all(), (pa, pb)
+    # Experts evenly used, and the best pick as likely from any group.
+    load = np.bincount(fast.ravel().astype(np.int64), minlength=experts)
+    assert load.std() / load.mean() < 0.05
+    first = np.bincount(fast[:, 0].astype(np.int64) // per, minlength=n_group) / n
+    assert np.abs(first - 1 / n_group).max() < 5 * np.sqrt(1 / n_group / n) + 1e-3
+    # Group-limited: no token reaches more than topk_group groups.
+    assert ((shape_of(fast) > 0).sum(axis=1) <= topk_group).all()

@@ -17,12 +17,12 @@ from moesim.validation.deepep import routing_counts, validate_deepep
 MEASURED_ERROR = {
     ("intranode", 8, "dispatch"): 0.065,
     ("intranode", 8, "combine"): 0.033,
-    ("internode", 16, "dispatch"): 0.167,
-    ("internode", 16, "combine"): 0.168,
+    ("internode", 16, "dispatch"): 0.163,
+    ("internode", 16, "combine"): 0.165,
     ("internode", 32, "dispatch"): 0.098,
     ("internode", 32, "combine"): 0.118,
-    ("internode", 64, "dispatch"): 0.075,
-    ("internode", 64, "combine"): 0.097,
+    ("internode", 64, "dispatch"): 0.074,
+    ("internode", 64, "combine"): 0.096,
 }
 
 
