@@ -265,7 +265,7 @@ _D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00,
 def _normal_ppf_lower(p: np.ndarray) -> np.ndarray:
     """Standard normal quantile for ``0 < p <= 0.5`` (Acklam's algorithm)."""
     low = p < 0.02425
-    q = np.sqrt(-2.0 * np.log(np.where(low, p, 0.02425)))
+    q = np.sqrt(-2.0 * np.log(np.where(low, np.maximum(p, 1e-300), 0.02425)))
     tail = _poly(_C, q) / (_poly(_D, q) * q + 1.0)
     r0 = np.where(low, 0.3, p) - 0.5
     r = r0 * r0
