@@ -5,12 +5,13 @@ minutes, and refuse one whose arrays would not fit this machine's memory, naming
 that shrinks it.
 
 The wall time is a rough model, not a promise: ``per_gpu_layer_s`` per GPU, layer, step and
-micro-batch (the compute and bookkeeping events), plus ``per_flow_s * flows**1.25`` per
-collective phase (the max-min rate rounds of the fluid network grow a little faster than its
-flows). The two constants come from the benchmarks in ``benchmarks/results.json`` on a 2-core
-machine (B1: Mixtral decode on 8 GPUs, 200 steps, 4.1 s; B2: DeepSeek-V3 prefill on 64 GPUs,
-5.7 s) and put a 256-GPU decode step at minutes, as measured (99 s); they are good to a
-factor of about 3.
+micro-batch (the compute and bookkeeping events), plus per collective phase of ``f`` flows the
+smaller of ``PER_FLOW_S * f**1.25`` (small phases: the max-min rate rounds grow a little faster
+than the flows) and ``PER_LARGE_PHASE_S * f**0.5`` (large ones, where the compiled solver's
+scan and the batching window keep the rounds few and cheap). The constants come from the
+benchmarks in ``benchmarks/results.json`` on a 2-core machine (B1: Mixtral decode on 8 GPUs,
+200 steps, 3.7 s; B2: DeepSeek-V3 prefill on 64 GPUs, 6.2 s; B3: DeepSeek-V3 decode on 256
+GPUs, about 14 s a step); they are good to a factor of about 3.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 PER_GPU_LAYER_S = 80e-6
 PER_FLOW_S = 1.4e-6
+PER_LARGE_PHASE_S = 4e-4
 WARN_S = 180.0
 """Runs estimated to take longer than this get a warning first (seconds)."""
 PHASES = 11
@@ -84,7 +86,8 @@ def estimate(r: ResolvedScenario) -> WorkEstimate:
     cells = w.steps * m.num_layers * r.world
     memory = 8.0 * (cells * (PHASES + 1) + 4 * w.steps * len(m.moe_layers) * (r.world + seq_bins))
     memory += 8.0 * 6 * m.num_layers * r.world * max(m.moe.num_experts, r.world)  # one step
-    seconds = PER_GPU_LAYER_S * walks + PER_FLOW_S * phases * flows**1.25
+    per_phase = min(PER_FLOW_S * flows**1.25, PER_LARGE_PHASE_S * flows**0.5)
+    seconds = PER_GPU_LAYER_S * walks + phases * per_phase
     return WorkEstimate(walks, flows, phases, memory, seconds)
 
 

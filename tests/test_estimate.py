@@ -7,8 +7,14 @@ import pytest
 import moesim.estimate
 from moesim.config.loading import load_scenario
 from moesim.errors import CapacityError
-from moesim.estimate import PER_FLOW_S, PER_GPU_LAYER_S, check_machine, estimate
-from tests.conftest import small_scenario
+from moesim.estimate import (
+    PER_FLOW_S,
+    PER_GPU_LAYER_S,
+    PER_LARGE_PHASE_S,
+    check_machine,
+    estimate,
+)
+from tests.conftest import SCENARIOS, small_scenario
 
 
 def test_the_work_of_a_small_decode_by_hand(write_scenario) -> None:
@@ -24,6 +30,16 @@ def test_the_work_of_a_small_decode_by_hand(write_scenario) -> None:
         )
     )
     assert train.collective_phases == 2 * work.collective_phases  # backward repeats them
+
+
+def test_a_large_phase_costs_by_the_square_root_of_its_flows() -> None:
+    # DeepSeek-V3 decode on 32 nodes of 8, EP256: 65,536 flows a phase, past the point where
+    # small phases' power law would overstate it (B3 measures about 0.1 s a phase).
+    work = estimate(load_scenario(SCENARIOS / "deepseek-v3-decode-256xh800.yaml"))
+    assert work.flows_per_phase == 256 * 256
+    per_phase = (work.seconds - PER_GPU_LAYER_S * work.gpu_layer_steps) / work.collective_phases
+    assert per_phase == pytest.approx(PER_LARGE_PHASE_S * 256)
+    assert 0.03 < per_phase < 0.3
 
 
 def test_a_run_too_big_for_memory_is_refused(write_scenario, monkeypatch) -> None:
