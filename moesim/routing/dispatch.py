@@ -27,7 +27,7 @@ import numpy as np
 from moesim.policies.capacity import DROP_POLICIES, get_capacity, keep_mask, reroute
 from moesim.policies.placement import Placement
 from moesim.policies.replicas import ReplicaChooser
-from moesim.routing.sources import RoutingDraw, first_of_kind
+from moesim.routing.sources import RoutingDraw
 
 
 @dataclass(frozen=True)
@@ -80,23 +80,6 @@ class CapacityRule:
         return self.factor is not None and DROP_POLICIES.get(self.drop).reroute
 
 
-def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
-    """Count distinct non-negative destinations per token.
-
-    Args:
-        dest: ``[layers, ranks, tokens, k]`` int, destination per assignment, -1 for none.
-        n_dest: Number of destinations.
-
-    Returns:
-        ``[layers, ranks, n_dest]`` int64, tokens sent to each destination (once per token).
-    """
-    layers, ranks = dest.shape[:2]
-    first = first_of_kind(dest) & (dest >= 0)
-    base = (np.arange(layers * ranks, dtype=np.int64) * n_dest).reshape(layers, ranks, 1, 1)
-    group = (base + dest)[first]
-    return np.bincount(group, minlength=layers * ranks * n_dest).reshape(layers, ranks, n_dest)
-
-
 def count_layers(
     draw: RoutingDraw,
     layers: np.ndarray,
@@ -122,32 +105,32 @@ def count_layers(
         pos_bin: ``[ranks, tokens]`` position bin of each token (for drops by position).
         bins: Position bins.
     """
+    from moesim.routing._count_jit import count_routed
+
     n_layers, ranks, tokens, _ = draw.experts.shape
     cap = rule.capacity(tokens, ranks)
     experts, keep, valid = apply_capacity(draw, rule, cap, rng)
     slot = chooser.slots(layers, experts, keep)
-    dest_rank, dest_node = _destinations(slot, keep, placement, rank_node)
-    slots = placement.phy2log.shape[1]
-    local = np.arange(n_layers, dtype=np.int32).reshape(-1, 1, 1, 1) * slots + slot
-    lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * rule.num_experts + experts
-    expert_routed = np.bincount(lay_e[valid], minlength=n_layers * rule.num_experts)
-    kept_local = local.ravel() if keep is None else local[keep]
-    slot_tokens = np.bincount(kept_local, minlength=n_layers * slots).reshape(
-        n_layers, ranks, placement.slots_per_rank
+    assignments, slot_tokens, rank_copies, node_copies, expert_routed = count_routed(
+        np.ascontiguousarray(slot),
+        np.ones((1, 1, 1, 1), dtype=bool) if keep is None else np.ascontiguousarray(keep),
+        keep is None,
+        np.ascontiguousarray(experts),
+        np.ascontiguousarray(valid),
+        placement.slot_rank.astype(np.int64),
+        rank_node.astype(np.int64),
+        int(rank_node.max()) + 1,
+        rule.num_experts,
     )
     dropped, dropped_by_bin = _drops(valid, keep, pos_bin, bins)
-    pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
-    pair = pair + dest_rank
     counts = LayerCounts(
-        assignments=np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks).reshape(
-            n_layers, ranks, ranks
-        ),
-        slot_tokens=slot_tokens,
+        assignments=assignments,
+        slot_tokens=slot_tokens.reshape(n_layers, ranks, placement.slots_per_rank),
         routed=valid.sum(axis=(2, 3)).astype(np.int64),
         dropped=dropped,
-        rank_copies=_distinct_counts(dest_rank, ranks),
-        node_copies=_distinct_counts(dest_node, int(rank_node.max()) + 1),
-        expert_routed=expert_routed.reshape(n_layers, rule.num_experts),
+        rank_copies=rank_copies,
+        node_copies=node_copies,
+        expert_routed=expert_routed,
         dropped_by_bin=dropped_by_bin,
         padding=np.zeros((n_layers, ranks, placement.slots_per_rank), dtype=np.int64),
     )
@@ -179,19 +162,6 @@ def apply_capacity(
     if partial:
         keep = valid
     return experts, keep, valid
-
-
-def _destinations(
-    slot: np.ndarray, keep: np.ndarray | None, placement: Placement, rank_node: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """``[L, R, T, k]`` destination rank and node of each assignment (-1 where dropped)."""
-    slot_rank = placement.slot_rank.astype(np.int32)
-    node_of = rank_node.astype(np.int32)
-    if keep is None:
-        dest_rank = slot_rank.take(slot)
-        return dest_rank, node_of.take(dest_rank)
-    dest_rank = np.where(keep, slot_rank.take(slot), -1)
-    return dest_rank, np.where(keep, node_of.take(np.maximum(dest_rank, 0)), -1)
 
 
 def _drops(

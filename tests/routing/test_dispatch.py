@@ -215,3 +215,44 @@ def test_reroute_follows_the_traces_router_logits(tmp_path) -> None:
     assert by_logit[[3, 4]].sum() == 0  # never among a token's next two by logit
     by_popularity = routed()
     assert by_popularity[[3, 4]].sum() > 0
+
+
+def test_compiled_counts_match_counting_by_hand() -> None:
+    """The one-pass compiled count against a plain loop over every assignment: dropped
+    slots, slots without an expert, tokens reaching one rank or node through several slots."""
+    from moesim.routing._count_jit import count_routed
+
+    rng = np.random.default_rng(4)
+    layers, ranks, tokens, k, per_rank, experts = 2, 4, 30, 3, 3, 12
+    slot_rank = np.arange(ranks * per_rank) // per_rank
+    rank_node = np.array([0, 0, 1, 1])
+    slot = rng.integers(0, ranks * per_rank, size=(layers, ranks, tokens, k))
+    expert = rng.integers(0, experts, size=slot.shape)
+    valid = rng.random(slot.shape) < 0.9
+    keep = valid & (rng.random(slot.shape) < 0.7)
+    for kept, all_kept in ((keep, False), (np.ones(slot.shape, dtype=bool), True)):
+        got = count_routed(slot, kept, all_kept, expert, valid, slot_rank, rank_node, 2, experts)
+        want = [
+            np.zeros((layers, ranks, ranks), int),
+            np.zeros((layers, ranks * per_rank), int),
+            np.zeros((layers, ranks, ranks), int),
+            np.zeros((layers, ranks, 2), int),
+            np.zeros((layers, experts), int),
+        ]
+        for li, r, t in np.ndindex(layers, ranks, tokens):
+            to_ranks, to_nodes = set(), set()
+            for j in range(k):
+                if valid[li, r, t, j]:
+                    want[4][li, expert[li, r, t, j]] += 1
+                if kept[li, r, t, j]:
+                    d = slot_rank[slot[li, r, t, j]]
+                    want[0][li, r, d] += 1
+                    want[1][li, slot[li, r, t, j]] += 1
+                    to_ranks.add(d)
+                    to_nodes.add(rank_node[d])
+            for d in to_ranks:
+                want[2][li, r, d] += 1
+            for n in to_nodes:
+                want[3][li, r, n] += 1
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g, w)
