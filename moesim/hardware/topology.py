@@ -257,9 +257,10 @@ class Topology:
         return bool(self._owned(paths).all())
 
     def _owned(self, paths: np.ndarray) -> np.ndarray:
-        """Per hop: no link (-1), or a GPU's own link."""
+        """Per hop: no link (-1), a GPU's own link, or an implied one (it never binds, so
+        whoever else crosses it cannot slow these flows: :attr:`implied`)."""
         link = np.maximum(paths, 0)
-        return (paths < 0) | (self.link_owner[link] >= 0)
+        return (paths < 0) | (self.link_owner[link] >= 0) | self.implied[link]
 
     def fluid_paths(self, paths: np.ndarray) -> np.ndarray:
         """``paths`` without their implied links (-1 there): what the max-min model needs."""

@@ -69,7 +69,62 @@ def fill(
     """``[n_flows]`` max-min rates; arguments as :func:`moesim.timing.maxmin.max_min_rates`
     (float64 capacity over every link id, int64 entries). ``how``: 0 chooses, 1 the heap,
     2 the scan (:func:`_scan`); both give the same rates bit for bit."""
-    n_links = capacity.size
+    count, link_ptr, flow_ptr, by_link, by_flow = _csr(flow_of, link_of, n_flows, capacity.size)
+    frozen = np.zeros(n_flows, np.bool_)
+    return _solve(capacity, count, link_ptr, by_link, flow_ptr, by_flow, frozen, how)
+
+
+@njit(cache=True)
+def fluid_schedule(
+    capacity: np.ndarray,
+    flow_of: np.ndarray,
+    link_of: np.ndarray,
+    nbytes: np.ndarray,
+    window: float,
+) -> np.ndarray:
+    """Finish time (seconds after the start) of every flow of one isolated transfer: max-min
+    rates, then the earliest flow and every flow due within ``window`` after it retire, and
+    again (the rule of :func:`moesim.timing.fluid_batch.batched_fluid_schedule`, whose
+    arithmetic this follows step for step). The incidence is laid out once; each round
+    solves over the flows still alive (retired ones count as frozen)."""
+    n_flows = nbytes.size
+    count, link_ptr, flow_ptr, by_link, by_flow = _csr(flow_of, link_of, n_flows, capacity.size)
+    alive = np.ones(n_flows, np.bool_)
+    rem = nbytes.astype(np.float64).copy()
+    finish = np.zeros(n_flows)
+    ends = np.zeros(n_flows)
+    now = 0.0
+    n_alive = n_flows
+    while n_alive > 0:
+        frozen = ~alive
+        count[:] = 0
+        for e in range(flow_of.size):
+            if alive[flow_of[e]]:
+                count[link_of[e]] += 1
+        rate = _solve(capacity, count, link_ptr, by_link, flow_ptr, by_flow, frozen, 0)
+        first = np.inf
+        for f in range(n_flows):
+            if alive[f]:
+                ends[f] = now + max(rem[f], 0.0) / rate[f]
+                first = min(first, ends[f])
+        for f in range(n_flows):
+            if alive[f]:
+                if ends[f] <= first + window:
+                    finish[f] = ends[f]
+                    alive[f] = False
+                    n_alive -= 1
+                else:
+                    rem[f] -= rate[f] * (first - now)
+        now = first
+    return finish
+
+
+@njit(cache=True)
+def _csr(
+    flow_of: np.ndarray, link_of: np.ndarray, n_flows: int, n_links: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Entries per link, the two offset arrays, and the entries grouped by link (their flows)
+    and by flow (their links), each group in input order."""
     nnz = flow_of.size
     count = np.zeros(n_links, np.int64)
     per_flow = np.zeros(n_flows, np.int64)
@@ -92,11 +147,30 @@ def fill(
         fill_l[lk] += 1
         by_flow[fill_f[fl]] = lk
         fill_f[fl] += 1
+    return count, link_ptr, flow_ptr, by_link, by_flow
+
+
+@njit(cache=True)
+def _solve(
+    capacity: np.ndarray,
+    count: np.ndarray,
+    link_ptr: np.ndarray,
+    by_link: np.ndarray,
+    flow_ptr: np.ndarray,
+    by_flow: np.ndarray,
+    frozen: np.ndarray,
+    how: int,
+) -> np.ndarray:
+    """Progressive filling over the flows not ``frozen`` (``count``: their entries per link);
+    the heap or, when few links carry many entries, the scan (:func:`_scan`)."""
+    n_links = capacity.size
+    n_flows = frozen.size
     rem = capacity.astype(np.float64).copy()
     left = count.astype(np.float64)
     active = np.nonzero(count)[0]
+    nnz = count.sum()
     if how == 2 or (how == 0 and active.size * active.size <= SCAN_RATIO * nnz):
-        return _scan(rem, left, active, link_ptr, by_link, flow_ptr, by_flow, n_flows)
+        return _scan(rem, left, active, link_ptr, by_link, flow_ptr, by_flow, frozen)
     keys = np.empty(n_links + nnz + 1, np.float64)
     ids = np.empty(n_links + nnz + 1, np.int64)
     size = 0
@@ -104,7 +178,7 @@ def fill(
         if count[lk] > 0:
             size = _push(keys, ids, size, max(rem[lk], 0.0) / left[lk], lk)
     rate = np.zeros(n_flows)
-    frozen = np.zeros(n_flows, np.bool_)
+    frozen = frozen.copy()
     while size > 0:
         share, lk = keys[0], ids[0]
         size = _pop(keys, ids, size)
@@ -134,7 +208,7 @@ def _scan(
     by_link: np.ndarray,
     flow_ptr: np.ndarray,
     by_flow: np.ndarray,
-    n_flows: int,
+    frozen: np.ndarray,
 ) -> np.ndarray:
     """Progressive filling with the next link found by a scan of the links still in use,
     each link's share kept current: the heap's order exactly (smallest share, then smallest
@@ -145,8 +219,8 @@ def _scan(
         share[lk] = max(rem[lk], 0.0) / left[lk]
     live = active.copy()
     n_live = live.size
-    rate = np.zeros(n_flows)
-    frozen = np.zeros(n_flows, np.bool_)
+    rate = np.zeros(frozen.size)
+    frozen = frozen.copy()
     while n_live > 0:
         best = 0
         for i in range(1, n_live):

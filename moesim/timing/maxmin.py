@@ -59,6 +59,17 @@ def max_min_rates(
 
 
 @functools.cache
+def compiled_schedule() -> Any:
+    """The compiled fluid schedule of one isolated transfer
+    (:func:`moesim.timing._maxmin_jit.fluid_schedule`), or None without numba."""
+    try:
+        from moesim.timing import _maxmin_jit
+    except ImportError:
+        return None
+    return _maxmin_jit.fluid_schedule
+
+
+@functools.cache
 def _compiled() -> Any:
     """The compiled progressive filling, or None without numba (imported on first use)."""
     try:

@@ -35,7 +35,7 @@ import simpy
 from moesim.comm.alltoall import Flows
 from moesim.hardware.topology import Topology
 from moesim.timing.fluid_batch import batched_fluid_schedule
-from moesim.timing.maxmin import COMPILED_MIN_GPUS, max_min_rates
+from moesim.timing.maxmin import COMPILED_MIN_GPUS, compiled_schedule, max_min_rates
 
 DoneFn = Callable[[int, float], None]
 _FIELDS = ("_paths", "_rem", "_rate", "_window", "_lat", "_src", "_dst", "_tid")
@@ -143,10 +143,7 @@ class FlowNetwork:
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
             if finish is None:
-                window = self.window(t.load, lat)
-                (finish,) = batched_fluid_schedule(
-                    self.topology.capacity, [paths], [nbytes], np.array([window]), self.compiled
-                )
+                (finish,) = self._schedule([paths], [nbytes], [self.window(t.load, lat)])
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
         window = self.window(t.load, lat)
@@ -211,11 +208,24 @@ class FlowNetwork:
                 windows.append(self.window(self.link_load(f, p), lat))
         out: list[np.ndarray | None] = [None] * len(transfers)
         if picked:
-            finish = batched_fluid_schedule(
-                self.topology.capacity, paths, sizes, np.array(windows), self.compiled
-            )
-            for i, fin in zip(picked, finish, strict=True):
+            for i, fin in zip(picked, self._schedule(paths, sizes, windows), strict=True):
                 out[i] = fin
+        return out
+
+    def _schedule(
+        self, paths: list[np.ndarray], sizes: list[np.ndarray], windows: list[float]
+    ) -> list[np.ndarray]:
+        """Fluid finish times of isolated transfers (fluid paths): one compiled schedule per
+        transfer on a compiled network, else all of them in lockstep on numpy arrays
+        (:func:`batched_fluid_schedule`). The two follow the same rule and arithmetic."""
+        cap = self.topology.capacity
+        schedule = compiled_schedule() if self.compiled else None
+        if schedule is None:
+            return batched_fluid_schedule(cap, paths, sizes, np.array(windows), self.compiled)
+        out = []
+        for p, nbytes, window in zip(paths, sizes, windows, strict=True):
+            live = p >= 0
+            out.append(schedule(cap, np.nonzero(live)[0], p[live], nbytes, float(window)))
         return out
 
     def _append(self, **arrays: np.ndarray) -> None:
