@@ -17,7 +17,7 @@ LOCK   := constraints.txt
 # runs the capture tests on it too, overlaid on the locked environment.
 TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
-.PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 \
+.PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 bench-scale \
 	lint install dev clean profiles
 
 $(BIN)/python:
@@ -96,6 +96,9 @@ bench: $(DEVSTAMP)
 # B4 (issue 4): a 1,024-GPU all-to-all phase, pxn and direct (target 2 s; direct takes ~70 s).
 bench-b4: $(DEVSTAMP)
 	$(BIN)/python benchmarks/b4_alltoall.py --out benchmarks/b4.json
+
+bench-scale: $(DEVSTAMP)
+	$(BIN)/python benchmarks/scale.py --out benchmarks/scale.json
 
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check moesim tests benchmarks

@@ -143,7 +143,7 @@ def stats_cmd(
         else:
             _print_stats(stats)
         if report is not None:
-            stats_figure(stats).write_html(report, include_plotlyjs="cdn")
+            stats_figure(stats).write_html(report, include_plotlyjs=True)
             typer.echo(f"report: {report}", err=json_out)
 
 
