@@ -92,6 +92,7 @@ lock:
 
 bench: $(DEVSTAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/b4_alltoall.py --out benchmarks/b4.json
 
 # B4 (issue 4): a 1,024-GPU all-to-all phase, pxn and direct (target 2 s; direct takes ~70 s).
 bench-b4: $(DEVSTAMP)
