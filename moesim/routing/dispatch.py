@@ -27,7 +27,7 @@ import numpy as np
 from moesim.policies.capacity import DROP_POLICIES, get_capacity, keep_mask, reroute
 from moesim.policies.placement import Placement
 from moesim.policies.replicas import ReplicaChooser
-from moesim.routing.sources import RoutingDraw
+from moesim.routing.sources import RoutingDraw, first_of_kind
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,86 @@ class CapacityRule:
         return self.factor is not None and DROP_POLICIES.get(self.drop).reroute
 
 
+COMPILED_MIN_ASSIGNMENTS = 1 << 20
+"""Chunks of at least this many assignments are counted by the compiled pass
+(:mod:`moesim.routing._count_jit`); smaller ones by numpy, which then costs less than loading
+numba (about half a second per process)."""
+
+Counted = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _count_compiled(
+    slot: np.ndarray,
+    keep: np.ndarray | None,
+    experts: np.ndarray,
+    valid: np.ndarray,
+    slot_rank: np.ndarray,
+    rank_node: np.ndarray,
+    n_experts: int,
+) -> Counted:
+    """:func:`count_routed_numpy` in one compiled pass (the same integers)."""
+    from moesim.routing._count_jit import count_routed
+
+    return count_routed(
+        np.ascontiguousarray(slot),
+        np.ones((1, 1, 1, 1), dtype=bool) if keep is None else np.ascontiguousarray(keep),
+        keep is None,
+        np.ascontiguousarray(experts),
+        np.ascontiguousarray(valid),
+        slot_rank.astype(np.int64),
+        rank_node.astype(np.int64),
+        int(rank_node.max()) + 1,
+        n_experts,
+    )
+
+
+def count_routed_numpy(
+    slot: np.ndarray,
+    keep: np.ndarray | None,
+    experts: np.ndarray,
+    valid: np.ndarray,
+    slot_rank: np.ndarray,
+    rank_node: np.ndarray,
+    n_experts: int,
+) -> Counted:
+    """Counts of ``[layers, ranks, tokens, k]`` assignments: ``(assignments [L, R, R],
+    slot_tokens [L, slots], rank_copies [L, R, R], node_copies [L, R, nodes],
+    expert_routed [L, E])`` (see :func:`moesim.routing._count_jit.count_routed`)."""
+    n_layers, ranks = slot.shape[:2]
+    slots = slot_rank.size
+    if keep is None:
+        dest_rank = slot_rank.astype(np.int32).take(slot)
+        dest_node = rank_node.astype(np.int32).take(dest_rank)
+    else:
+        dest_rank = np.where(keep, slot_rank.astype(np.int32).take(slot), -1)
+        dest_node = np.where(keep, rank_node.astype(np.int32).take(np.maximum(dest_rank, 0)), -1)
+    local = np.arange(n_layers, dtype=np.int64).reshape(-1, 1, 1, 1) * slots + slot
+    lay_e = np.arange(n_layers).reshape(-1, 1, 1, 1) * n_experts + experts
+    expert_routed = np.bincount(lay_e[valid], minlength=n_layers * n_experts)
+    kept_local = local.ravel() if keep is None else local[keep]
+    slot_tokens = np.bincount(kept_local, minlength=n_layers * slots)
+    pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
+    pair = pair + dest_rank
+    assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks)
+    return (
+        assignments.reshape(n_layers, ranks, ranks),
+        slot_tokens.reshape(n_layers, slots),
+        _distinct_counts(dest_rank, ranks),
+        _distinct_counts(dest_node, int(rank_node.max()) + 1),
+        expert_routed.reshape(n_layers, n_experts),
+    )
+
+
+def _distinct_counts(dest: np.ndarray, n_dest: int) -> np.ndarray:
+    """``[layers, ranks, n_dest]`` tokens sent to each non-negative destination of
+    ``[layers, ranks, tokens, k]`` ``dest``, once per token."""
+    layers, ranks = dest.shape[:2]
+    first = first_of_kind(dest) & (dest >= 0)
+    base = (np.arange(layers * ranks, dtype=np.int64) * n_dest).reshape(layers, ranks, 1, 1)
+    group = (base + dest)[first]
+    return np.bincount(group, minlength=layers * ranks * n_dest).reshape(layers, ranks, n_dest)
+
+
 def count_layers(
     draw: RoutingDraw,
     layers: np.ndarray,
@@ -105,22 +185,13 @@ def count_layers(
         pos_bin: ``[ranks, tokens]`` position bin of each token (for drops by position).
         bins: Position bins.
     """
-    from moesim.routing._count_jit import count_routed
-
     n_layers, ranks, tokens, _ = draw.experts.shape
     cap = rule.capacity(tokens, ranks)
     experts, keep, valid = apply_capacity(draw, rule, cap, rng)
     slot = chooser.slots(layers, experts, keep)
-    assignments, slot_tokens, rank_copies, node_copies, expert_routed = count_routed(
-        np.ascontiguousarray(slot),
-        np.ones((1, 1, 1, 1), dtype=bool) if keep is None else np.ascontiguousarray(keep),
-        keep is None,
-        np.ascontiguousarray(experts),
-        np.ascontiguousarray(valid),
-        placement.slot_rank.astype(np.int64),
-        rank_node.astype(np.int64),
-        int(rank_node.max()) + 1,
-        rule.num_experts,
+    count = _count_compiled if slot.size >= COMPILED_MIN_ASSIGNMENTS else count_routed_numpy
+    assignments, slot_tokens, rank_copies, node_copies, expert_routed = count(
+        slot, keep, experts, valid, placement.slot_rank, rank_node, rule.num_experts
     )
     dropped, dropped_by_bin = _drops(valid, keep, pos_bin, bins)
     counts = LayerCounts(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moesim.policies.capacity import get_capacity, keep_mask
 from moesim.policies.placement import make_placement, simple_input
@@ -217,10 +218,14 @@ def test_reroute_follows_the_traces_router_logits(tmp_path) -> None:
     assert by_popularity[[3, 4]].sum() > 0
 
 
-def test_compiled_counts_match_counting_by_hand() -> None:
-    """The one-pass compiled count against a plain loop over every assignment: dropped
-    slots, slots without an expert, tokens reaching one rank or node through several slots."""
-    from moesim.routing._count_jit import count_routed
+@pytest.mark.parametrize("compiled", [True, False])
+def test_counts_match_counting_by_hand(compiled: bool) -> None:
+    """The one-pass compiled count (large chunks) and the numpy one (small chunks) against a
+    plain loop over every assignment: dropped slots, slots without an expert, tokens reaching
+    one rank or node through several slots."""
+    from moesim.routing.dispatch import _count_compiled, count_routed_numpy
+
+    count = _count_compiled if compiled else count_routed_numpy
 
     rng = np.random.default_rng(4)
     layers, ranks, tokens, k, per_rank, experts = 2, 4, 30, 3, 3, 12
@@ -230,8 +235,10 @@ def test_compiled_counts_match_counting_by_hand() -> None:
     expert = rng.integers(0, experts, size=slot.shape)
     valid = rng.random(slot.shape) < 0.9
     keep = valid & (rng.random(slot.shape) < 0.7)
-    for kept, all_kept in ((keep, False), (np.ones(slot.shape, dtype=bool), True)):
-        got = count_routed(slot, kept, all_kept, expert, valid, slot_rank, rank_node, 2, experts)
+    for kept in (keep, None):
+        got = count(slot, kept, expert, valid, slot_rank, rank_node, experts)
+        if kept is None:
+            kept = np.ones(slot.shape, dtype=bool)
         want = [
             np.zeros((layers, ranks, ranks), int),
             np.zeros((layers, ranks * per_rank), int),
