@@ -139,7 +139,9 @@ class Engine:
         self._rv: dict[tuple[Any, ...], _Rendezvous] = {}
         self._migrating = False
         self.offload: OffloadTiming | None = None
-        self._pre: dict[tuple[Any, ...], tuple[Flows, Any]] = {}
+        self._pre: dict[tuple[Any, ...], tuple[Flows, Any] | None] = {}
+        self._plans: list[StepPlan] = []
+        self._migration: np.ndarray | None = None
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
         self.ops_s: dict[str, float] = {}  # op seconds summed over the steps run
 
@@ -168,6 +170,7 @@ class Engine:
             for mp in micro:
                 for op, sec in mp.ops.items():
                     self.ops_s[op] = self.ops_s.get(op, 0.0) + sec
+            self._plans, self._migration = micro, routing.migration
             self._pre = self._precompute(micro, routing.migration)
             self._migrating = routing.migration is not None
             start = self.env.now
@@ -192,29 +195,37 @@ class Engine:
 
     def _precompute(
         self, plans: list[StepPlan], migration: np.ndarray | None
-    ) -> dict[tuple[Any, ...], tuple[Flows, Any]]:
-        """Flows of every collective of the step (one plan per micro-batch) and, for isolated
-        ones, their fluid schedule, computed together (keys: (micro-batch, layer, phase,
-        first GPU of the group))."""
+    ) -> dict[tuple[Any, ...], tuple[Flows, Any] | None]:
+        """Every collective of the step (keys: (micro-batch, layer, phase, first GPU of the
+        group)) with its flows and, for isolated ones, their fluid schedule, computed together
+        on numpy. On a compiled network, where each isolated transfer is scheduled on its own
+        anyway, a collective's flows are only built when it starts (None here: the step's
+        flows of a 1,024-GPU decode alone would take gigabytes)."""
         keys: list[tuple[Any, ...]] = []
-        flows: list[Flows] = []
         leaders = sorted({int(g[0]) for g in self.layout.ep_groups})
-        for mb, plan in enumerate(plans):
-            for layer, moe in self.moe_index.items():
-                for phase in self._phases():
-                    for g in leaders:
-                        keys.append((mb, layer, phase, g))
-                        flows.append(self.flows.alltoall(plan, moe, g, phase))
+        for mb in range(len(plans)):
+            for layer in self.moe_index:
+                keys += [(mb, layer, phase, g) for phase in self._phases() for g in leaders]
             if self.layout.tp > 1:
-                for g in sorted({int(t[0]) for t in self.layout.tp_groups}):
-                    keys.append((mb, "tp", "tp_comm", g))
-                    flows.append(self.flows.tp_allreduce(plan, g))
+                tp = sorted({int(t[0]) for t in self.layout.tp_groups})
+                keys += [(mb, "tp", "tp_comm", g) for g in tp]
         if migration is not None:
-            for g in leaders:
-                keys.append((0, 0, "migrate", g))
-                flows.append(self.flows.migration(migration, g))
+            keys += [(0, 0, "migrate", g) for g in leaders]
+        if self.net.compiled:
+            return dict.fromkeys(keys)
+        flows = [self._flows_of(k) for k in keys]
         finish = self.net.plan_isolated(flows)
         return {k: (f, fin) for k, f, fin in zip(keys, flows, finish, strict=True)}
+
+    def _flows_of(self, key: tuple[Any, ...]) -> Flows:
+        """The flows of the step's collective ``key`` (see :meth:`_precompute`)."""
+        mb, layer, phase, g = key
+        if phase == "migrate":
+            assert self._migration is not None
+            return self.flows.migration(self._migration, g)
+        if phase == "tp_comm":
+            return self.flows.tp_allreduce(self._plans[mb], g)
+        return self.flows.alltoall(self._plans[mb], self.moe_index[layer], g, phase)
 
     def _record_routing(self, step: int, routing: StepRouting, gpu_tokens: np.ndarray) -> None:
         lay = self.layout
@@ -338,7 +349,7 @@ class Engine:
         )
         members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
         key = (step, mb, layer, phase, int(members[0]))
-        pre = self._pre[(mb, "tp" if tp else layer, phase, int(members[0]))]
+        pre = (mb, "tp" if tp else layer, phase, int(members[0]))
         ev = self._join(key, g, members, pre, step, layer, fixed)
         sms = self.gpus[g].compute if tp or phase == "migrate" or self.spec.a2a_holds_sms else None
         if isinstance(sms, SharedSMStream):  # the collective's kernel holds SMs until it ends
@@ -355,7 +366,7 @@ class Engine:
         key: tuple[Any, ...],
         g: int,
         members: np.ndarray,
-        pre: tuple[Flows, np.ndarray | None],
+        pre: tuple[Any, ...],
         step: int,
         layer: int,
         fixed: float,
@@ -369,7 +380,8 @@ class Engine:
         rv.arrived[g], rv.events[g] = self.env.now, ev
         if len(rv.arrived) == rv.size:
             del self._rv[key]
-            flows, finish = pre
+            planned = self._pre[pre]
+            flows, finish = (self._flows_of(pre), None) if planned is None else planned
             self.col.on_flows(
                 step, layer, flows.src, flows.dst, flows.nbytes, self.spec.gpus_per_node
             )
