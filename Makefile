@@ -18,6 +18,7 @@ LOCK   := constraints.txt
 TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
 .PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 bench-scale \
+	report-check \
 	lint install dev clean profiles
 
 $(BIN)/python:
@@ -97,6 +98,14 @@ bench: $(DEVSTAMP)
 # B4 (issue 4): a 1,024-GPU all-to-all phase, pxn and direct (target 2 s; direct takes ~70 s).
 bench-b4: $(DEVSTAMP)
 	$(BIN)/python benchmarks/b4_alltoall.py --out benchmarks/b4.json
+
+# Render a fresh quick-start report in headless Chromium (system package): every figure must
+# draw; the screenshot lands in results/report-check/ for a person to look at.
+report-check: $(STAMP)
+	rm -rf results/report-check
+	$(BIN)/moesim run scenarios/quickstart.yaml --out results/report-check > /dev/null
+	$(BIN)/python -m moesim.results.screenshot results/report-check/quickstart/*/report.html \
+		--png results/report-check/report.png
 
 bench-scale: $(DEVSTAMP)
 	$(BIN)/python benchmarks/scale.py --out benchmarks/scale.json

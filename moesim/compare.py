@@ -144,7 +144,7 @@ def write_compare(
 ) -> Path:
     """Write ``<out_root>/compare/<time>-<n>runs/`` (report.html, compare.csv, summaries.json)."""
 
-    from moesim.results.report import html_page
+    from moesim.results.report import headline_table, html_page
     from moesim.results.writer import write_folder
 
     def fill(tmp: Path) -> None:
@@ -157,6 +157,7 @@ def write_compare(
             ", ".join(summaries),
             compare_figures(table, summaries),
             table.to_html(index=False, float_format=lambda v: f"{v:,.4g}"),
+            head=headline_table(summaries),
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
 

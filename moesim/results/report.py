@@ -1,9 +1,10 @@
 """``report.html``: a self-contained plotly report of one run.
 
-Panels: the timeline of the first recorded step (one row per GPU), the per-layer breakdown of
-time by phase, the tokens each GPU computes per MoE layer, and (prefill and training with
-drops) the drop rate by token position. plotly is imported here only,
-so that runs without a report never load it.
+It opens on the headline (step time, tokens/s, exposed communication, drops, imbalance, HBM,
+where the op costs came from), then the panels: the timeline of the first recorded step (one
+row per GPU), the per-layer breakdown of time by phase, the tokens each GPU computes per MoE
+layer, and (prefill and training with drops) the drop rate by token position. plotly is
+imported here only, so that runs without a report never load it.
 """
 
 from __future__ import annotations
@@ -153,8 +154,86 @@ def drops_by_position_figure(summaries: dict[str, dict[str, Any]]) -> Any | None
     return fig
 
 
-def html_page(title: str, intro: str, figs: list[Any], footer: str = "") -> str:
-    """One self-contained HTML page (plotly.js inlined once) holding ``figs``."""
+GIB = 2**30
+
+
+def cost_origin(source: str) -> str:
+    """Where one op's cost came from, in a word: a measured or published kernel table, or
+    the roofline / bandwidth model (a ``cost_sources`` value)."""
+    if " table (measured" in source:
+        return "measured tables"
+    if " table (" in source:
+        return "published tables"
+    return "roofline / bandwidth"
+
+
+def headline(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The answer first: ``(label, value, detail)`` of the figures a reader looks for."""
+    step = float(summary["step_time_s"])
+    exposed = float(summary["breakdown_s"].get("exposed_comm", 0.0))
+    hbm, cap = float(summary["hbm_peak_bytes"]), float(summary["hbm_capacity_bytes"])
+    origins: dict[str, int] = {}
+    for src in summary.get("cost_sources", {}).values():
+        origins[cost_origin(src)] = origins.get(cost_origin(src), 0) + 1
+    costs = ", ".join(f"{n} from {k}" for k, n in sorted(origins.items())) or "no ops priced"
+    slowest = _duration(float(summary["step_time_max_s"]))
+    tokens = f"{summary['tokens_per_step']:,} tokens a step on {summary['gpus']} GPUs"
+    drops = f"{summary['tokens_dropped']:,} of {summary['tokens_routed']:,} assignments"
+    return [
+        ("step time", _duration(step), f"{_steps(int(summary['steps']))}, slowest {slowest}"),
+        ("tokens/s", f"{float(summary['tokens_per_s']):,.0f}", tokens),
+        ("exposed communication", _duration(exposed), f"{exposed / step:.0%} of the step"),
+        ("drop rate", f"{float(summary['drop_rate']):.2%}", drops),
+        ("imbalance", f"{float(summary['imbalance_max_over_mean']):.3f}", "busiest GPU / mean"),
+        ("HBM per GPU", f"{hbm / GIB:.1f} / {cap / GIB:.1f} GiB", f"{hbm / cap:.0%} of capacity"),
+        ("op costs", f"{sum(origins.values())} ops", costs),
+    ]
+
+
+def headline_html(summary: dict[str, Any]) -> str:
+    """:func:`headline` as a row of cards."""
+    cards = "".join(
+        "<div style='border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:150px'>"
+        f"<div style='color:#666;font-size:13px'>{html.escape(label)}</div>"
+        f"<div style='font-size:22px;font-weight:bold'>{html.escape(value)}</div>"
+        f"<div style='color:#666;font-size:12px'>{html.escape(detail)}</div></div>"
+        for label, value, detail in headline(summary)
+    )
+    return f"<div style='display:flex;flex-wrap:wrap;gap:10px;margin:10px 0 20px'>{cards}</div>"
+
+
+def headline_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """:func:`headline` of several runs side by side (a compare or sweep report's head)."""
+    rows = {name: headline(s) for name, s in summaries.items()}
+    labels = [label for label, _, _ in next(iter(rows.values()))] if rows else []
+    cell = "text-align:right;padding:4px 10px"
+    head = "".join(f"<th style='{cell}'>{html.escape(n)}</th>" for n in rows)
+    body = "".join(
+        f"<tr><td style='padding:4px 10px;font-weight:bold'>{html.escape(label)}</td>"
+        + "".join(f"<td style='{cell}'>{html.escape(r[i][1])}</td>" for r in rows.values())
+        + "</tr>"
+        for i, label in enumerate(labels)
+    )
+    table = f"<tr><th></th>{head}</tr>{body}"
+    return f"<table style='border-collapse:collapse;margin:10px 0 20px'>{table}</table>"
+
+
+def _steps(n: int) -> str:
+    return f"{n:,} step" if n == 1 else f"{n:,} steps"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds in the unit a reader expects: us, ms or s."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:,.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:,.2f} ms"
+    return f"{seconds:,.3f} s"
+
+
+def html_page(title: str, intro: str, figs: list[Any], footer: str = "", head: str = "") -> str:
+    """One self-contained HTML page (plotly.js inlined once): title, intro, ``head`` (the
+    headline block), ``figs``, then ``footer``."""
     import plotly.io as pio
 
     parts = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
@@ -162,6 +241,7 @@ def html_page(title: str, intro: str, figs: list[Any], footer: str = "") -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moesim: {t}</title></head>"
         f"<body style='font-family:sans-serif'><h1>{t}</h1><p>{html.escape(intro)}</p>"
+        + head
         + "".join(parts)
         + footer
         + "</body></html>"
@@ -184,7 +264,11 @@ def links_figure(result: RunResult) -> Any | None:
     fig.update_layout(
         title="Busiest link per kind in each collective phase (bytes / capacity / phase span)",
         xaxis_title="phase start (ms)",
+        xaxis_tickformat=",.4~g",
         yaxis_title="utilisation",
+        yaxis_tickformat=".0%",
+        yaxis_hoverformat=".1%",
+        xaxis_hoverformat=",.3f",
         height=380,
     )
     return fig
@@ -208,5 +292,6 @@ def write_report(result: RunResult, path: Path) -> None:
         result.resolved.scenario.description,
         figs,
         f"<h2>summary.json</h2><pre>{summary}</pre>",
+        head=headline_html(result.summary),
     )
     path.write_text(page, encoding="utf-8")

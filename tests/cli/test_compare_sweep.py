@@ -45,7 +45,11 @@ def test_compare_scenarios_and_run_folders(write_scenario, tmp_path: Path) -> No
     assert rows[1]["imbalance"] < rows[0]["imbalance"]
     folder = next((out / "compare").iterdir())
     assert {p.name for p in folder.iterdir()} == {"report.html", "compare.csv", "summaries.json"}
-    assert "plotly" in (folder / "report.html").read_text()
+    page = (folder / "report.html").read_text()
+    assert "plotly" in page
+    # the headline of both runs side by side comes before the figures
+    assert page.index(">step time<") < page.index("plotly-graph-div")
+    assert page.index(">contig<") < page.index(">eplb<") < page.index("plotly-graph-div")
     # the table printed for people has a column per run
     res = runner.invoke(app, ["compare", str(a), str(a), "--no-write"])
     assert res.exit_code == 0 and "contig #2" in res.stdout

@@ -98,3 +98,24 @@ def test_a_killed_writers_hidden_folder_is_removed_by_the_next_run(result, tmp_p
     mine.mkdir()
     write_run(result, tmp_path / "results")
     assert not left.exists() and mine.exists()
+
+
+def test_report_opens_on_the_headline(result, tmp_path: Path) -> None:
+    from moesim.results.report import cost_origin, headline
+
+    s = result.summary
+    rows = {label: (value, detail) for label, value, detail in headline(s)}
+    assert rows["step time"][0] == f"{s['step_time_s'] * 1e3:,.2f} ms"  # a decode step: ms
+    assert rows["tokens/s"][0] == f"{s['tokens_per_s']:,.0f}"
+    exposed = s["breakdown_s"]["exposed_comm"] / s["step_time_s"]
+    assert rows["exposed communication"][1] == f"{exposed:.0%} of the step"
+    assert (
+        rows["HBM per GPU"][1] == f"{s['hbm_peak_bytes'] / s['hbm_capacity_bytes']:.0%} of capacity"
+    )
+    assert rows["op costs"][0] == f"{len(s['cost_sources'])} ops"
+    assert cost_origin("deepgemm fp8 dense table (published: DeepGEMM)") == "published tables"
+    assert cost_origin("gemm linear table (measured: aiconfigurator)") == "measured tables"
+    assert cost_origin("HBM 3350 GB/s x memory_efficiency 0.9") == "roofline / bandwidth"
+    page = (write_run(result, tmp_path) / "report.html").read_text()
+    first_figure = page.index("plotly-graph-div")
+    assert page.index(">step time<") < first_figure and page.index(">op costs<") < first_figure
