@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from moesim import jsonout
-from moesim.sweep import PointStore, run_sweep
+from moesim.study.sweep import PointStore, run_sweep
 from tests.conftest import small_scenario
 
 GRID = ["workload.batch_size=64,128,192,256", "policies.placement.type=contiguous,greedy"]

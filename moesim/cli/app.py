@@ -120,8 +120,8 @@ def compare(
     scenario file.
     """
     from moesim.cli.render import print_comparison, progress_bar
-    from moesim.compare import compare as run_compare
-    from moesim.compare import write_compare
+    from moesim.study.compare import compare as run_compare
+    from moesim.study.compare import write_compare
 
     with reported():
         with progress_bar(len(entries), "comparison") as tick:
@@ -187,10 +187,10 @@ def sweep(
     import os
 
     from moesim.cli.render import print_sweep, progress_bar
-    from moesim.compare import COLUMNS
     from moesim.config.loading import load_scenario
     from moesim.results.writer import output_root
-    from moesim.sweep import PointStore, expand_grid, run_sweep, write_sweep
+    from moesim.study.compare import COLUMNS
+    from moesim.study.sweep import PointStore, expand_grid, run_sweep, write_sweep
 
     with reported():
         base = load_scenario(scenario, overrides or [])  # fail early on a bad scenario

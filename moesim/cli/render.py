@@ -198,7 +198,7 @@ def _cell(col: str, v: Any) -> str:
 
 def print_comparison(table: Any) -> None:
     """One column per run, one row per setting and metric (narrow enough for a terminal)."""
-    from moesim.compare import COLUMNS
+    from moesim.study.compare import COLUMNS
 
     t = Table(title="moesim compare")
     t.add_column("")
@@ -214,7 +214,7 @@ def print_comparison(table: Any) -> None:
 
 def print_sweep(table: Any, title: str) -> None:
     """One row per grid point: the grid values (last key part as header), then the metrics."""
-    from moesim.compare import COLUMNS
+    from moesim.study.compare import COLUMNS
 
     short = {
         "step_time_ms": "step ms",

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moesim.cli import app
-from moesim.sweep import expand_grid
+from moesim.study.sweep import expand_grid
 from tests.conftest import small_scenario
 
 runner = CliRunner()
@@ -111,7 +111,7 @@ def test_sweep_on_a_local_dask_cluster_gives_the_local_table(write_scenario) -> 
     """Dask workers get each point's resolved scenario and return the same summaries, byte for
     byte, as a run here; an invalid point is reported without being sent."""
     pytest.importorskip("distributed", reason="`make test` installs moesim[distributed]")
-    from moesim.sweep import run_sweep
+    from moesim.study.sweep import run_sweep
 
     path = write_scenario(_skewed())
     grid = ["policies.placement.type=contiguous,eplb", "policies.placement.redundant_experts=0,16"]
@@ -128,9 +128,9 @@ def test_sweep_on_a_local_dask_cluster_gives_the_local_table(write_scenario) -> 
 
 def test_sweep_names_an_unreachable_dask_scheduler(write_scenario, monkeypatch) -> None:
     pytest.importorskip("distributed", reason="`make test` installs moesim[distributed]")
-    import moesim.sweep
+    import moesim.study.sweep
 
-    monkeypatch.setattr(moesim.sweep, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(moesim.study.sweep, "CONNECT_TIMEOUT_S", 1)
     path = write_scenario(_skewed())
     res = runner.invoke(
         app,

@@ -2,7 +2,7 @@
 
 Notebook use::
 
-    from moesim.compare import compare
+    from moesim.study.compare import compare
     table, summaries = compare(["scenarios/a.yaml", "results/b/20261123T...-seed0"])
 
 Each entry is a scenario YAML (simulated here, nothing written) or a run folder holding a

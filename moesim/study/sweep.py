@@ -189,7 +189,7 @@ def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
 
 def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per grid point: the grid values, then the comparison columns (or the error)."""
-    from moesim.compare import COLUMNS
+    from moesim.study.compare import COLUMNS
 
     rows = []
     for overrides, s in zip(points, summaries, strict=True):
@@ -334,7 +334,7 @@ def sweep_figure(table: pd.DataFrame) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from moesim.compare import COLUMNS
+    from moesim.study.compare import COLUMNS
 
     keys = [c for c in table.columns if c not in COLUMNS and c != "error"]
     labels = [
