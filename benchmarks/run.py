@@ -145,6 +145,12 @@ def main() -> None:
                 f"{row['simulated_events']:,} events, peak {row['peak_memory_mb']:.0f} MB"
                 f"{'' if row['meets_target'] else '  MISSES ITS TARGET'}"
             )
+    write_results(args.out, rows)
+    print(f"wrote {args.out}")
+
+
+def write_results(path: Path, rows: list[dict[str, object]]) -> None:
+    """``rows`` as a results file: today's date, this machine, the rows."""
     out = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": {
@@ -154,8 +160,7 @@ def main() -> None:
         },
         "results": rows,
     }
-    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from run import write_results  # benchmarks/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = (8, 16, 64, 256, 1024)
@@ -119,16 +118,7 @@ def main() -> None:
                 f"{row['simulated_step_time_s'] * 1e3:>9.2f}",
                 flush=True,
             )
-    out = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "results": rows,
-    }
-    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_results(args.out, rows)
     html = args.out.with_suffix(".html")
     figure(rows, html)
     print(f"wrote {args.out} and {html}")
