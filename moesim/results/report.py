@@ -202,18 +202,29 @@ def headline_html(summary: dict[str, Any]) -> str:
     return f"<div style='display:flex;flex-wrap:wrap;gap:10px;margin:10px 0 20px'>{cards}</div>"
 
 
-def headline_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """:func:`headline` of several runs side by side (a compare or sweep report's head)."""
+def headline_table(summaries: dict[str, dict[str, Any]], by_row: bool = False) -> str:
+    """:func:`headline` of several runs: a column per run (a compare report's head), or a row
+    per run (``by_row``: a sweep's grid points)."""
     rows = {name: headline(s) for name, s in summaries.items()}
     labels = [label for label, _, _ in next(iter(rows.values()))] if rows else []
     cell = "text-align:right;padding:4px 10px"
-    head = "".join(f"<th style='{cell}'>{html.escape(n)}</th>" for n in rows)
-    body = "".join(
-        f"<tr><td style='padding:4px 10px;font-weight:bold'>{html.escape(label)}</td>"
-        + "".join(f"<td style='{cell}'>{html.escape(r[i][1])}</td>" for r in rows.values())
-        + "</tr>"
-        for i, label in enumerate(labels)
-    )
+    first = "padding:4px 10px;font-weight:bold"
+    if by_row:
+        head = "".join(f"<th style='{cell}'>{html.escape(label)}</th>" for label in labels)
+        body = "".join(
+            f"<tr><td style='{first}'>{html.escape(name)}</td>"
+            + "".join(f"<td style='{cell}'>{html.escape(v)}</td>" for _, v, _ in r)
+            + "</tr>"
+            for name, r in rows.items()
+        )
+    else:
+        head = "".join(f"<th style='{cell}'>{html.escape(n)}</th>" for n in rows)
+        body = "".join(
+            f"<tr><td style='{first}'>{html.escape(label)}</td>"
+            + "".join(f"<td style='{cell}'>{html.escape(r[i][1])}</td>" for r in rows.values())
+            + "</tr>"
+            for i, label in enumerate(labels)
+        )
     table = f"<tr><th></th>{head}</tr>{body}"
     return f"<table style='border-collapse:collapse;margin:10px 0 20px'>{table}</table>"
 

@@ -308,10 +308,18 @@ def write_sweep(
     table: pd.DataFrame, summaries: list[dict[str, Any]], name: str, out_root: str | Path
 ) -> Path:
     """Write ``<out_root>/<name>/<time>-sweep/`` with sweep.parquet, summaries.json and a
-    report.html of each metric against the grid points."""
+    report.html: the headline of every point that ran, then each metric against the points."""
 
-    from moesim.results.report import html_page
+    from moesim.results.report import headline_table, html_page
     from moesim.results.writer import write_folder
+    from moesim.study.compare import COLUMNS
+
+    grid = [c for c in table.columns if c not in COLUMNS and c != "error"]
+    ran = {
+        ", ".join(f"{c}={row[c]}" for c in grid) or f"point {i}": s
+        for i, (row, s) in enumerate(zip(table.to_dict("records"), summaries, strict=True))
+        if "error" not in s
+    }
 
     def fill(tmp: Path) -> None:
         table.to_parquet(tmp / "sweep.parquet", index=False)
@@ -323,6 +331,7 @@ def write_sweep(
             f"{len(table)} grid points",
             [sweep_figure(table)],
             table.to_html(index=False, float_format=lambda v: f"{v:,.4g}"),
+            head=headline_table(ran, by_row=True) if ran else "",
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
 

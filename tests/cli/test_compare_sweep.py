@@ -105,6 +105,10 @@ def test_sweep_writes_one_parquet_table_and_reports_failures(
         & (ok["policies.placement.redundant_experts"] == "16")
     ]
     assert eplb16["imbalance"].iloc[0] < ok["imbalance"].iloc[0]
+    # the report opens on a headline row per point that ran (the failed one has none)
+    page = (folder / "report.html").read_text()
+    head = page[: page.index("plotly-graph-div")]
+    assert ">step time<" in head and head.count("policies.placement.type=") == 3
 
 
 def test_sweep_on_a_local_dask_cluster_gives_the_local_table(write_scenario) -> None:
