@@ -8,9 +8,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 # aiconfigurator-core needs numpy >= 2.1: the oldest-bounds run leaves it out (its tests skip
-# there; `make test` and CI install it and run them).
+# there; `make test` and CI install it and run them). The docs extra is built by make test.
 EXTRAS_OLDEST := dev,trace,cuda,distributed
-EXTRAS := $(EXTRAS_OLDEST),aiconfigurator
+EXTRAS := $(EXTRAS_OLDEST),aiconfigurator,docs
 AIC_PROFILE := moesim/hardware/profiles/h100-sxm-aiconfigurator.yaml
 LOCK   := constraints.txt
 # The oldest transformers the project allows (pyproject.toml, constraints-oldest.txt): make test
@@ -18,7 +18,7 @@ LOCK   := constraints.txt
 TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
 .PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 bench-scale \
-	report-check \
+	report-check docs \
 	lint install dev clean profiles
 
 $(BIN)/python:
@@ -41,7 +41,12 @@ demo: $(STAMP)
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q
-	$(MAKE) --no-print-directory test-capture-oldest test-wheel
+	$(MAKE) --no-print-directory test-capture-oldest test-wheel docs
+
+# The documentation site into build/docs, warnings as errors (its pages are assembled from
+# README.md, ARCHITECTURE.md and the scenario models by docs/hooks.py).
+docs: $(DEVSTAMP)
+	$(BIN)/mkdocs build --strict --quiet
 
 # Capture (and generate's positions) on the oldest transformers allowed.
 test-capture-oldest: $(DEVSTAMP)
@@ -111,8 +116,8 @@ bench-scale: $(DEVSTAMP)
 	$(BIN)/python benchmarks/scale.py --out benchmarks/scale.json
 
 lint: $(DEVSTAMP)
-	$(BIN)/ruff check moesim tests benchmarks
-	$(BIN)/ruff format --check moesim tests benchmarks
+	$(BIN)/ruff check moesim tests benchmarks docs
+	$(BIN)/ruff format --check moesim tests benchmarks docs
 	$(BIN)/mypy
 
 clean:
