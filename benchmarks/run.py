@@ -31,6 +31,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = {
@@ -125,14 +126,7 @@ def main() -> None:
         return
     rows = []
     for name in [*BENCHMARKS, "T1"]:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", name],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = in_own_process(__file__, "--one", name)
         rows.append(row)
         if name == "T1":
             print(
@@ -147,6 +141,16 @@ def main() -> None:
             )
     write_results(args.out, rows)
     print(f"wrote {args.out}")
+
+
+def in_own_process(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script args`` in a new Python process (so that its peak memory is its own) and
+    return the JSON object on the last line it prints."""
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    row: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row
 
 
 def write_results(path: Path, rows: list[dict[str, object]]) -> None:

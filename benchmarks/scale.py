@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from run import write_results  # benchmarks/run.py, beside this script
+from run import in_own_process, write_results  # benchmarks/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = (8, 16, 64, 256, 1024)
@@ -104,14 +102,7 @@ def main() -> None:
     print(f"{'mode':8} {'GPUs':>6} {'wall s':>9} {'peak MB':>9} {'step ms':>9}")
     for mode in MODES:
         for gpus in GPUS:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--one", mode, str(gpus)],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-            )
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = in_own_process(__file__, "--one", mode, str(gpus))
             rows.append(row)
             print(
                 f"{mode:8} {gpus:>6} {row['wall_s']:>9.2f} {row['peak_memory_mb']:>9.0f} "
