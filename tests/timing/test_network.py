@@ -116,16 +116,21 @@ def test_batched_transfers_do_not_couple() -> None:
         ("skewed8", "h100-sxm", 1, 8),
         ("internode16", "h800", 2, 16),
         ("pcie8", "l40s-pcie", 1, 8),
+        ("internode64", "h800", 8, 64),
     ],
 )
 def test_default_tolerance_stays_close_to_exact(name, profile, nodes, gpus) -> None:
+    """The scenario default (0.1) against the exact fluid model: measured within 1.8% on the
+    phase and 3.4% on any GPU's finish (moesim.timing.network); held at 2% and 4%."""
+    from moesim.config.scenario import Engine
+
     rng = np.random.default_rng(1)
     copies = rng.poisson(300, (gpus, gpus))
     if name == "skewed8":
         copies = (copies * (1 + 5 * rng.random(gpus)[None, :] ** 3)).astype(int)
     exact = run_transfer(copies, profile, nodes, 0.0)
-    approx = run_transfer(copies, profile, nodes, 0.05)
-    assert np.abs(approx / exact - 1).max() < 0.05  # any GPU's finish
+    approx = run_transfer(copies, profile, nodes, Engine().flow_tolerance)
+    assert np.abs(approx / exact - 1).max() < 0.04  # any GPU's finish
     assert approx.max() == pytest.approx(exact.max(), rel=0.02)  # the phase
 
 
