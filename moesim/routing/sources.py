@@ -151,16 +151,38 @@ def distinct_topk(p: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np
     draw = _sampler(p, rng)
     layer_of = np.repeat(np.arange(layers), n)  # [layers * n], one per row
     x = draw(np.broadcast_to(layer_of[:, None], (layers * n, k)))
+    x = _redraw_repeats(
+        x,
+        lambda rows, dup: draw(np.broadcast_to(layer_of[rows][:, None], dup.shape)[dup]),
+        "could not draw distinct experts; the popularity is too skewed",
+    )
+    return x.reshape(layers, n, k)
+
+
+def _redraw_repeats(
+    x: np.ndarray,
+    redraw: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    failure: str,
+    rounds: int = 10_000,
+) -> np.ndarray:
+    """``[n, k]`` ``x`` with every slot that repeats an earlier slot of its row drawn again
+    until each row is distinct (i.i.d. draws conditioned on distinctness).
+
+    Args:
+        redraw: ``(rows, dup)`` -> new values for ``x[rows][dup]``, where ``rows`` are the
+            row indices still holding repeats and ``dup`` marks the repeating slots.
+        failure: The error raised when ``rounds`` are not enough.
+    """
     rows = np.nonzero(_duplicate_slots(x).any(axis=1))[0]
-    for _ in range(10_000):
+    for _ in range(rounds):
         if not rows.size:
-            return x.reshape(layers, n, k)
+            return x
         sub = x[rows]
         dup = _duplicate_slots(sub)
-        sub[dup] = draw(np.broadcast_to(layer_of[rows][:, None], sub.shape)[dup])
+        sub[dup] = redraw(rows, dup)
         x[rows] = sub
         rows = rows[_duplicate_slots(sub).any(axis=1)]
-    raise RuntimeError("could not draw distinct experts; the popularity is too skewed")
+    raise RuntimeError(failure)
 
 
 def group_limited_topk(
@@ -226,24 +248,19 @@ def group_limited_topk(
             pick, np.argsort(np.take_along_axis(cand, pick, axis=1), axis=1), axis=1
         )
         group = np.take_along_axis(keep, pick // m, axis=1)
-        slot = _distinct_within(group, per, rng)
-        out[start : start + c] = group * per + slot
+        out[start : start + c] = _experts_within(group.astype(np.int64) * per, per, rng)
     return out
 
 
-def _distinct_within(group: np.ndarray, per: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n, k]`` expert offsets inside each slot's group: uniform, distinct per group and row
-    (repeats are drawn again, which is sampling without replacement)."""
-    slot = rng.integers(0, per, size=group.shape)
-    key = group.astype(np.int64) * per + slot
-    rows = np.nonzero(_duplicate_slots(key).any(axis=1))[0]
-    while rows.size:
-        sub, sub_key = slot[rows], key[rows]
-        dup = _duplicate_slots(sub_key)
-        sub[dup] = rng.integers(0, per, size=int(dup.sum()))
-        slot[rows], key[rows] = sub, group[rows].astype(np.int64) * per + sub
-        rows = rows[_duplicate_slots(key[rows]).any(axis=1)]
-    return slot
+def _experts_within(first: np.ndarray, per: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n, k]`` experts holding the picked order statistics, slot ``j`` in the group whose
+    first expert is ``first[:, j]``: uniform inside it, distinct within the row (repeats are
+    drawn again, which is sampling without replacement)."""
+    return _redraw_repeats(
+        first + rng.integers(0, per, size=first.shape),
+        lambda rows, dup: first[rows][dup] + rng.integers(0, per, size=int(dup.sum())),
+        "could not draw distinct experts inside the groups",
+    )
 
 
 def _half_normal_from_depth(depth: np.ndarray) -> np.ndarray:
