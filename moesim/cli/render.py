@@ -42,12 +42,10 @@ def progress_bar(
         yield lambda done, _total: prog.update(task, completed=done)
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:,.3f} ms"
-
-
 def print_summary(s: dict[str, Any], folder: Path | None) -> None:
     """The summary as a table, then where the run folder is."""
+    from moesim.results.report import seconds_text
+
     console = Console()
     t = Table(
         title=f"moesim: {s['scenario']}  ({s['model']} on {s['gpus']}x {s['hardware']}, "
@@ -56,11 +54,11 @@ def print_summary(s: dict[str, Any], folder: Path | None) -> None:
     )
     t.add_column("metric", style="bold")
     t.add_column("value", justify="right")
-    t.add_row("step time", _us(s["step_time_s"]))
+    t.add_row("step time", seconds_text(s["step_time_s"]))
     t.add_row("tokens/s", f"{s['tokens_per_s']:,.0f}")
     for k, v in s["breakdown_s"].items():
         if v > 0:
-            t.add_row(f"  {k}", _us(v))
+            t.add_row(f"  {k}", seconds_text(v))
     t.add_row("imbalance (max/mean)", f"{s['imbalance_max_over_mean']:.3f}")
     t.add_row("drop rate", f"{s['drop_rate']:.2%}")
     t.add_row("bytes intra-node / step", f"{s['bytes_intra_node'] / 1e6:,.2f} MB")

@@ -10,6 +10,7 @@ imported here only, so that runs without a report never load it.
 from __future__ import annotations
 
 import html
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,17 +173,15 @@ def headline(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     step = float(summary["step_time_s"])
     exposed = float(summary["breakdown_s"].get("exposed_comm", 0.0))
     hbm, cap = float(summary["hbm_peak_bytes"]), float(summary["hbm_capacity_bytes"])
-    origins: dict[str, int] = {}
-    for src in summary.get("cost_sources", {}).values():
-        origins[cost_origin(src)] = origins.get(cost_origin(src), 0) + 1
+    origins = Counter(cost_origin(src) for src in summary.get("cost_sources", {}).values())
     costs = ", ".join(f"{n} from {k}" for k, n in sorted(origins.items())) or "no ops priced"
-    slowest = _duration(float(summary["step_time_max_s"]))
+    slowest = seconds_text(float(summary["step_time_max_s"]))
     tokens = f"{summary['tokens_per_step']:,} tokens a step on {summary['gpus']} GPUs"
     drops = f"{summary['tokens_dropped']:,} of {summary['tokens_routed']:,} assignments"
     return [
-        ("step time", _duration(step), f"{_steps(int(summary['steps']))}, slowest {slowest}"),
+        ("step time", seconds_text(step), f"{_steps(int(summary['steps']))}, slowest {slowest}"),
         ("tokens/s", f"{float(summary['tokens_per_s']):,.0f}", tokens),
-        ("exposed communication", _duration(exposed), f"{exposed / step:.0%} of the step"),
+        ("exposed communication", seconds_text(exposed), f"{exposed / step:.0%} of the step"),
         ("drop rate", f"{float(summary['drop_rate']):.2%}", drops),
         ("imbalance", f"{float(summary['imbalance_max_over_mean']):.3f}", "busiest GPU / mean"),
         ("HBM per GPU", f"{hbm / GIB:.1f} / {cap / GIB:.1f} GiB", f"{hbm / cap:.0%} of capacity"),
@@ -233,13 +232,10 @@ def _steps(n: int) -> str:
     return f"{n:,} step" if n == 1 else f"{n:,} steps"
 
 
-def _duration(seconds: float) -> str:
-    """Seconds in the unit a reader expects: us, ms or s."""
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:,.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:,.2f} ms"
-    return f"{seconds:,.3f} s"
+def seconds_text(seconds: float) -> str:
+    """A step-scale time as the summary table and the report print it: us below a
+    millisecond, else ms."""
+    return f"{seconds * 1e6:,.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:,.3f} ms"
 
 
 def html_page(title: str, intro: str, figs: list[Any], footer: str = "", head: str = "") -> str:
