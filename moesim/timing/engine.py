@@ -171,7 +171,7 @@ class Engine:
                 for op, sec in mp.ops.items():
                     self.ops_s[op] = self.ops_s.get(op, 0.0) + sec
             self._plans, self._migration = micro, routing.migration
-            self._pre = self._precompute(micro, routing.migration)
+            self._pre = self._precompute()
             self._migrating = routing.migration is not None
             start = self.env.now
             busy0 = np.array([g.compute.busy_s for g in self.gpus])
@@ -193,23 +193,22 @@ class Engine:
             else ("dispatch", "combine")
         )
 
-    def _precompute(
-        self, plans: list[StepPlan], migration: np.ndarray | None
-    ) -> dict[tuple[Any, ...], tuple[Flows, Any] | None]:
-        """Every collective of the step (keys: (micro-batch, layer, phase, first GPU of the
-        group)) with its flows and, for isolated ones, their fluid schedule, computed together
+    def _precompute(self) -> dict[tuple[Any, ...], tuple[Flows, Any] | None]:
+        """Every collective of the step (its plans in ``_plans``, its expert migration in
+        ``_migration``; keys: (micro-batch, layer, phase, first GPU of the group)) with its
+        flows and, for isolated ones, their fluid schedule, computed together
         on numpy. On a compiled network, where each isolated transfer is scheduled on its own
         anyway, a collective's flows are only built when it starts (None here: the step's
         flows of a 1,024-GPU decode alone would take gigabytes)."""
         keys: list[tuple[Any, ...]] = []
         leaders = sorted({int(g[0]) for g in self.layout.ep_groups})
-        for mb in range(len(plans)):
+        for mb in range(len(self._plans)):
             for layer in self.moe_index:
                 keys += [(mb, layer, phase, g) for phase in self._phases() for g in leaders]
             if self.layout.tp > 1:
                 tp = sorted({int(t[0]) for t in self.layout.tp_groups})
                 keys += [(mb, "tp", "tp_comm", g) for g in tp]
-        if migration is not None:
+        if self._migration is not None:
             keys += [(0, 0, "migrate", g) for g in leaders]
         if self.net.compiled:
             return dict.fromkeys(keys)

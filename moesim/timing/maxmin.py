@@ -58,25 +58,28 @@ def max_min_rates(
     )
 
 
-@functools.cache
 def compiled_schedule() -> Any:
     """The compiled fluid schedule of one isolated transfer
     (:func:`moesim.timing._maxmin_jit.fluid_schedule`), or None without numba."""
+    jit = _jit()
+    return None if jit is None else jit.fluid_schedule
+
+
+def _compiled() -> Any:
+    """The compiled progressive filling, or None without numba."""
+    jit = _jit()
+    return None if jit is None else jit.fill
+
+
+@functools.cache
+def _jit() -> Any:
+    """:mod:`moesim.timing._maxmin_jit`, imported on first use, or None where numba is
+    missing or unusable (the numpy solver then)."""
     try:
         from moesim.timing import _maxmin_jit
     except ImportError:
         return None
-    return _maxmin_jit.fluid_schedule
-
-
-@functools.cache
-def _compiled() -> Any:
-    """The compiled progressive filling, or None without numba (imported on first use)."""
-    try:
-        from moesim.timing import _maxmin_jit
-    except ImportError:  # numba missing or unusable here: the numpy solver
-        return None
-    return _maxmin_jit.fill
+    return _maxmin_jit
 
 
 def max_min_rates_numpy(

@@ -27,7 +27,7 @@ takes ~40 rate updates instead of ~3,000.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -50,15 +50,15 @@ class _Transfer:
     pending: np.ndarray
     finish: np.ndarray
     members: np.ndarray
+    signalled: np.ndarray
     on_done: DoneFn
     start: float = 0.0
     load: np.ndarray | None = None  # bytes per link
-    signalled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
-    def ends(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """``[gpus]`` how many of the flows ``src -> dst`` each GPU sends or receives."""
-        n = self.pending.size
-        return np.bincount(src, minlength=n) + np.bincount(dst, minlength=n)
+
+def _ends(src: np.ndarray, dst: np.ndarray, gpus: int) -> np.ndarray:
+    """``[gpus]`` how many of the flows ``src -> dst`` each GPU sends or receives."""
+    return np.bincount(src, minlength=gpus) + np.bincount(dst, minlength=gpus)
 
 
 @dataclass
@@ -118,18 +118,17 @@ class FlowNetwork:
         tid, self._next_tid = self._next_tid, self._next_tid + 1
         flows, routed = self._route(flows)
         n = self.topology.gpus
-        members = np.zeros(n, dtype=bool)
+        pending = _ends(flows.src, flows.dst, n)
+        members = pending > 0
         members[gpus] = True
         t = _Transfer(
-            pending=np.zeros(n, dtype=np.int64),
+            pending=pending,
             finish=np.full(n, float(now)),
             members=members,
+            signalled=np.zeros(n, dtype=bool),
             on_done=on_done,
             start=now,
-            signalled=np.zeros(n, dtype=bool),
         )
-        t.pending = t.ends(flows.src, flows.dst)
-        t.members |= t.pending > 0
         self._transfers[tid] = t
         for g in np.nonzero(t.members & (t.pending == 0))[0].tolist():
             self._signal(t, g, now)
@@ -288,7 +287,7 @@ class FlowNetwork:
 
     def _complete(self, tid: int, src: np.ndarray, dst: np.ndarray, arrive: np.ndarray) -> None:
         t = self._transfers[tid]
-        t.pending -= t.ends(src, dst)
+        t.pending -= _ends(src, dst, t.pending.size)
         np.maximum.at(t.finish, src, arrive)
         np.maximum.at(t.finish, dst, arrive)
         for g in np.nonzero(t.members & (t.pending == 0) & ~t.signalled)[0].tolist():
