@@ -1,9 +1,10 @@
 """Routing generators fitted to real routing: to a trace, or to published per-expert counts.
 
-The fitted generator is a chain over the fitted layers. At the first layer a token takes the
-top-k of ``log w + Gumbel`` (sampling k distinct experts without replacement, Plackett-Luce);
-at a later layer the logits add ``log T[i, :]``, where ``i`` is the expert the token took first at
-the layer before and ``T`` the measured cross-layer affinity ``P(j | i)``. The weights ``w`` are
+The fitted generator is a chain over the fitted layers. At the first layer a token takes k
+distinct experts, slot by slot, each with probability proportional to ``w`` among the experts it
+has not taken (sampling without replacement, Plackett-Luce); at a later layer slot ``s`` weighs
+expert ``j`` by ``w[j] T[i, j]``, where ``i`` is the expert the token took in slot ``s`` at the
+layer before and ``T`` the measured cross-layer affinity ``P(j | i)``. The weights ``w`` are
 then fitted (a fixed-point iteration on common random numbers) so that each expert's share of
 choices equals the measured one: sampling without replacement flattens a skewed popularity, so
 ``w`` cannot simply be the measured shares.
@@ -97,37 +98,59 @@ class FittedRouting:
         out = np.empty((len(layers), n, self.top_k), dtype=np.int16)
         last = prev_fitted
         for g, f in enumerate(layers):
-            noise = _gumbel((self.top_k, n, self.num_experts), rng)
+            u = rng.random((self.top_k, n))
             cond = prev if last == f - 1 else None
-            out[g] = _draw_layer(self.log_w[f], self.transitions[f], cond, noise)
+            out[g] = draw_layer(self.log_w[f], self.transitions[f], cond, u)
             prev, last = out[g], int(f)
         return out
 
 
-def _gumbel(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    u = np.maximum(rng.random(shape, dtype=np.float32), np.float32(1e-12))
-    return -np.log(-np.log(u))
+COMPILED_MIN_WEIGHTS = 1 << 22
+"""Draws of at least this many (token, slot, expert) weights run compiled
+(:mod:`moesim.traces._draw_jit`, the same picks); smaller ones in numpy, which then costs less
+than loading numba."""
 
 
-def _draw_layer(
-    log_w: np.ndarray, t: np.ndarray | None, prev: np.ndarray | None, noise: np.ndarray
+def draw_layer(
+    log_w: np.ndarray, t: np.ndarray | None, prev: np.ndarray | None, u: np.ndarray
 ) -> np.ndarray:
-    """``[n, k]`` distinct experts, slot by slot (Gumbel-max without replacement).
+    """``[n, k]`` distinct experts, slot by slot (sampling without replacement, Plackett-Luce).
 
-    Slot ``s`` adds ``log T[prev[:, s], :]`` when the layer before is known: the published
-    cross-layer counts pair the same slot at both layers.
+    Slot ``s`` of a token picks expert ``j`` with probability proportional to ``exp(log_w[j])``,
+    times ``T[prev[:, s], j] + 1e-6`` when the layer before is known (the published
+    cross-layer counts pair the same slot at both layers), over the experts the token has not
+    taken: the first expert whose running sum of weights exceeds ``u[s]`` (``[k, n]``
+    uniforms) times the total. One uniform per choice, where Gumbel-max needs one per expert.
     """
-    k, n, e = noise.shape
+    k, n = u.shape
+    w = np.exp(log_w.astype(np.float64))
+    conditioned = t is not None and prev is not None
+    tt = (t + 1e-6).astype(np.float64) if conditioned else np.ones((1, 1))
+    if n * k * len(w) >= COMPILED_MIN_WEIGHTS:
+        from moesim.traces._draw_jit import draw_layer as compiled
+
+        p = prev if conditioned else np.zeros((1, k), np.int16)
+        return compiled(w, tt, np.ascontiguousarray(p), conditioned, u)  # type: ignore[no-any-return]
+    return draw_layer_numpy(w, tt if conditioned else None, prev, u)
+
+
+def draw_layer_numpy(
+    w: np.ndarray, tt: np.ndarray | None, prev: np.ndarray | None, u: np.ndarray
+) -> np.ndarray:
+    """:func:`draw_layer` in numpy, from the weights ``w = exp(log_w)`` and ``tt = T + 1e-6``
+    (None: unconditioned)."""
+    k, n = u.shape
     out = np.empty((n, k), dtype=np.int16)
-    taken = np.zeros((n, e), dtype=bool)
+    taken = np.zeros((n, len(w)), dtype=bool)
     rows = np.arange(n)
-    log_t = None if t is None or prev is None else np.log(t + 1e-6).astype(np.float32)
     for s in range(k):
-        g = noise[s] + log_w.astype(np.float32)[None, :]
-        if log_t is not None and prev is not None:
-            g = g + log_t[prev[:, s]]
-        g[taken] = -np.inf
-        pick = g.argmax(axis=1)
+        weights = (
+            np.broadcast_to(w, taken.shape) if tt is None or prev is None else w * tt[prev[:, s]]
+        )
+        cum = np.cumsum(np.where(taken, 0.0, weights), axis=1)
+        total = cum[:, -1]
+        x = np.minimum(u[s] * total, np.nextafter(total, 0.0))
+        pick = (cum <= x[:, None]).sum(axis=1)
         out[:, s] = pick
         taken[rows, pick] = True
     return out
@@ -137,22 +160,22 @@ def _fit_layer(
     target: np.ndarray,
     t: np.ndarray | None,
     prev: np.ndarray | None,
-    noise: np.ndarray,
+    u: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``w`` so that the layer picks expert j with share ``target[j]``; and its draw."""
     e = len(target)
     goal = np.log(np.maximum(target, 1e-9))
     log_w = goal.copy()
-    floor = 0.25 / noise.shape[0] / noise.shape[1]
+    floor = 0.25 / u.size
     for _ in range(FIT_ITERATIONS):
-        top = _draw_layer(log_w, t, prev, noise)
+        top = draw_layer(log_w, t, prev, u)
         got = np.bincount(top.ravel().astype(np.int64), minlength=e) / top.size
         err = goal - np.log(np.maximum(got, floor))
         if np.abs(err[target > 20 * floor]).max(initial=0.0) < FIT_TOLERANCE:
             break
         log_w += 0.7 * err
         log_w -= log_w.max()
-    return log_w, _draw_layer(log_w, t, prev, noise)
+    return log_w, draw_layer(log_w, t, prev, u)
 
 
 def fit_routing(
@@ -173,8 +196,8 @@ def fit_routing(
     prev: np.ndarray | None = None
     tokens = max(1024, FIT_TOKENS * 64 // max(num_experts, 64))
     for f in range(len(layer_ids)):
-        noise = _gumbel((top_k, tokens, num_experts), rng)
-        log_w[f], prev = _fit_layer(shares[f], transitions[f], prev, noise)
+        u = rng.random((top_k, tokens))
+        log_w[f], prev = _fit_layer(shares[f], transitions[f], prev, u)
     return FittedRouting(
         model=model,
         num_experts=num_experts,

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from moesim.traces._draw_jit import draw_layer as draw_compiled
 from moesim.traces.fit import (
     affinity_tv,
+    draw_layer_numpy,
     fit_counts,
     fit_trace,
     slot_matched_counts,
@@ -75,3 +77,35 @@ def test_unknown_domain_is_named() -> None:
         pytest.skip(f"real routing data absent: {COUNTS}")
     with pytest.raises(TraceError, match="no domain 'poetry'; valid: arxiv"):
         fit_counts(COUNTS / "mistral.json", "poetry")
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_compiled_draw_picks_what_numpy_picks(conditioned: bool) -> None:
+    """Same weights, same uniforms (the extremes 0 and 1 - 2**-53 included): same experts."""
+    rng = np.random.default_rng(3)
+    e, k, n = 24, 4, 4000
+    w = np.exp(rng.normal(size=e) * 2)
+    t = rng.dirichlet(np.full(e, 0.2), size=e) + 1e-6
+    prev = rng.integers(0, e, (n, k)).astype(np.int16)
+    u = rng.random((k, n))
+    u[:, :3] = 0.0
+    u[:, 3:6] = 1 - 2**-53
+    a = draw_layer_numpy(w, t if conditioned else None, prev if conditioned else None, u)
+    b = draw_compiled(w, t if conditioned else np.ones((1, 1)), prev, conditioned, u)
+    assert np.array_equal(a, b)
+    assert all(len(set(row)) == k for row in a.tolist())
+
+
+def test_draw_is_plackett_luce() -> None:
+    """The first slot picks j with probability w_j / sum w; the second, given the first i,
+    with w_j / (sum w - w_i): counted over 200k tokens, within 5 sigma of each."""
+    w = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
+    n = 200_000
+    picks = draw_layer_numpy(w, None, None, np.random.default_rng(0).random((2, n)))
+    first = np.bincount(picks[:, 0], minlength=5) / n
+    p = w / w.sum()
+    assert np.all(np.abs(first - p) < 5 * np.sqrt(p * (1 - p) / n))
+    after0 = picks[picks[:, 0] == 0, 1]
+    second = np.bincount(after0, minlength=5) / len(after0)
+    q = np.where(np.arange(5) == 0, 0.0, w) / (w.sum() - w[0])
+    assert np.all(np.abs(second - q) <= 5 * np.sqrt(q * (1 - q) / len(after0)) + 1e-12)
