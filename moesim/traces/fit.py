@@ -124,14 +124,14 @@ def draw_layer(
     """
     k, n = u.shape
     w = np.exp(log_w.astype(np.float64))
-    conditioned = t is not None and prev is not None
-    tt = (t + 1e-6).astype(np.float64) if conditioned else np.ones((1, 1))
+    tt = None if t is None or prev is None else (t + 1e-6).astype(np.float64)
     if n * k * len(w) >= COMPILED_MIN_WEIGHTS:
         from moesim.traces._draw_jit import draw_layer as compiled
 
-        p = prev if conditioned else np.zeros((1, k), np.int16)
-        return compiled(w, tt, np.ascontiguousarray(p), conditioned, u)  # type: ignore[no-any-return]
-    return draw_layer_numpy(w, tt if conditioned else None, prev, u)
+        if tt is None or prev is None:
+            return compiled(w, np.ones((1, 1)), np.zeros((1, k), np.int16), False, u)
+        return compiled(w, tt, np.ascontiguousarray(prev), True, u)
+    return draw_layer_numpy(w, tt, prev, u)
 
 
 def draw_layer_numpy(
