@@ -10,7 +10,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 # aiconfigurator-core needs numpy >= 2.1: the oldest-bounds run leaves it out (its tests skip
 # there; `make test` and CI install it and run them). The docs extra is built by make test.
 EXTRAS_OLDEST := dev,trace,cuda,distributed
-EXTRAS := $(EXTRAS_OLDEST),aiconfigurator,docs
+EXTRAS := $(EXTRAS_OLDEST),aiconfigurator,docs,notebooks
 AIC_PROFILE := moesim/hardware/profiles/h100-sxm-aiconfigurator.yaml
 LOCK   := constraints.txt
 # The oldest transformers the project allows (pyproject.toml, constraints-oldest.txt): make test

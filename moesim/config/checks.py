@@ -31,10 +31,33 @@ def world_size(r: ResolvedScenario) -> Problems:
 
 
 def ep_divides_experts(r: ResolvedScenario) -> Problems:
-    """Every EP rank holds as many experts."""
+    """Every EP rank holds as many expert slots: ep divides the experts, or the experts plus
+    redundant replicas (checked by :func:`redundant_slots_split`) of a placement that makes
+    replicas (60 experts + 4 redundant over EP8, say)."""
+    from moesim.policies.placement import PLACEMENTS, with_replicas
+
     ep, m = r.scenario.parallelism.ep, r.model
-    if m.moe.num_experts % ep:
-        yield "parallelism.ep", f"ep = {ep} must divide the {m.moe.num_experts} experts of {m.name}"
+    placement = r.scenario.policies.placement
+    if not m.moe.num_experts % ep:
+        return
+    if not placement.redundant_experts:
+        yield (
+            "parallelism.ep",
+            (
+                f"ep = {ep} must divide the {m.moe.num_experts} experts of {m.name}, or "
+                "policies.placement.redundant_experts fill the slots up to a multiple of ep "
+                f"(placement {' or '.join(with_replicas())})"
+            ),
+        )
+    elif placement.type in PLACEMENTS and not PLACEMENTS.get(placement.type).replicas:
+        yield (
+            "policies.placement.type",
+            (
+                f"placement {placement.type} keeps one copy per expert, so ep = {ep} must "
+                f"divide the {m.moe.num_experts} experts; redundant experts need "
+                f"{' or '.join(with_replicas())}"
+            ),
+        )
 
 
 def batch_splits_over_ep(r: ResolvedScenario) -> Problems:

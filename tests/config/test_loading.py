@@ -58,6 +58,17 @@ BAD = [
         "must divide the 8 experts",
     ),
     (
+        "redundant experts on a placement that makes no replicas",
+        {
+            "parallelism.ep": 16,
+            "cluster.nodes": 2,
+            "policies.placement.redundant_experts": 8,
+            "workload.batch_size": 64,
+        },
+        "policies.placement.type",
+        "contiguous keeps one copy per expert",
+    ),
+    (
         "batch not multiple of ep",
         {"workload.batch_size": 60},
         "workload.batch_size",
@@ -150,3 +161,17 @@ def test_loading_writes_nothing(write_scenario, tmp_path: Path) -> None:
     before = sorted(tmp_path.rglob("*"))
     load_scenario(path)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_redundant_experts_fill_slots_up_to_a_multiple_of_ep() -> None:
+    """60 experts do not split over EP8; with 4 redundant replicas of hot experts (EPLB), the
+    64 slots do."""
+    sets = ["model=qwen1.5-moe-a2.7b", "policies.placement.type=eplb"]
+    r = load_scenario(
+        SCENARIOS / "mixtral-8x7b-decode-8xh100.yaml",
+        [*sets, "policies.placement.redundant_experts=4"],
+    )
+    assert r.scenario.parallelism.ep == 8
+    errors = errors_of(SCENARIOS / "mixtral-8x7b-decode-8xh100.yaml", sets)
+    assert [e.field for e in errors] == ["parallelism.ep"]
+    assert "redundant_experts fill the slots" in str(errors[0])
