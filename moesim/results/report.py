@@ -70,11 +70,11 @@ def breakdown_figure(result: RunResult) -> Any:
     """Stacked seconds per layer by phase (mean over steps and GPUs)."""
     import plotly.graph_objects as go
 
-    df = result.layers.groupby("layer")[[f"{p}_s" for p in PHASES]].mean()
+    df = result.breakdown()
     fig = go.Figure()
     for p in PHASES:
-        if df[f"{p}_s"].any():
-            fig.add_trace(go.Bar(name=p, x=df.index, y=df[f"{p}_s"] * 1e6, marker_color=COLORS[p]))
+        if df[p].any():
+            fig.add_trace(go.Bar(name=p, x=df.index, y=df[p] * 1e6, marker_color=COLORS[p]))
     fig.update_layout(
         title="Time per layer by phase (us, mean over steps and GPUs)",
         barmode="stack",
@@ -283,16 +283,7 @@ def links_figure(result: RunResult) -> Any | None:
 
 def write_report(result: RunResult, path: Path) -> None:
     """Write the report to ``path`` as one HTML file with plotly.js inlined."""
-    figs = [timeline_figure(result), breakdown_figure(result), tokens_figure(result)]
-    ops = ops_figure(result)
-    if ops is not None:
-        figs.insert(2, ops)
-    links = links_figure(result)
-    if links is not None:
-        figs.append(links)
-    drops = drops_by_position_figure({result.resolved.scenario.name: result.summary})
-    if drops is not None:
-        figs.append(drops)
+    figs = list(result.figures().values())
     summary = html.escape(jsonout.dumps(result.summary, indent=2, sort_keys=True))
     page = html_page(
         f"moesim run: {result.resolved.scenario.name}",

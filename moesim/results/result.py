@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
-from moesim.metrics.collector import Collector
+from moesim.metrics.collector import PHASES, Collector
 
 
 @dataclass
@@ -32,3 +32,44 @@ class RunResult:
     collector: Collector
     events_processed: int
     links: pd.DataFrame | None = None
+
+    def headline(self) -> pd.DataFrame:
+        """The report's headline block as a table: ``label``, ``value``, ``detail``."""
+        from moesim.results.report import headline
+
+        return pd.DataFrame(headline(self.summary), columns=["label", "value", "detail"])
+
+    def breakdown(self) -> pd.DataFrame:
+        """Seconds per layer (rows) by phase (columns), mean over steps and GPUs: the data of
+        the report's breakdown figure."""
+        table = self.layers.groupby("layer")[[f"{p}_s" for p in PHASES]].mean()
+        return table.rename(columns=lambda c: c.removesuffix("_s"))
+
+    def figures(self) -> dict[str, Any]:
+        """The report's figures (plotly), by name, in the report's order: ``timeline``,
+        ``breakdown``, ``ops``, ``tokens``, ``links``, ``drops_by_position``; a figure with
+        nothing to show (no links table, no drops) is left out."""
+        from moesim.results import report
+
+        figs = {
+            "timeline": report.timeline_figure(self),
+            "breakdown": report.breakdown_figure(self),
+            "ops": report.ops_figure(self),
+            "tokens": report.tokens_figure(self),
+            "links": report.links_figure(self),
+            "drops_by_position": report.drops_by_position_figure(
+                {self.resolved.scenario.name: self.summary}
+            ),
+        }
+        return {name: fig for name, fig in figs.items() if fig is not None}
+
+    def figure(self, name: str) -> Any:
+        """One report figure by name (see :meth:`figures`).
+
+        Raises:
+            KeyError: no such figure in this run's report, with the ones there are.
+        """
+        figs = self.figures()
+        if name not in figs:
+            raise KeyError(f"no figure {name!r} in this run's report; it has: {', '.join(figs)}")
+        return figs[name]
