@@ -25,6 +25,7 @@ their affinity).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -307,8 +308,36 @@ def _fit_counts(
 
 
 def load_fit(path: str | Path, domain: str | None = None, seed: int = 0) -> FittedRouting:
-    """Fit to ``path``: a moesim trace (``.parquet``) or published counts (``.json``)."""
+    """Fit to ``path``: a moesim trace (``.parquet``) or published counts (``.json``).
+
+    A fit takes seconds and depends only on the file, the domain and the seed, so the fits of
+    the last few files are kept for the process (a sweep fits once), keyed by the file's
+    modification time and size too; their arrays are read-only.
+    """
     path = Path(path)
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return _load_fit(path, domain, seed)  # the reader names what is wrong
+    return _cached_fit(str(path.resolve()), st.st_mtime_ns, st.st_size, domain, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_fit(
+    path: str, _mtime_ns: int, _size: int, domain: str | None, seed: int
+) -> FittedRouting:
+    fit = _load_fit(Path(path), domain, seed)
+    for arr in (
+        fit.layer_ids,
+        fit.shares,
+        fit.log_w,
+        *(t for t in fit.transitions if t is not None),
+    ):
+        arr.setflags(write=False)
+    return fit
+
+
+def _load_fit(path: Path, domain: str | None, seed: int) -> FittedRouting:
     if path.suffix == ".json":
         return fit_counts(path, domain, seed)
     from moesim.traces.format import read_trace

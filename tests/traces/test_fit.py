@@ -109,3 +109,21 @@ def test_draw_is_plackett_luce() -> None:
     second = np.bincount(after0, minlength=5) / len(after0)
     q = np.where(np.arange(5) == 0, 0.0, w) / (w.sum() - w[0])
     assert np.all(np.abs(second - q) <= 5 * np.sqrt(q * (1 - q) / len(after0)) + 1e-12)
+
+
+def test_a_fit_is_kept_for_its_file_and_redone_when_the_file_changes(tmp_path) -> None:
+    """A sweep over a fitted scenario fits once; an edited file is fitted again."""
+    from moesim.traces.fit import load_fit
+
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permuted(np.tile(np.arange(8), (500, 1)), axis=1)[:, :2]] * 2)
+    path = tmp_path / "t.parquet"
+    from moesim.traces import write_trace
+
+    write_trace(make_trace(experts, 8), path)
+    first = load_fit(path)
+    assert load_fit(path) is first
+    assert not first.log_w.flags.writeable
+    write_trace(make_trace(experts[:, :400], 8), tmp_path / "u.parquet")
+    (tmp_path / "u.parquet").replace(path)
+    assert load_fit(path) is not first
