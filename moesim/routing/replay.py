@@ -211,7 +211,7 @@ class FittedSource:
         if not with_weights:
             return RoutingDraw(experts=experts.reshape(shape), weights=None)
         w = np.exp(
-            np.take_along_axis(self.fit.log_w[fitted][:, None, :], experts.astype(np.intp), 2)
+            np.take_along_axis(self.fit.log_w_free[fitted][:, None, :], experts.astype(np.intp), 2)
         )
         w /= w.sum(axis=-1, keepdims=True)
         return RoutingDraw(experts=experts.reshape(shape), weights=w.reshape(shape))

@@ -7,7 +7,10 @@ expert ``j`` by ``w[j] T[i, j]``, where ``i`` is the expert the token took in sl
 layer before and ``T`` the measured cross-layer affinity ``P(j | i)``. The weights ``w`` are
 then fitted (a fixed-point iteration on common random numbers) so that each expert's share of
 choices equals the measured one: sampling without replacement flattens a skewed popularity, so
-``w`` cannot simply be the measured shares.
+``w`` cannot simply be the measured shares. A layer is fitted twice: with the layer before (its
+transitions concentrate the load, so ``w`` is flatter) and without it (``w_free``, for the first
+layer of a chain and for a model layer that maps to the same fitted layer as the one before);
+either way its marginal shares are the measured ones.
 
 Sources:
 
@@ -53,7 +56,12 @@ class FittedRouting:
         shares: ``[F, E]`` measured share of choices per expert (rows sum to 1).
         transitions: ``[F, E, E]`` ``P(j at layer f | i at layer f-1)`` (row 0 unused), or None
             where no affinity was measured.
-        log_w: ``[F, E]`` fitted logits.
+        log_w: ``[F, E]`` fitted logits of a draw that follows the layer before (through
+            ``transitions``).
+        log_w_free: ``[F, E]`` fitted logits of a draw without the layer before: the first
+            of a chain, and a model layer that maps to the same fitted layer as the one before
+            it. The marginal shares of a layer drawn either way are ``shares``; the weights
+            differ, because the conditioned draw's transitions already concentrate the load.
         source: Description of the data.
     """
 
@@ -65,6 +73,7 @@ class FittedRouting:
     shares: np.ndarray
     transitions: list[np.ndarray | None]
     log_w: np.ndarray
+    log_w_free: np.ndarray
     source: str
 
     def meta(self, source: str = "fit", capture: dict[str, Any] | None = None) -> TraceMeta:
@@ -100,8 +109,11 @@ class FittedRouting:
         last = prev_fitted
         for g, f in enumerate(layers):
             u = rng.random((self.top_k, n))
-            cond = prev if last == f - 1 else None
-            out[g] = draw_layer(self.log_w[f], self.transitions[f], cond, u)
+            t = self.transitions[f]
+            if last == f - 1 and prev is not None and t is not None:
+                out[g] = draw_layer(self.log_w[f], t, prev, u)
+            else:
+                out[g] = draw_layer(self.log_w_free[f], None, None, u)
             prev, last = out[g], int(f)
         return out
 
@@ -194,11 +206,16 @@ def fit_routing(
     rng = np.random.default_rng(seed)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     log_w = np.zeros(shares.shape)
+    log_w_free = np.zeros(shares.shape)
     prev: np.ndarray | None = None
     tokens = max(1024, FIT_TOKENS * 64 // max(num_experts, 64))
     for f in range(len(layer_ids)):
         u = rng.random((top_k, tokens))
-        log_w[f], prev = _fit_layer(shares[f], transitions[f], prev, u)
+        log_w_free[f], free = _fit_layer(shares[f], None, None, u)
+        if prev is not None and transitions[f] is not None:
+            log_w[f], prev = _fit_layer(shares[f], transitions[f], prev, u)
+        else:
+            log_w[f], prev = log_w_free[f], free
     return FittedRouting(
         model=model,
         num_experts=num_experts,
@@ -208,6 +225,7 @@ def fit_routing(
         shares=shares,
         transitions=transitions,
         log_w=log_w,
+        log_w_free=log_w_free,
         source=source,
     )
 
@@ -331,6 +349,7 @@ def _cached_fit(
         fit.layer_ids,
         fit.shares,
         fit.log_w,
+        fit.log_w_free,
         *(t for t in fit.transitions if t is not None),
     ):
         arr.setflags(write=False)
