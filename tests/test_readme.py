@@ -42,7 +42,7 @@ def test_compare_and_sweep_return_tables(tmp_path: Path) -> None:
         summaries["quickstart #1"]["step_time_s"] * 1e3
     )
     grid = moesim.sweep(quick, {"policies.capacity.factor": [1.0, 2.0]}, ["workload.steps=1"])
-    assert list(grid["policies.capacity.factor"]) == ["1.0", "2.0"]
+    assert list(grid["policies.capacity.factor"]) == [1.0, 2.0]
     assert grid["drop_rate"].iloc[0] > grid["drop_rate"].iloc[1]  # more room, fewer drops
     assert (grid["error"] == "").all() and len(grid.attrs["summaries"]) == 2
     with pytest.raises(ValueError, match="at least one"):

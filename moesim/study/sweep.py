@@ -188,7 +188,10 @@ def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
 
 
 def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per grid point: the grid values, then the comparison columns (or the error)."""
+    """One row per grid point: the grid values (numbers or booleans where every value of an
+    axis parses as one, as the scenario reads it; else text), then the comparison columns (or
+    the error)."""
+    from moesim.config.overrides import parse_override
     from moesim.study.compare import COLUMNS
 
     rows = []
@@ -204,7 +207,13 @@ def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.
             row.update({c: float(get(s)) for c, (_, get) in COLUMNS.items()})
             row["error"] = ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for key in {o.split("=", 1)[0] for p in points for o in p}:
+        typed = [parse_override(f"{key}={v}")[1] for v in table[key]]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in typed)
+        if numbers or all(isinstance(v, bool) for v in typed):
+            table[key] = typed
+    return table
 
 
 def run_sweep(

@@ -102,7 +102,7 @@ def test_sweep_writes_one_parquet_table_and_reports_failures(
     assert (ok["step_time_ms"] > 0).all()
     eplb16 = ok[
         (ok["policies.placement.type"] == "eplb")
-        & (ok["policies.placement.redundant_experts"] == "16")
+        & (ok["policies.placement.redundant_experts"] == 16)
     ]
     assert eplb16["imbalance"].iloc[0] < ok["imbalance"].iloc[0]
     # the report opens on a headline row per point that ran (the failed one has none)
