@@ -74,6 +74,24 @@ def alltoall(t: Tables) -> None:
             assert pxn["intra_node_gb"] > direct["intra_node_gb"]
 
 
+def capacity(t: Tables) -> None:
+    assert (t["depth"]["max_over_mean"] > 1).all()
+    grid = t["grid"]
+    for (_, drop), g in grid.groupby(["model", "drop"]):
+        assert g.sort_values("factor")["drop_rate"].is_monotonic_decreasing, drop
+    for _, g in grid.groupby(["model", "factor"]):
+        rate = g.set_index("drop")["drop_rate"]
+        # the capacity decides how many are dropped, the policy which ones
+        assert rate["position"] == rate["probs"] == rate["random"]
+        assert rate["reroute"] < rate["position"] or rate["position"] == 0
+    at1 = grid[(grid.factor == 1.0) & (grid["drop"] == "position")].set_index("model")
+    assert at1.loc["olmoe", "drop_rate"] > at1.loc["qwen1.5-moe", "drop_rate"]
+    pos = {d: g["drop_rate"].to_numpy() for d, g in t["by_position"].groupby("drop")}
+    assert pos["position"][0] == 0 and pos["position"][-1] > 0.3  # late tokens lose out
+    for spread in ("probs", "random"):
+        assert pos[spread][0] > 0.5 * pos[spread].mean()
+
+
 def quickstart(t: Tables) -> None:
     table = t["table"]
     assert len(table) == 9
@@ -86,6 +104,7 @@ CHECKS: dict[str, tuple[list[str], Callable[[Tables], None]]] = {
     "placement": (["prefill", "redundancy", "decode"], placement),
     "offload": (["cache", "where"], offload),
     "alltoall": (["validation", "decode", "prefill"], alltoall),
+    "capacity": (["depth", "grid", "by_position", "by_layer"], capacity),
     "quickstart": (["table"], quickstart),
 }
 
