@@ -18,7 +18,7 @@ LOCK   := constraints.txt
 TF_OLDEST := $(shell sed -n 's/^transformers==//p' constraints-oldest.txt)
 
 .PHONY: demo test test-capture-oldest test-wheel test-latest test-oldest lock bench bench-b4 bench-scale \
-	report-check docs \
+	report-check docs notebooks \
 	lint install dev clean profiles
 
 $(BIN)/python:
@@ -47,6 +47,12 @@ test: $(DEVSTAMP)
 # README.md, ARCHITECTURE.md and the scenario models by docs/hooks.py).
 docs: $(DEVSTAMP)
 	$(BIN)/mkdocs build --strict --quiet
+
+# Every notebook executed in a Jupyter kernel and rendered to build/notebooks/<name>.html, with
+# the seconds each took in build/notebooks/times.json (make test runs and checks them too:
+# tests/test_notebooks.py).
+notebooks: $(DEVSTAMP)
+	$(BIN)/python -m tests.notebooks build/notebooks
 
 # Capture (and generate's positions) on the oldest transformers allowed.
 test-capture-oldest: $(DEVSTAMP)
@@ -116,8 +122,8 @@ bench-scale: $(DEVSTAMP)
 	$(BIN)/python benchmarks/scale.py --out benchmarks/scale.json
 
 lint: $(DEVSTAMP)
-	$(BIN)/ruff check moesim tests benchmarks docs
-	$(BIN)/ruff format --check moesim tests benchmarks docs
+	$(BIN)/ruff check moesim tests benchmarks docs notebooks
+	$(BIN)/ruff format --check moesim tests benchmarks docs notebooks
 	$(BIN)/mypy
 
 clean:

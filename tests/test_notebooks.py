@@ -92,6 +92,20 @@ def capacity(t: Tables) -> None:
         assert pos[spread][0] > 0.5 * pos[spread].mean()
 
 
+def calibration(t: Tables) -> None:
+    tables = t["tables"]
+    measured = tables[(tables.profile == "h100-sxm-aiconfigurator") & (tables.status == "measured")]
+    assert measured["points"].max() >= 2000
+    # the table profile's curve goes through its measured points (m a power of two or not)
+    curve = t["curves"][t["curves"].profile == "h100-sxm-aiconfigurator"].set_index("m")["tflops"]
+    on = t["points"][t["points"].m.isin(curve.index)]
+    assert len(on) >= 3
+    for m, tflops in zip(on.m, on.tflops, strict=True):
+        assert abs(curve[m] / tflops - 1) < 0.01, m
+    err = t["prediction"].set_index("profile")["error"].abs()
+    assert err["h100-sxm-aiconfigurator"] < 0.15 < err["h100-sxm"]
+
+
 def quickstart(t: Tables) -> None:
     table = t["table"]
     assert len(table) == 9
@@ -104,6 +118,7 @@ CHECKS: dict[str, tuple[list[str], Callable[[Tables], None]]] = {
     "placement": (["prefill", "redundancy", "decode"], placement),
     "offload": (["cache", "where"], offload),
     "alltoall": (["validation", "decode", "prefill"], alltoall),
+    "calibration": (["tables", "curves", "points", "prediction"], calibration),
     "capacity": (["depth", "grid", "by_position", "by_layer"], capacity),
     "quickstart": (["table"], quickstart),
 }
