@@ -2,13 +2,15 @@
 
 ``python -m tests.notebooks OUT`` executes every notebook under ``notebooks/`` from the
 repository root, writes each executed notebook rendered to ``OUT/<name>.html`` (nbconvert)
-and ``OUT/times.json`` (wall seconds per notebook), and prints the table. The notebooks in git
-carry no outputs; a notebook that fails stops the run with the cell that failed.
+and ``OUT/times.json`` (wall seconds per notebook), prints the table, and (where the machine
+has Chromium) checks in a headless browser that every figure of every page drew. The
+notebooks in git carry no outputs; a notebook that fails stops the run at the failing cell.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,8 @@ def main(argv: list[str]) -> int:
     """Execute and render every notebook into ``argv[0]`` (default build/notebooks)."""
     from nbconvert import HTMLExporter
 
+    # figures as HTML with plotly.js inlined once per notebook, so the pages draw offline
+    os.environ["PLOTLY_RENDERER"] = "plotly_mimetype+notebook"
     out = Path(argv[0]) if argv else ROOT / "build" / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -59,7 +63,24 @@ def main(argv: list[str]) -> int:
         times[path.stem] = round(seconds, 1)
         print(f"{path.stem:<14} {seconds:6.1f} s  -> {out / path.stem}.html", flush=True)
     (out / "times.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return _check_drawn(out)
+
+
+def _check_drawn(out: Path) -> int:
+    """Open every page in headless Chromium (when the machine has one): each figure must draw."""
+    from moesim.results.screenshot import figures_drawn, find_browser
+
+    try:
+        browser = find_browser()
+    except FileNotFoundError as e:
+        print(f"figures not checked in a browser: {e}")
+        return 0
+    bad = 0
+    for page in sorted(out.glob("*.html")):
+        drawn, total = figures_drawn(page, browser)
+        print(f"{page.name:<20} {drawn} of {total} figures drawn by {Path(browser).name}")
+        bad += drawn != total
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
