@@ -12,13 +12,33 @@ from __future__ import annotations
 import html
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moesim import jsonout
 from moesim.metrics.collector import PHASES
 
 if TYPE_CHECKING:
-    from moesim.results.result import RunResult
+    import pandas as pd
+
+
+class RunLike(Protocol):
+    """What the report reads of a run (:class:`moesim.results.result.RunResult`, which builds
+    its figures here: the report does not import it back)."""
+
+    resolved: Any
+    summary: dict[str, Any]
+    layers: pd.DataFrame
+    timeline: list[dict[str, Any]]
+    links: pd.DataFrame | None
+
+    def breakdown(self) -> pd.DataFrame:
+        """Seconds per layer by phase."""
+        ...
+
+    def figures(self) -> dict[str, Any]:
+        """The report's figures by name."""
+        ...
+
 
 COLORS = {
     "attention": "#4C78A8",
@@ -34,7 +54,7 @@ COLORS = {
 }
 
 
-def timeline_figure(result: RunResult) -> Any:
+def timeline_figure(result: RunLike) -> Any:
     """Gantt-style bars of the first recorded step, one row per GPU."""
     import plotly.graph_objects as go
 
@@ -66,7 +86,7 @@ def timeline_figure(result: RunResult) -> Any:
     return fig
 
 
-def breakdown_figure(result: RunResult) -> Any:
+def breakdown_figure(result: RunLike) -> Any:
     """Stacked seconds per layer by phase (mean over steps and GPUs)."""
     import plotly.graph_objects as go
 
@@ -84,7 +104,7 @@ def breakdown_figure(result: RunResult) -> Any:
     return fig
 
 
-def ops_figure(result: RunResult) -> Any | None:
+def ops_figure(result: RunLike) -> Any | None:
     """Seconds per step of each op (forward, and ``_bwd`` backward), with the table behind it
     in the hover (summary ``ops_s`` and ``cost_sources``)."""
     import plotly.graph_objects as go
@@ -111,7 +131,7 @@ def ops_figure(result: RunResult) -> Any | None:
     return fig
 
 
-def tokens_figure(result: RunResult) -> Any:
+def tokens_figure(result: RunLike) -> Any:
     """Heatmap of tokens computed per GPU and MoE layer (mean over steps)."""
     import plotly.graph_objects as go
 
@@ -255,7 +275,7 @@ def html_page(title: str, intro: str, figs: list[Any], footer: str = "", head: s
     )
 
 
-def links_figure(result: RunResult) -> Any | None:
+def links_figure(result: RunLike) -> Any | None:
     """Busiest link of each kind in every collective phase: utilisation against time."""
     table = result.links
     if table is None or table.empty:
@@ -281,7 +301,7 @@ def links_figure(result: RunResult) -> Any | None:
     return fig
 
 
-def write_report(result: RunResult, path: Path) -> None:
+def write_report(result: RunLike, path: Path) -> None:
     """Write the report to ``path`` as one HTML file with plotly.js inlined."""
     figs = list(result.figures().values())
     summary = html.escape(jsonout.dumps(result.summary, indent=2, sort_keys=True))

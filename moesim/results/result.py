@@ -45,6 +45,24 @@ class RunResult:
         table = self.layers.groupby("layer")[[f"{p}_s" for p in PHASES]].mean()
         return table.rename(columns=lambda c: c.removesuffix("_s"))
 
+    def timeline_table(self) -> pd.DataFrame:
+        """The recorded timeline (the first steps, as in ``timeline.json``) as a table: one row
+        per span, with ``step``, ``layer``, ``gpu``, ``micro_batch``, ``phase``, ``kind``
+        (compute or comm), ``start_us`` and ``duration_us``."""
+        world = self.resolved.world
+        return pd.DataFrame(
+            {
+                "step": [e["args"]["step"] for e in self.timeline],
+                "layer": [e["args"]["layer"] for e in self.timeline],
+                "gpu": [e["tid"] % world for e in self.timeline],
+                "micro_batch": [e["args"].get("micro_batch", 0) for e in self.timeline],
+                "phase": [e["name"] for e in self.timeline],
+                "kind": [e["cat"] for e in self.timeline],
+                "start_us": [e["ts"] for e in self.timeline],
+                "duration_us": [e["dur"] for e in self.timeline],
+            }
+        )
+
     def figures(self) -> dict[str, Any]:
         """The report's figures (plotly), by name, in the report's order: ``timeline``,
         ``breakdown``, ``ops``, ``tokens``, ``links``, ``drops_by_position``; a figure with

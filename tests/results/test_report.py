@@ -48,6 +48,13 @@ def test_result_helpers_give_the_reports_data_and_figures() -> None:
     assert len(table) == result.resolved.model.num_layers
     per_step = result.layers.groupby(["step", "gpu"])[[f"{p}_s" for p in PHASES]].sum().mean()
     assert np.allclose(table.sum().to_numpy(), per_step.to_numpy())
+    spans = result.timeline_table()
+    assert len(spans) == len(result.timeline) and set(spans["phase"]) <= set(PHASES)
+    step0 = spans[spans.step == 0]
+    # every GPU's spans of step 0 end by the step's slowest time
+    assert (step0.start_us + step0.duration_us).max() <= result.summary[
+        "step_time_max_s"
+    ] * 1e6 + 1e-6
     figs = result.figures()
     assert list(figs)[:2] == ["timeline", "breakdown"]
     assert {"tokens", "ops", "links"} <= set(figs)
