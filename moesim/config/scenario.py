@@ -325,6 +325,36 @@ class Overlap(_Section):
     )
 
 
+class Optimizer(_Section):
+    """Data-parallel gradient synchronisation and the optimizer step (training; see
+    :mod:`moesim.timing.gradsync`)."""
+
+    zero: Literal[0, 1, 2] = Field(
+        1,
+        description="0: plain data parallelism (all-reduce, full optimizer state on every "
+        "GPU); 1: Megatron's distributed optimizer (ZeRO-1: reduce-scatter, optimizer state "
+        "sharded over the data-parallel group, updated weights all-gathered); 2: ZeRO-2 "
+        "(gradients sharded too).",
+    )
+    overlap_grad_reduce: bool = Field(
+        True,
+        description="Reduce each bucket as soon as the backward pass has produced it, "
+        "overlapped with the rest of the backward pass (Megatron --overlap-grad-reduce).",
+    )
+    grad_reduce_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="Dtype gradients are reduced in (Megatron's grad_reduce_in_fp32 is off by "
+        "default: the parameters' bf16).",
+    )
+    bucket_params: int | None = Field(
+        None,
+        ge=1,
+        le=2**40,
+        description="Parameters per GPU in a gradient bucket (default: Megatron-Core's, "
+        "max(40M, 1M x the data-parallel group's size)).",
+    )
+
+
 class Policies(_Section):
     """Swappable strategies."""
 
@@ -334,6 +364,7 @@ class Policies(_Section):
     all_to_all: AllToAll = AllToAll()
     offload: Offload = Offload()
     overlap: Overlap = Overlap()
+    optimizer: Optimizer = Optimizer()
 
 
 class Engine(_Section):

@@ -25,8 +25,10 @@ PHASES = (
     "tp_comm",
     "migrate",
     "offload_wait",
+    "dp_comm",
+    "optimizer",
 )
-COMM_PHASES = ("dispatch", "combine", "tp_comm", "migrate")
+COMM_PHASES = ("dispatch", "combine", "tp_comm", "migrate", "dp_comm")
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 
 
@@ -71,6 +73,7 @@ class Collector:
         self.bytes_out = np.zeros((steps, layers, gpus))
         self.bytes_intra = np.zeros(steps)
         self.bytes_inter = np.zeros(steps)
+        self.dp_bytes = np.zeros((steps, 2))  # data-parallel bytes: intra-node, inter-node
         self.events: list[dict[str, Any]] = []
         self.gpn = gpus_per_node
         self.timeline_steps = timeline_steps
@@ -160,14 +163,25 @@ class Collector:
         self.wait_s[step, gpu] += seconds
 
     def on_flows(
-        self, step: int, layer: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gpn: int
+        self,
+        step: int,
+        layer: int,
+        src: np.ndarray,
+        dst: np.ndarray,
+        nbytes: np.ndarray,
+        gpn: int,
+        data_parallel: bool = False,
     ) -> None:
-        """Bytes put on the network by one phase (a GPU's copies to itself are not)."""
+        """Bytes put on the network by one phase (a GPU's copies to itself are not);
+        ``data_parallel``: a gradient reduction or weight gather, also counted apart."""
         moved = src != dst
         src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
         inter = src // gpn != dst // gpn
-        self.bytes_inter[step] += float(nbytes[inter].sum())
-        self.bytes_intra[step] += float(nbytes[~inter].sum())
+        out, within = float(nbytes[inter].sum()), float(nbytes[~inter].sum())
+        self.bytes_inter[step] += out
+        self.bytes_intra[step] += within
+        if data_parallel:
+            self.dp_bytes[step] += (within, out)
         self.bytes_out[step, layer] += np.bincount(
             src, weights=nbytes, minlength=self.bytes_out.shape[2]
         )

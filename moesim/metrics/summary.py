@@ -21,6 +21,10 @@
 - ``padding_tokens``: padding rows computed per step (``pad: true``);
 - ``migration_bytes``: expert bytes moved by re-placement over the run;
 - ``bytes_intra_node`` / ``bytes_inter_node``: bytes per step on intra-node links and on NICs;
+- ``data_parallel`` (training): GPUs per gradient group (``dense``: ep x dp, ``expert``: dp),
+  gradient buckets, and the bytes per step of gradient reductions and weight gathers (part of
+  the two above; :mod:`moesim.timing.gradsync`); ``dp_comm`` and ``optimizer`` in the
+  breakdown are their seconds and the Adam step's;
 - ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``;
 - ``policies``: the scenario's policy settings (for comparisons);
 - ``offload`` (expert offload only): ``hit_rate`` of the HBM expert caches, demand and
@@ -61,7 +65,7 @@ def summarize(
     breakdown["sm_contention"] = float(col.sm_contention_s.mean())
     total_time = float(col.step_time_s.sum())
     routed = int(col.routed.sum())
-    return {
+    out = {
         "scenario": s.name,
         "model": r.model.name,
         "hardware": r.hardware.name,
@@ -94,6 +98,16 @@ def summarize(
         "cost_model": cost_source,
         "policies": s.policies.model_dump(mode="json"),
     }
+    if s.workload.mode == "train":
+        from moesim.timing.gradsync import buckets, group_sizes
+
+        out["data_parallel"] = {
+            "group_gpus": group_sizes(r),
+            "buckets": len(buckets(r)),
+            "bytes_intra_node": float(col.dp_bytes[:, 0].mean()),
+            "bytes_inter_node": float(col.dp_bytes[:, 1].mean()),
+        }
+    return out
 
 
 def offload_summary(r: ResolvedScenario, col: Collector, stats: dict[str, Any]) -> dict[str, Any]:

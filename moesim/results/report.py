@@ -51,6 +51,8 @@ COLORS = {
     "tp_comm": "#FF9DA6",
     "migrate": "#BAB0AC",
     "offload_wait": "#72B7B2",
+    "dp_comm": "#EECA3B",
+    "optimizer": "#79706E",
 }
 
 

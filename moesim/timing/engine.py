@@ -29,6 +29,7 @@ from moesim.config.loading import ResolvedScenario
 from moesim.hardware.topology import Topology
 from moesim.metrics.collector import Collector
 from moesim.routing.stage import RoutingStage, StepRouting
+from moesim.timing import gradsync
 from moesim.timing.costs import OpCostModel
 from moesim.timing.gpu import GPU, SharedSMStream
 from moesim.timing.network import FlowNetwork
@@ -144,6 +145,19 @@ class Engine:
         self._migration: np.ndarray | None = None
         self.moe_index = {layer: i for i, layer in enumerate(r.model.moe_layers)}
         self.ops_s: dict[str, float] = {}  # op seconds summed over the steps run
+        # training: data-parallel gradient buckets, their groups' leaders, the optimizer step
+        self._buckets = gradsync.buckets(r) if spec.train else []
+        self._bucket_of = {(b.kind, b.index): b for b in self._buckets}
+        self._sizes = gradsync.group_sizes(r)
+        kinds = {b.kind for b in self._buckets}
+        self._leaders = {
+            k: sorted({int(self._dp_group(k, g)[0]) for g in range(spec.world)}) for k in kinds
+        }
+        opt = r.scenario.policies.optimizer
+        self._zero, self._early = opt.zero, opt.overlap_grad_reduce
+        self._optimizer_s = gradsync.optimizer_seconds(r, self._sizes) if spec.train else 0.0
+        self._syncs: dict[int, list[simpy.Event]] = {}  # a GPU's bucket reductions in flight
+        self._tail: dict[tuple[int, str], simpy.Event] = {}  # the last of each kind
 
     def run(self, progress: ProgressFn | None = None) -> None:
         """Simulate every step; ``progress(done, total)`` is called after each."""
@@ -210,6 +224,11 @@ class Engine:
                 keys += [(mb, "tp", "tp_comm", g) for g in tp]
         if self._migration is not None:
             keys += [(0, 0, "migrate", g) for g in leaders]
+        for b in self._buckets:
+            keys += [(0, (b.kind, b.index), "dp_reduce", g) for g in self._leaders[b.kind]]
+        if self._zero:
+            for kind, firsts in self._leaders.items():
+                keys += [(0, (kind, "gather"), "dp_gather", g) for g in firsts]
         if self.net.compiled:
             return dict.fromkeys(keys)
         flows = [self._flows_of(k) for k in keys]
@@ -224,6 +243,17 @@ class Engine:
             return self.flows.migration(self._migration, g)
         if phase == "tp_comm":
             return self.flows.tp_allreduce(self._plans[mb], g)
+        if phase in ("dp_reduce", "dp_gather"):
+            kind, index = layer
+            group = self._dp_group(kind, g)
+            if phase == "dp_reduce":
+                nbytes = gradsync.sync_bytes(
+                    self.r, self._bucket_of[kind, index].params, group.size
+                )
+            else:
+                held = sum(b.params for b in self._buckets if b.kind == kind)
+                nbytes = gradsync.gather_bytes(self.r, held, group.size)
+            return gradsync.ring(group, nbytes, self.spec.gpus_per_node)
         return self.flows.alltoall(self._plans[mb], self.moe_index[layer], g, phase)
 
     def _record_routing(self, step: int, routing: StepRouting, gpu_tokens: np.ndarray) -> None:
@@ -243,23 +273,76 @@ class Engine:
     ) -> Generator[simpy.Event, Any, None]:
         if self._migrating:  # experts move to their new slots before the step
             yield from self._comm(g, step, 0, "migrate", 0)
+        # buckets reduce during the backward pass when it is one walk (two micro-batches
+        # finish their gradients together, at the end)
+        early = self._early and len(plans) == 1
         if len(plans) == 1:
-            yield from self._walk(g, step, plans[0], 0)
+            yield from self._walk(g, step, plans[0], 0, early)
         else:  # two-batch overlap: the micro-batches share the GPU's streams
             yield self.env.all_of(
-                [self.env.process(self._walk(g, step, p, mb)) for mb, p in enumerate(plans)]
+                [self.env.process(self._walk(g, step, p, mb, False)) for mb, p in enumerate(plans)]
             )
+        if self.spec.train:
+            yield from self._finish_gradients(g, step, early)
 
     def _walk(
-        self, g: int, step: int, plan: StepPlan, mb: int
+        self, g: int, step: int, plan: StepPlan, mb: int, early: bool
     ) -> Generator[simpy.Event, Any, None]:
-        """One micro-batch's pass over the layers (forward, then backward when training)."""
+        """One micro-batch's pass over the layers (forward, then backward when training,
+        starting each gradient bucket's reduction as its last layer's backward ends when
+        ``early``)."""
         layers = range(self.r.model.num_layers)
         for layer in layers:
             yield from self._layer(g, step, layer, plan, mb, backward=False)
         if self.spec.train:
             for layer in reversed(layers):
                 yield from self._layer(g, step, layer, plan, mb, backward=True)
+                if early:
+                    self._reduce(g, step, layer)
+
+    # --- data-parallel gradients and the optimizer (training) ---------------------------
+    def _dp_group(self, kind: str, g: int) -> np.ndarray:
+        return gradsync.group_of(kind, g, self.layout.rank, self.layout.tp_rank)
+
+    def _reduce(self, g: int, step: int, layer: int | None) -> None:
+        """Start the reductions of ``g``'s buckets that ``layer``'s backward pass completes
+        (None: all); each waits for the one before it of its kind (one NCCL stream per
+        group)."""
+        for b in self._buckets:
+            if layer is None or b.layer == layer:
+                before = self._tail.get((g, b.kind))
+                ev = self.env.process(self._bucket(g, step, b, before))
+                self._tail[g, b.kind] = ev
+                self._syncs.setdefault(g, []).append(ev)
+
+    def _bucket(
+        self, g: int, step: int, b: gradsync.Bucket, before: simpy.Event | None
+    ) -> Generator[simpy.Event, Any, None]:
+        if before is not None:
+            yield before
+        group = self._dp_group(b.kind, g)
+        yield from self._comm(
+            g, step, b.layer, "dp_reduce", 0, group=group, slot=(b.kind, b.index), side=True
+        )
+
+    def _finish_gradients(
+        self, g: int, step: int, early: bool
+    ) -> Generator[simpy.Event, Any, None]:
+        """Wait for the gradient reductions, run the optimizer step, gather the updated
+        weights (ZeRO)."""
+        if not early:
+            self._reduce(g, step, None)
+        pending = self._syncs.pop(g, [])
+        for kind in gradsync.KINDS:
+            self._tail.pop((g, kind), None)
+        if pending:
+            yield self.env.all_of(pending)
+        yield from self._compute(g, step, 0, [("optimizer", self._optimizer_s)], 0)
+        if self._zero:
+            for kind in self._leaders:
+                yield from self._comm(
+                    g, step, 0, "dp_gather", 0, group=self._dp_group(kind, g), slot=(kind, "gather")
+                )
 
     def _layer(
         self, g: int, step: int, layer: int, plan: StepPlan, mb: int, backward: bool
@@ -339,25 +422,43 @@ class Engine:
         yield self._submit(g, step, layer, pieces, mb)
 
     def _comm(
-        self, g: int, step: int, layer: int, phase: str, mb: int
+        self,
+        g: int,
+        step: int,
+        layer: int,
+        phase: str,
+        mb: int,
+        group: np.ndarray | None = None,
+        slot: tuple[str, Any] | None = None,
+        side: bool = False,
     ) -> Generator[simpy.Event, Any, None]:
+        """Take part in a collective: the EP group's all-to-all phases, the TP all-reduce, or
+        (``group``, ``slot``: which bucket) a data-parallel reduction; ``side``: off the
+        GPU's walk (overlapped), so its waiting is no straggler wait of the walk."""
         arrive = self.env.now
         tp = phase == "tp_comm"
+        nccl = tp or phase.startswith("dp_")
         fixed = (
-            0.0 if phase == "migrate" else self.spec.nccl_fixed_s if tp else self.spec.a2a_fixed_s
+            0.0 if phase == "migrate" else self.spec.nccl_fixed_s if nccl else self.spec.a2a_fixed_s
         )
-        members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
-        key = (step, mb, layer, phase, int(members[0]))
-        pre = (mb, "tp" if tp else layer, phase, int(members[0]))
+        if group is not None:
+            members = group
+        else:
+            members = self.layout.tp_group(g) if tp else self.layout.ep_group(g)
+        tag = slot if slot is not None else layer
+        key = (step, mb, tag, phase, int(members[0]))
+        pre = (mb, "tp" if tp else tag, phase, int(members[0]))
         ev = self._join(key, g, members, pre, step, layer, fixed)
-        sms = self.gpus[g].compute if tp or phase == "migrate" or self.spec.a2a_holds_sms else None
+        holds = nccl or phase == "migrate" or self.spec.a2a_holds_sms
+        sms = self.gpus[g].compute if holds else None
         if isinstance(sms, SharedSMStream):  # the collective's kernel holds SMs until it ends
             sms.comm_started()
         started = yield ev
         if isinstance(sms, SharedSMStream):
             sms.comm_ended()
-        self.col.on_wait(step, g, started - arrive)
-        name = "tp_comm" if phase == "tp_comm" else phase.removesuffix("_bwd")
+        if not side:
+            self.col.on_wait(step, g, started - arrive)
+        name = "tp_comm" if tp else "dp_comm" if nccl else phase.removesuffix("_bwd")
         self.col.on_phase(step, layer, g, name, arrive, self.env.now, mb)
 
     def _join(
@@ -382,7 +483,13 @@ class Engine:
             planned = self._pre[pre]
             flows, finish = (self._flows_of(pre), None) if planned is None else planned
             self.col.on_flows(
-                step, layer, flows.src, flows.dst, flows.nbytes, self.spec.gpus_per_node
+                step,
+                layer,
+                flows.src,
+                flows.dst,
+                flows.nbytes,
+                self.spec.gpus_per_node,
+                data_parallel=str(key[3]).startswith("dp_"),
             )
             start = self.env.now
 

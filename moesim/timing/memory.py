@@ -1,10 +1,13 @@
 """HBM accounting per GPU: weights, KV cache or activations, optimizer state, workspace.
 
-Training keeps bf16 weights and gradients plus fp32 master weights and two Adam moments
-(2 + 2 + 12 bytes per parameter, Rajbhandari et al., ZeRO, arXiv 1910.02054, section 3.1), with
-no ZeRO sharding. Activations per token per layer follow Korthikanti et al. (arXiv 2205.05198,
-section 4.1) with flash attention (no ``s^2`` term): ``15 h`` bytes for attention and norms plus
-``2h + 6f`` bytes for every routed or shared expert a token visits (bf16).
+Training keeps the weights, their gradients (``workload.gradient_dtype``) and the fp32 master
+weights and two Adam moments (12 bytes per parameter; Rajbhandari et al., ZeRO, arXiv
+1910.02054, section 3.1). ``policies.optimizer.zero`` 1 shards the 12 bytes over the
+data-parallel group of each parameter (ep x dp GPUs for dense parameters, dp for an expert's:
+:mod:`moesim.timing.gradsync`), 2 the gradients too. Activations per token per layer follow
+Korthikanti et al. (arXiv 2205.05198, section 4.1) with flash attention (no ``s^2`` term):
+``15 h`` bytes for attention and norms plus ``2h + 6f`` bytes for every routed or shared expert
+a token visits (bf16).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.errors import CapacityError
+from moesim.timing.gradsync import group_sizes
 
 GiB = 1024**3
 
@@ -53,7 +57,8 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     resident = n_moe * slots_per_rank
     if s.policies.offload.enabled:
         resident = min(cache_items(r), resident)
-    params = (m.non_expert_params() + resident * m.expert_params) / tp
+    dense, experts = m.non_expert_params() / tp, resident * m.expert_params / tp
+    params = dense + experts
     weights = params * ELEMENT_BYTES[w.dtype]
     seqs = w.batch_size // s.parallelism.ep
     att = m.attention
@@ -71,7 +76,17 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
             + (2 * h + 6 * m.moe.shared_intermediate_size if m.moe.shared_intermediate_size else 0)
         )
         acts = seqs * w.seq_len * m.num_layers * per_token / tp
-        optim = params * (2 + 12)
+        zero = s.policies.optimizer.zero
+        sizes = group_sizes(r)
+        dense_share = 1 / sizes["dense"] if zero else 1.0
+        expert_share = 1 / sizes["expert"] if zero else 1.0
+        state = 12 * (dense * dense_share + experts * expert_share)
+        grad = ELEMENT_BYTES[s.policies.optimizer.grad_reduce_dtype]
+        if zero >= 2:
+            grads = grad * (dense * dense_share + experts * expert_share)
+        else:
+            grads = grad * params
+        optim = state + grads
     return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)
 
 
