@@ -148,14 +148,13 @@ class Engine:
         # training: data-parallel gradient buckets, their groups' leaders, the optimizer step
         self._buckets = gradsync.buckets(r) if spec.train else []
         self._bucket_of = {(b.kind, b.index): b for b in self._buckets}
-        self._sizes = gradsync.group_sizes(r)
         kinds = {b.kind for b in self._buckets}
         self._leaders = {
             k: sorted({int(self._dp_group(k, g)[0]) for g in range(spec.world)}) for k in kinds
         }
         opt = r.scenario.policies.optimizer
         self._zero, self._early = opt.zero, opt.overlap_grad_reduce
-        self._optimizer_s = gradsync.optimizer_seconds(r, self._sizes) if spec.train else 0.0
+        self._optimizer_s = gradsync.optimizer_seconds(r) if spec.train else 0.0
         self._syncs: dict[int, list[simpy.Event]] = {}  # a GPU's bucket reductions in flight
         self._tail: dict[tuple[int, str], simpy.Event] = {}  # the last of each kind
 

@@ -145,10 +145,10 @@ def gather_bytes(r: ResolvedScenario, params: float, n: int) -> float:
     return params * ELEMENT_BYTES[r.scenario.workload.dtype] * (n - 1) / n
 
 
-def shard_params(r: ResolvedScenario, sizes: dict[str, int]) -> float:
-    """Parameters whose optimizer state one GPU keeps and updates (``sizes``: group size of
-    each kind)."""
-    zero = r.scenario.policies.optimizer.zero
+def shard_params(r: ResolvedScenario) -> float:
+    """Parameters whose optimizer state one GPU keeps and updates: all it holds, or with ZeRO
+    a ``1/n`` share of each kind over its group."""
+    zero, sizes = r.scenario.policies.optimizer.zero, group_sizes(r)
     per_kind = [p.sum() for p in layer_params(r)]
     return float(sum(p / (sizes[k] if zero else 1) for k, p in zip(KINDS, per_kind, strict=True)))
 
@@ -159,8 +159,8 @@ def adam_bytes_per_param(r: ResolvedScenario) -> float:
     return 24.0 + grad + ELEMENT_BYTES[r.scenario.workload.dtype]
 
 
-def optimizer_seconds(r: ResolvedScenario, sizes: dict[str, int]) -> float:
+def optimizer_seconds(r: ResolvedScenario) -> float:
     """Seconds of one GPU's Adam step over its shard."""
     gpu = r.hardware.gpu
     bandwidth = gpu.hbm_bandwidth_gb_per_s * 1e9 * gpu.memory_efficiency
-    return shard_params(r, sizes) * adam_bytes_per_param(r) / bandwidth
+    return shard_params(r) * adam_bytes_per_param(r) / bandwidth

@@ -1,8 +1,8 @@
 """HBM accounting per GPU: weights, KV cache or activations, optimizer state, workspace.
 
-Training keeps the weights, their gradients (``workload.gradient_dtype``) and the fp32 master
-weights and two Adam moments (12 bytes per parameter; Rajbhandari et al., ZeRO, arXiv
-1910.02054, section 3.1). ``policies.optimizer.zero`` 1 shards the 12 bytes over the
+Training keeps the weights, their gradients (``policies.optimizer.grad_reduce_dtype``) and
+the fp32 master weights and two Adam moments (12 bytes per parameter; Rajbhandari et al.,
+ZeRO, arXiv 1910.02054, section 3.1). ``policies.optimizer.zero`` 1 shards the 12 bytes over the
 data-parallel group of each parameter (ep x dp GPUs for dense parameters, dp for an expert's:
 :mod:`moesim.timing.gradsync`), 2 the gradients too. Activations per token per layer follow
 Korthikanti et al. (arXiv 2205.05198, section 4.1) with flash attention (no ``s^2`` term):
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.errors import CapacityError
-from moesim.timing.gradsync import group_sizes
+from moesim.timing.gradsync import shard_params
 
 GiB = 1024**3
 
@@ -57,8 +57,7 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     resident = n_moe * slots_per_rank
     if s.policies.offload.enabled:
         resident = min(cache_items(r), resident)
-    dense, experts = m.non_expert_params() / tp, resident * m.expert_params / tp
-    params = dense + experts
+    params = (m.non_expert_params() + resident * m.expert_params) / tp
     weights = params * ELEMENT_BYTES[w.dtype]
     seqs = w.batch_size // s.parallelism.ep
     att = m.attention
@@ -76,17 +75,9 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
             + (2 * h + 6 * m.moe.shared_intermediate_size if m.moe.shared_intermediate_size else 0)
         )
         acts = seqs * w.seq_len * m.num_layers * per_token / tp
-        zero = s.policies.optimizer.zero
-        sizes = group_sizes(r)
-        dense_share = 1 / sizes["dense"] if zero else 1.0
-        expert_share = 1 / sizes["expert"] if zero else 1.0
-        state = 12 * (dense * dense_share + experts * expert_share)
+        shard = shard_params(r)  # (offload, which would hold fewer experts, is inference only)
         grad = ELEMENT_BYTES[s.policies.optimizer.grad_reduce_dtype]
-        if zero >= 2:
-            grads = grad * (dense * dense_share + experts * expert_share)
-        else:
-            grads = grad * params
-        optim = state + grads
+        optim = 12 * shard + grad * (shard if s.policies.optimizer.zero >= 2 else params)
     return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)
 
 

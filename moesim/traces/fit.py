@@ -334,10 +334,11 @@ def load_fit(path: str | Path, domain: str | None = None, seed: int = 0) -> Fitt
     """
     path = Path(path)
     try:
-        st = path.resolve().stat()
+        full = path.resolve()
+        st = full.stat()
     except OSError:
         return _load_fit(path, domain, seed)  # the reader names what is wrong
-    return _cached_fit(str(path.resolve()), st.st_mtime_ns, st.st_size, domain, seed)
+    return _cached_fit(str(full), st.st_mtime_ns, st.st_size, domain, seed)
 
 
 @functools.lru_cache(maxsize=8)
