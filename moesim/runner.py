@@ -19,7 +19,9 @@ from moesim.results.result import RunResult
 from moesim.routing.stage import RoutingStage
 from moesim.timing.costs import scenario_costs
 from moesim.timing.engine import Engine, ProgressFn
-from moesim.timing.memory import check_fits, hbm_usage
+from moesim.timing.memory import check_fits, hbm_usage, stage_usages
+from moesim.timing.pipeline import pipelined, stage_scenario
+from moesim.timing.stages import PipelineEngine
 
 
 def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResult:
@@ -33,7 +35,9 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     usage = hbm_usage(r, r.slots_per_rank)
     check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up
     seeds = np.random.SeedSequence(s.seed).spawn(2)
-    routing = RoutingStage(s, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
+    # pipeline stages are alike: the routing stage draws for one stage's replicas and ranks
+    rs = stage_scenario(r).scenario if pipelined(r) else s
+    routing = RoutingStage(rs, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
     costs = scenario_costs(r)
     col = Collector(
         s.workload.steps,
@@ -43,10 +47,16 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
         r.gpus_per_node,
         s.output.timeline_steps,
     )
-    engine = Engine(r, routing, costs, col)
+    engine: Engine | PipelineEngine = (
+        PipelineEngine(r, routing, costs, col) if pipelined(r) else Engine(r, routing, costs, col)
+    )
     counter = _count_events(engine)
     engine.run(progress)
     summary = summarize(r, col, usage, costs.source)
+    if isinstance(engine, PipelineEngine):
+        summary["pipeline"] = engine.summary() | {
+            "stage_hbm_bytes": [u.total for u in stage_usages(r)]
+        }
     summary["ops_s"] = {op: sec / s.workload.steps for op, sec in sorted(engine.ops_s.items())}
     summary["cost_sources"] = dict(sorted(costs.sources.items()))
     links = links_table(engine.topology, engine.net.records)
@@ -56,7 +66,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     return RunResult(r, summary, layers_table(col), col.events, col, counter(), links)
 
 
-def _count_events(engine: Engine) -> Any:
+def _count_events(engine: Engine | PipelineEngine) -> Any:
     """Wrap the environment's step() to count processed events."""
     env = engine.env
     count = [0]

@@ -17,16 +17,75 @@ Problems = Iterator[tuple[str, str]]
 
 
 def world_size(r: ResolvedScenario) -> Problems:
-    """dp * ep * tp GPUs must be the cluster's."""
+    """pp * dp * ep * tp GPUs must be the cluster's."""
     s, hw, par = r.scenario, r.hardware, r.scenario.parallelism
     gpus = s.cluster.nodes * hw.node.gpus_per_node
     if par.world != gpus:
         yield (
             "parallelism",
             (
-                f"dp*ep*tp = {par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the cluster "
-                f"has {s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs ({hw.name}) = {gpus}"
+                f"pp*dp*ep*tp = {par.pp}*{par.dp}*{par.ep}*{par.tp} = {par.world} GPUs, but the "
+                f"cluster has {s.cluster.nodes} node(s) x {hw.node.gpus_per_node} GPUs "
+                f"({hw.name}) = {gpus}"
             ),
+        )
+
+
+def pipeline_layout(r: ResolvedScenario) -> Problems:
+    """Pipeline stages: training only, a schedule that fits pp, vpp and the micro-batches,
+    chunks the layers can fill, stages that fill whole nodes or share one."""
+    from moesim.timing.pipeline import chunk_count
+
+    s = r.scenario
+    par, w, sched = s.parallelism, s.workload, s.policies.pipeline.schedule
+    m = w.micro_batches
+    if par.pp > 1 and w.mode != "train":
+        yield ("parallelism.pp", f"pipeline stages are simulated in training only, not {w.mode}")
+        return
+    if (sched == "interleaved") != (par.vpp > 1) and par.pp > 1:
+        yield (
+            "policies.pipeline.schedule",
+            f"schedule {sched} with vpp = {par.vpp}: interleaved 1F1B needs vpp > 1, and "
+            "vpp > 1 needs the interleaved schedule",
+        )
+    if sched == "interleaved" and par.pp > 1 and m % par.pp:
+        yield (
+            "workload.micro_batches",
+            f"interleaved 1F1B needs micro_batches ({m}) to be a multiple of pp ({par.pp})",
+        )
+    if sched == "dualpipe" and (par.pp % 2 or m % 2 or m < 2 * par.pp or par.vpp > 1):
+        yield (
+            "policies.pipeline.schedule",
+            f"DualPipe needs an even pp (got {par.pp}), vpp 1 (got {par.vpp}) and an even "
+            f"micro_batches of at least 2 * pp = {2 * par.pp} (got {m})",
+        )
+    chunks = chunk_count(par.pp, par.vpp, sched)
+    layers = r.model.num_layers
+    if par.pp_layout is not None:
+        if len(par.pp_layout) != chunks or sum(par.pp_layout) != layers:
+            yield (
+                "parallelism.pp_layout",
+                f"{len(par.pp_layout)} entries summing to {sum(par.pp_layout)}, but "
+                f"{chunks} chunks of the {layers} layers of {r.model.name} are needed",
+            )
+    elif chunks > layers:
+        yield (
+            "parallelism.pp",
+            f"{chunks} pipeline chunks but {r.model.name} has only {layers} layers",
+        )
+    gpn = r.gpus_per_node
+    if par.pp > 1 and par.stage_world % gpn and gpn % par.stage_world:
+        yield (
+            "parallelism",
+            f"a stage of dp*ep*tp = {par.stage_world} GPUs must fill whole nodes of {gpn} "
+            "or share one evenly",
+        )
+    pipelined = par.pp > 1 or m > 1
+    if pipelined and s.policies.overlap.micro_batches > 1:
+        yield (
+            "policies.overlap.micro_batches",
+            "two-batch overlap is not simulated with pipelined micro-batches (DualPipe "
+            "overlaps a forward chunk with a backward chunk instead)",
         )
 
 
@@ -183,6 +242,7 @@ def fp8_needs_fp8_units(r: ResolvedScenario) -> Problems:
 
 CHECKS: tuple[Callable[[ResolvedScenario], Problems], ...] = (
     world_size,
+    pipeline_layout,
     ep_divides_experts,
     batch_splits_over_ep,
     tp_inside_a_node,

@@ -5,9 +5,12 @@ sections choose their variant with ``type:``; the names are checked against the 
 registries when a scenario is resolved (:func:`moesim.config.loading.name_errors`), so a new
 policy needs no change here.
 
-Layout of the GPUs of a scenario: ``world = dp * ep * tp``. GPU ``g`` belongs to data-parallel
-replica ``g // (ep * tp)``, expert-parallel rank ``(g // tp) % ep`` and tensor-parallel rank
-``g % tp``; consecutive GPUs fill a node first. Each EP rank (a TP group of ``tp`` GPUs) runs
+Layout of the GPUs of a scenario: ``world = pp * dp * ep * tp``, in Megatron-Core's order
+(``tp-ep-dp-pp``: tensor parallelism fastest, then expert, then data parallelism, then pipeline
+stages). GPU ``g`` belongs to pipeline stage ``g // (dp * ep * tp)``, data-parallel replica
+``(g // (ep * tp)) % dp``, expert-parallel rank ``(g // tp) % ep`` and tensor-parallel rank
+``g % tp``; consecutive GPUs fill a node first, so a stage's GPUs share nodes and the
+stages' activations cross between nodes. Each EP rank (a TP group of ``tp`` GPUs) runs
 attention for ``batch_size / ep`` sequences; experts are spread over the ``ep`` ranks and each
 expert is sliced ``tp`` ways (expert tensor parallelism equal to tp).
 """
@@ -37,18 +40,54 @@ class Cluster(_Section):
 
 
 class Parallelism(_Section):
-    """Parallel layout; world size = dp * ep * tp."""
+    """Parallel layout; world size = pp * dp * ep * tp.
+
+    As Megatron-Core derives them: the dense (attention) data-parallel group of a stage is its
+    ``ep * dp`` GPUs of one TP position, expert data parallelism is ``dp`` and expert tensor
+    parallelism equals ``tp``.
+    """
 
     ep: int = Field(1, ge=1, le=MAX_GPUS, description="Expert-parallel ranks per replica.")
     tp: int = Field(
         1, ge=1, le=64, description="Tensor-parallel GPUs per EP rank (attention and experts)."
     )
     dp: int = Field(1, ge=1, le=MAX_GPUS, description="Independent data-parallel replicas.")
+    pp: int = Field(
+        1, ge=1, le=256, description="Pipeline stages (training): each holds a run of layers."
+    )
+    vpp: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Virtual stages per pipeline stage (interleaved 1F1B): the layers are cut "
+        "into pp * vpp chunks, chunk c on stage c % pp.",
+    )
+    pp_layout: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=4096,
+        description="Layers of each chunk in model order (pp * vpp entries, or pp for "
+        "DualPipe), summing to the model's layers. Default: as even as possible, the first "
+        "and last chunks (embedding, output layer) taking the shortfall.",
+    )
+
+    @property
+    def stage_world(self) -> int:
+        """GPUs of one pipeline stage."""
+        return self.dp * self.ep * self.tp
 
     @property
     def world(self) -> int:
         """GPUs in the scenario."""
-        return self.dp * self.ep * self.tp
+        return self.pp * self.stage_world
+
+    @model_validator(mode="after")
+    def _layout(self) -> Parallelism:
+        if self.vpp > 1 and self.pp < 2:
+            raise ValueError("vpp > 1 needs pp > 1")
+        if self.pp_layout is not None and min(self.pp_layout) < 1:
+            raise ValueError("pp_layout entries must be >= 1 layer")
+        return self
 
     def rank_nodes(self, gpus_per_node: int) -> list[int]:
         """Node of each EP rank, counted from the first node of its replica."""
@@ -94,6 +133,14 @@ class Workload(_Section):
         description="Kernels are replayed from CUDA graphs (decode in SGLang, vLLM): no "
         "per-kernel launch cost.",
     )
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        le=65_536,
+        description="Micro-batches per training step (gradient accumulation), each of "
+        "batch_size sequences per replica; the global batch is batch_size * dp * "
+        "micro_batches sequences. Pipeline stages work on different micro-batches at once.",
+    )
     recompute: Literal["none", "selective", "full"] = Field(
         "none",
         description="Activation recompute in training: selective re-runs the attention core, "
@@ -107,6 +154,8 @@ class Workload(_Section):
             raise ValueError(f"mode {self.mode} needs seq_len > 0")
         if self.mode == "decode" and self.context_len <= 0:
             raise ValueError("mode decode needs context_len > 0")
+        if self.micro_batches > 1 and self.mode != "train":
+            raise ValueError("micro_batches > 1 is for mode train (gradient accumulation)")
         return self
 
 
@@ -355,6 +404,19 @@ class Optimizer(_Section):
     )
 
 
+class Pipeline(_Section):
+    """The pipeline schedule of a training step (``parallelism.pp`` > 1 or several
+    micro-batches; see :mod:`moesim.timing.pipeline`)."""
+
+    schedule: Literal["1f1b", "interleaved", "dualpipe"] = Field(
+        "1f1b",
+        description="1f1b: one forward, one backward (PipeDream-flush, Megatron's default); "
+        "interleaved: 1F1B over vpp virtual stages per GPU (Megatron); dualpipe: DeepSeek's "
+        "bidirectional schedule (each stage holds two chunks, one micro-batch's forward "
+        "overlapped with another's backward).",
+    )
+
+
 class Policies(_Section):
     """Swappable strategies."""
 
@@ -365,6 +427,7 @@ class Policies(_Section):
     offload: Offload = Offload()
     overlap: Overlap = Overlap()
     optimizer: Optimizer = Optimizer()
+    pipeline: Pipeline = Pipeline()
 
 
 class Engine(_Section):
@@ -378,6 +441,14 @@ class Engine(_Section):
         "the earliest one retire in the same rate update (0: exact max-min fluid model; 0.1 "
         "was measured within 1.8% of exact on phase time and 3.4% on any GPU's finish on "
         "8- to 64-GPU all-to-alls; see moesim.timing.network).",
+    )
+    micro_batch_samples: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Pipelined training: micro-batches whose routing is drawn and whose "
+        "chunks are timed through the full model each step; micro-batch m reuses sample "
+        "m % samples (all micro-batches come from the same routing distribution).",
     )
 
 

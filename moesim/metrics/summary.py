@@ -25,6 +25,14 @@
   gradient buckets, and the bytes per step of gradient reductions and weight gathers (part of
   the two above; :mod:`moesim.timing.gradsync`); ``dp_comm`` and ``optimizer`` in the
   breakdown are their seconds and the Adam step's;
+- ``training`` (training): ``tokens_per_s_per_gpu``, ``model_flops_per_token`` (as Megatron
+  counts: 6 per active matmul parameter plus the attention scores, no recompute),
+  ``model_tflops_per_gpu`` and ``mfu`` (over the GPU's dense peak in the workload dtype);
+- ``pipeline`` (pipelined training: ``pp`` > 1 or ``micro_batches`` > 1): the schedule, chunk
+  layers, the point-to-point time between stages, the bubble (seconds and fraction of the
+  step a stage runs nothing, gradient work apart), and per stage its layers, busy seconds,
+  bubble, gradient seconds (reductions, optimizer, gathers) and HBM
+  (:mod:`moesim.timing.stages`);
 - ``hbm_peak_bytes``: HBM one GPU needs, with ``hbm_breakdown_bytes``;
 - ``policies``: the scenario's policy settings (for comparisons);
 - ``offload`` (expert offload only): ``hit_rate`` of the HBM expert caches, demand and
@@ -107,7 +115,36 @@ def summarize(
             "bytes_intra_node": float(col.dp_bytes[:, 0].mean()),
             "bytes_inter_node": float(col.dp_bytes[:, 1].mean()),
         }
+        out["training"] = training_rates(
+            r, float(col.tokens_per_step.sum() / total_time) if total_time else 0.0
+        )
     return out
+
+
+def model_flops_per_token(r: ResolvedScenario) -> float:
+    """Training FLOPs per token as Megatron counts model FLOPs (no recompute): 6 per
+    parameter a token uses in a matmul (its top-k routed and shared experts, attention, dense
+    layers, the output layer; not the embedding lookup), plus forward and backward (3x) of
+    the attention scores over the mean causal context ``seq_len / 2``."""
+    m, w = r.model, r.scenario.workload
+    matmul = m.active_params() - m.embedding_params + m.vocab_size * m.hidden_size
+    scores = m.num_layers * m.attention.score_flops_per_token(w.seq_len / 2)
+    return 6.0 * matmul + 3.0 * scores
+
+
+def training_rates(r: ResolvedScenario, tokens_per_s: float) -> dict[str, float]:
+    """The ``training`` block: tokens/s per GPU, model TFLOP/s per GPU and MFU (over the
+    GPU's dense peak in the workload dtype)."""
+    per_gpu = tokens_per_s / r.world
+    flops = model_flops_per_token(r)
+    peak = r.hardware.gpu.peak_dense_tflops[r.scenario.workload.dtype]
+    tflops = per_gpu * flops / 1e12
+    return {
+        "tokens_per_s_per_gpu": per_gpu,
+        "model_flops_per_token": flops,
+        "model_tflops_per_gpu": tflops,
+        "mfu": tflops / peak,
+    }
 
 
 def offload_summary(r: ResolvedScenario, col: Collector, stats: dict[str, Any]) -> dict[str, Any]:

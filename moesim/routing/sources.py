@@ -185,6 +185,11 @@ def _redraw_repeats(
     raise RuntimeError(failure)
 
 
+GROUP_COMPILED_MIN_TOKENS = 1 << 16
+"""Tokens per draw from which :func:`group_limited_topk` runs compiled (a training
+micro-batch of 64 x 4096 tokens: 10x faster there; decode batches of the goldens stay below)."""
+
+
 def group_limited_topk(
     n: int,
     experts: int,
@@ -211,6 +216,11 @@ def group_limited_topk(
     of the sorting over every expert that scoring all of them needs, with the same
     distribution (:func:`group_limited_topk_scored` is that reference; tests compare the two).
 
+    From :data:`GROUP_COMPILED_MIN_TOKENS` tokens on, a compiled kernel draws the same
+    order statistics token by token (:mod:`moesim.routing._group_jit`: every group's ``m``
+    gaps drawn, ties to the lower index); smaller draws keep numpy's random stream, which the
+    shipped goldens hold.
+
     Returns:
         ``[n, top_k]`` int16 expert ids, best first.
     """
@@ -219,6 +229,19 @@ def group_limited_topk(
     head = min(2, m)  # order statistics every group needs for its score
     out = np.empty((n, top_k), dtype=np.int16)
     spacing = (1.0 / (per - np.arange(m))).astype(np.float32)  # gaps: E_i / (per - i)
+    if n >= GROUP_COMPILED_MIN_TOKENS:
+        from moesim.routing._group_jit import group_limited_draw
+
+        top2 = group_score != "max" and per >= 2
+        for start in range(0, n, chunk):
+            c = min(chunk, n - start)
+            first = rng.standard_exponential((c, n_group, head), dtype=np.float32)
+            rest = rng.standard_exponential((c, topk_group, m - head), dtype=np.float32)
+            within = rng.random((c, top_k))
+            out[start : start + c] = group_limited_draw(
+                first, rest, spacing, within, per, top_k, top2
+            )
+        return out
     for start in range(0, n, chunk):
         c = min(chunk, n - start)
         # depth[t, g, i]: -log of the i-th best of group g's `per` uniforms (increasing in i);

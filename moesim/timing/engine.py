@@ -17,7 +17,7 @@ communication kernels slow down: :class:`moesim.timing.gpu.SharedSMStream`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,9 @@ class EngineSpec:
             gpus_per_node=r.gpus_per_node,
             top_k=r.model.moe.top_k,
             shared_overlap=ov.shared_experts,
-            overlapped=ov.micro_batches > 1 or ov.shared_experts,
+            overlapped=ov.micro_batches > 1
+            or ov.shared_experts
+            or s.policies.pipeline.schedule == "dualpipe",
             offload=s.policies.offload.enabled,
             a2a_holds_sms=a2a.holds_sms,
             a2a_fixed_s=a2a_fixed[a2a.fixed],
@@ -157,6 +159,53 @@ class Engine:
         self._optimizer_s = gradsync.optimizer_seconds(r) if spec.train else 0.0
         self._syncs: dict[int, list[simpy.Event]] = {}  # a GPU's bucket reductions in flight
         self._tail: dict[tuple[int, str], simpy.Event] = {}  # the last of each kind
+        self._walk_layers: set[int] | None = None  # the layers pipelined chunks walk
+
+    # --- pipelined training: chunks timed one op at a time (moesim.timing.stages) ----------
+    def time_walks(self, step: int, walks: Sequence[tuple[StepPlan, Sequence[int], bool]]) -> float:
+        """Run ``walks`` (plan, layers, backward) at once on every GPU, as one pipeline op
+        (a forward or backward chunk, or DualPipe's forward and backward chunks overlapped
+        on the same GPUs); the seconds from their start to the last GPU's end."""
+        self._plans, self._migration, self._migrating = [w[0] for w in walks], None, False
+        self._walk_layers = {layer for w in walks for layer in w[1]}
+        self._pre = self._precompute()
+        start = self.env.now
+        procs = [self.env.process(self._chunks(g, step, walks)) for g in range(self.spec.world)]
+        self.env.run(until=self.env.all_of(procs))
+        return self.env.now - start
+
+    def time_gradients(
+        self, step: int, buckets: list[gradsync.Bucket], optimizer_s: float
+    ) -> float:
+        """Reduce ``buckets`` over their data-parallel groups, run the optimizer step
+        (``optimizer_s``) and gather the weights on every GPU: a pipeline stage's work after
+        its last backward op; the seconds it takes."""
+        self._buckets, self._optimizer_s = buckets, optimizer_s
+        self._bucket_of = {(b.kind, b.index): b for b in buckets}
+        self._plans, self._migration, self._migrating = [], None, False
+        self._pre = self._precompute()
+        start = self.env.now
+        procs = [
+            self.env.process(self._finish_gradients(g, step, False)) for g in range(self.spec.world)
+        ]
+        self.env.run(until=self.env.all_of(procs))
+        return self.env.now - start
+
+    def _chunks(
+        self, g: int, step: int, walks: Sequence[tuple[StepPlan, Sequence[int], bool]]
+    ) -> Generator[simpy.Event, Any, None]:
+        if len(walks) == 1:
+            yield from self._chunk(g, step, *walks[0], 0)
+            return
+        yield self.env.all_of(
+            [self.env.process(self._chunk(g, step, *w, mb)) for mb, w in enumerate(walks)]
+        )
+
+    def _chunk(
+        self, g: int, step: int, plan: StepPlan, layers: Sequence[int], backward: bool, mb: int
+    ) -> Generator[simpy.Event, Any, None]:
+        for layer in reversed(layers) if backward else layers:
+            yield from self._layer(g, step, layer, plan, mb, backward)
 
     def run(self, progress: ProgressFn | None = None) -> None:
         """Simulate every step; ``progress(done, total)`` is called after each."""
@@ -215,8 +264,11 @@ class Engine:
         flows of a 1,024-GPU decode alone would take gigabytes)."""
         keys: list[tuple[Any, ...]] = []
         leaders = sorted({int(g[0]) for g in self.layout.ep_groups})
+        walked = self._walk_layers
         for mb in range(len(self._plans)):
             for layer in self.moe_index:
+                if walked is not None and layer not in walked:
+                    continue
                 keys += [(mb, layer, phase, g) for phase in self._phases() for g in leaders]
             if self.layout.tp > 1:
                 tp = sorted({int(t[0]) for t in self.layout.tp_groups})

@@ -31,6 +31,7 @@ As Megatron-Core's ``DistributedDataParallel`` and distributed optimizer do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,9 +85,9 @@ def group_sizes(r: ResolvedScenario) -> dict[str, int]:
     return {"dense": par.ep * par.dp, "expert": par.dp}
 
 
-def buckets(r: ResolvedScenario) -> list[Bucket]:
-    """The buckets of one GPU, dense then expert, each in launch order (none for a kind
-    whose group is one GPU)."""
+def buckets(r: ResolvedScenario, layers: Sequence[int] | None = None) -> list[Bucket]:
+    """The buckets of one GPU holding ``layers`` (default: all), dense then expert, each in
+    launch order (none for a kind whose group is one GPU)."""
     setting = r.scenario.policies.optimizer.bucket_params
     sizes = group_sizes(r)
     out: list[Bucket] = []
@@ -95,10 +96,11 @@ def buckets(r: ResolvedScenario) -> list[Bucket]:
             continue
         # Megatron-Core's default: max(40M, 1M x data-parallel size) parameters
         limit = setting or max(40_000_000, 1_000_000 * sizes[kind])
+        held = sorted(range(per_layer.size) if layers is None else layers, reverse=True)
         size, index = 0.0, 0
-        for layer in reversed(range(per_layer.size)):
+        for layer in held:
             size += per_layer[layer]
-            if size > 0 and (size >= limit or layer == 0):
+            if size > 0 and (size >= limit or layer == held[-1]):
                 out.append(Bucket(kind, index, layer, size))
                 size, index = 0.0, index + 1
     return out
@@ -145,11 +147,12 @@ def gather_bytes(r: ResolvedScenario, params: float, n: int) -> float:
     return params * ELEMENT_BYTES[r.scenario.workload.dtype] * (n - 1) / n
 
 
-def shard_params(r: ResolvedScenario) -> float:
-    """Parameters whose optimizer state one GPU keeps and updates: all it holds, or with ZeRO
-    a ``1/n`` share of each kind over its group."""
+def shard_params(r: ResolvedScenario, layers: Sequence[int] | None = None) -> float:
+    """Parameters whose optimizer state one GPU holding ``layers`` (default: all) keeps and
+    updates: all it holds, or with ZeRO a ``1/n`` share of each kind over its group."""
     zero, sizes = r.scenario.policies.optimizer.zero, group_sizes(r)
-    per_kind = [p.sum() for p in layer_params(r)]
+    held = slice(None) if layers is None else list(layers)
+    per_kind = [p[held].sum() for p in layer_params(r)]
     return float(sum(p / (sizes[k] if zero else 1) for k, p in zip(KINDS, per_kind, strict=True)))
 
 
@@ -159,8 +162,8 @@ def adam_bytes_per_param(r: ResolvedScenario) -> float:
     return 24.0 + grad + ELEMENT_BYTES[r.scenario.workload.dtype]
 
 
-def optimizer_seconds(r: ResolvedScenario) -> float:
-    """Seconds of one GPU's Adam step over its shard."""
+def optimizer_seconds(r: ResolvedScenario, layers: Sequence[int] | None = None) -> float:
+    """Seconds of the Adam step of one GPU holding ``layers`` (default: all) over its shard."""
     gpu = r.hardware.gpu
     bandwidth = gpu.hbm_bandwidth_gb_per_s * 1e9 * gpu.memory_efficiency
-    return shard_params(r) * adam_bytes_per_param(r) / bandwidth
+    return shard_params(r, layers) * adam_bytes_per_param(r) / bandwidth

@@ -7,17 +7,30 @@ data-parallel group of each parameter (ep x dp GPUs for dense parameters, dp for
 :mod:`moesim.timing.gradsync`), 2 the gradients too. Activations per token per layer follow
 Korthikanti et al. (arXiv 2205.05198, section 4.1) with flash attention (no ``s^2`` term):
 ``15 h`` bytes for attention and norms plus ``2h + 6f`` bytes for every routed or shared expert
-a token visits (bf16).
+a token visits (bf16; with ``workload.dtype: fp8`` an expert's input and fc1 output are cached
+in FP8, ``h + 4f``, as DeepSeek-V3 does, arXiv 2412.19437 section 3.3.2).
+``workload.recompute: selective`` (Megatron-Core's ``layernorm`` and
+``moe_act`` recompute modules) keeps neither the norms' outputs (``4h``) nor the SwiGLU
+outputs (``2f`` per expert); ``full`` keeps each layer's input (``2h``) and, during the
+backward pass, one layer's activations.
+
+With pipeline stages (:mod:`moesim.timing.pipeline`) every stage is accounted apart: the
+weights, gradients and optimizer shard of the layers it holds (the embedding on the stage of
+the first layer, the output layer on the last's; DualPipe's two chunks per stage hold twice
+the parameters) and the activations of the micro-batches its schedule keeps in flight
+(:func:`moesim.timing.pipeline.peak_in_flight`). The peak is the fullest stage's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.errors import CapacityError
-from moesim.timing.gradsync import shard_params
+from moesim.timing import pipeline
+from moesim.timing.gradsync import layer_params, shard_params
 
 GiB = 1024**3
 
@@ -50,7 +63,66 @@ class HBMUsage:
 
 
 def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
-    """Peak HBM bytes of one GPU of the scenario (all GPUs are alike in this respect)."""
+    """Peak HBM bytes of one GPU of the scenario (all GPUs of a stage are alike in this
+    respect; with pipeline stages, the fullest stage's)."""
+    if pipeline.pipelined(r):
+        return max(stage_usages(r), key=lambda u: u.total)
+    return _usage(r, slots_per_rank)
+
+
+def stage_usages(r: ResolvedScenario) -> list[HBMUsage]:
+    """HBM bytes of one GPU of each pipeline stage of a training scenario."""
+    s = r.scenario
+    sched, chunks = pipeline.schedule_of(r)
+    held = pipeline.stage_layers(sched, chunks)
+    dense, expert = layer_params(r)
+    wbytes = ELEMENT_BYTES[s.workload.dtype]
+    per_layer = activation_bytes_per_layer(r)
+    opt = s.policies.optimizer
+    grad = ELEMENT_BYTES[opt.grad_reduce_dtype]
+    out = []
+    for stage, layers in enumerate(held):
+        params = float(dense[layers].sum() + expert[layers].sum())
+        shard = shard_params(r, layers)
+        acts = pipeline.peak_in_flight(sched, stage, lambda c: per_layer * len(chunks[c]))
+        acts += _recompute_extra(r)
+        optim = 12 * shard + grad * (shard if opt.zero >= 2 else params)
+        out.append(HBMUsage(params * wbytes, 0.0, acts, optim, r.hardware.gpu.workspace_bytes))
+    return out
+
+
+def activation_bytes_per_layer(r: ResolvedScenario) -> float:
+    """Activation bytes one GPU keeps per layer of a training micro-batch (see the module
+    docstring)."""
+    s, m = r.scenario, r.model
+    w, par = s.workload, s.parallelism
+    h, f, k = m.hidden_size, m.moe.expert_intermediate_size, m.moe.top_k
+    fs = m.moe.shared_intermediate_size
+    if w.recompute == "full":
+        per_token = 2.0 * h
+    else:
+        selective = w.recompute == "selective"  # no norm outputs, no SwiGLU outputs
+        fp8 = 1 if w.dtype == "fp8" else 2  # bytes of an expert's cached input and fc1 output
+
+        def expert(width: int) -> float:
+            return fp8 * h + 2 * fp8 * width + (0 if selective else 2 * width)
+
+        per_token = (11 + (0 if selective else 4)) * h + k * expert(f)
+        per_token += expert(fs) if fs else 0
+    return (w.batch_size // par.ep) * w.seq_len * per_token / par.tp
+
+
+def _recompute_extra(r: ResolvedScenario) -> float:
+    """Full recompute rebuilds one layer's activations at a time in the backward pass."""
+    if r.scenario.workload.recompute != "full":
+        return 0.0
+    full = r.scenario.model_copy(
+        update={"workload": r.scenario.workload.model_copy(update={"recompute": "none"})}
+    )
+    return activation_bytes_per_layer(dataclasses.replace(r, scenario=full))
+
+
+def _usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     s, m, hw = r.scenario, r.model, r.hardware
     w, tp = s.workload, s.parallelism.tp
     n_moe = len(m.moe_layers)
@@ -68,13 +140,7 @@ def hbm_usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
         kv = seqs * kv_len * m.num_layers * att.kv_elements_per_token() * 2.0 / kv_split
     acts, optim = 0.0, 0.0
     if w.mode == "train":
-        h, f, k = m.hidden_size, m.moe.expert_intermediate_size, m.moe.top_k
-        per_token = (
-            15 * h
-            + k * (2 * h + 6 * f)
-            + (2 * h + 6 * m.moe.shared_intermediate_size if m.moe.shared_intermediate_size else 0)
-        )
-        acts = seqs * w.seq_len * m.num_layers * per_token / tp
+        acts = m.num_layers * activation_bytes_per_layer(r) + _recompute_extra(r)
         shard = shard_params(r)  # (offload, which would hold fewer experts, is inference only)
         grad = ELEMENT_BYTES[s.policies.optimizer.grad_reduce_dtype]
         optim = 12 * shard + grad * (shard if s.policies.optimizer.zero >= 2 else params)

@@ -40,14 +40,19 @@ def test_zipf_layers_have_different_hot_experts() -> None:
     assert len(set(p.argmax(axis=1).tolist())) > 1
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
 @pytest.mark.parametrize(
     ("n_group", "topk_group", "score"),
     [(8, 4, "top2_sum"), (8, 4, "max"), (4, 4, "max"), (2, 2, "max"), (1, 1, "max")],
 )
 def test_group_limited_order_statistics_draw_matches_scoring_every_expert(
-    n_group: int, topk_group: int, score: str
+    n_group: int, topk_group: int, score: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from moesim.routing import sources
     from moesim.routing.sources import group_limited_topk, group_limited_topk_scored
+
+    # the compiled kernel runs from GROUP_COMPILED_MIN_TOKENS tokens on: lower it here
+    monkeypatch.setattr(sources, "GROUP_COMPILED_MIN_TOKENS", 1 if compiled else 1 << 30)
 
     n, experts, k = 40_000, 256, 8
     per = experts // n_group
