@@ -56,19 +56,36 @@ def print_summary(s: dict[str, Any], folder: Path | None) -> None:
     t.add_column("value", justify="right")
     t.add_row("step time", seconds_text(s["step_time_s"]))
     t.add_row("tokens/s", f"{s['tokens_per_s']:,.0f}")
+    if "training" in s:
+        tr = s["training"]
+        t.add_row("tokens/s per GPU", f"{tr['tokens_per_s_per_gpu']:,.0f}")
+        t.add_row(
+            "model TFLOP/s per GPU (MFU)", f"{tr['model_tflops_per_gpu']:,.1f} ({tr['mfu']:.1%})"
+        )
+    if "pipeline" in s:
+        p = s["pipeline"]
+        t.add_row(
+            f"pipeline bubble ({p['schedule']}, pp {p['pp']}, {p['micro_batches']} mb)",
+            f"{seconds_text(p['bubble_s'])} ({p['bubble_fraction']:.1%})",
+        )
     for k, v in s["breakdown_s"].items():
         if v > 0:
             t.add_row(f"  {k}", seconds_text(v))
     t.add_row("imbalance (max/mean)", f"{s['imbalance_max_over_mean']:.3f}")
     t.add_row("drop rate", f"{s['drop_rate']:.2%}")
-    t.add_row("bytes intra-node / step", f"{s['bytes_intra_node'] / 1e6:,.2f} MB")
-    t.add_row("bytes inter-node / step", f"{s['bytes_inter_node'] / 1e6:,.2f} MB")
+    t.add_row("bytes intra-node / step", _bytes_text(s["bytes_intra_node"]))
+    t.add_row("bytes inter-node / step", _bytes_text(s["bytes_inter_node"]))
     t.add_row(
         "HBM per GPU", f"{s['hbm_peak_bytes'] / GiB:.1f} / {s['hbm_capacity_bytes'] / GiB:.1f} GiB"
     )
     console.print(t)
     if folder is not None:
         console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
+
+
+def _bytes_text(n: float) -> str:
+    """Bytes in MB, or GB from 100 GB on."""
+    return f"{n / 1e9:,.1f} GB" if n >= 1e11 else f"{n / 1e6:,.2f} MB"
 
 
 def warn_if_long(r: ResolvedScenario, work: WorkEstimate) -> None:

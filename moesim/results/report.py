@@ -56,11 +56,25 @@ COLORS = {
 }
 
 
+PIPELINE_COLORS = {
+    "F": "#4C78A8",
+    "B": "#F58518",
+    "F&B": "#54A24B",
+    "Bi": "#E45756",
+    "W": "#B279A2",
+}
+"""Colours of a pipeline timeline's ops: forward, backward, DualPipe's overlapped pair, and a
+zero-bubble backward's input-gradient and weight-gradient parts."""
+
+
 def timeline_figure(result: RunLike) -> Any:
-    """Gantt-style bars of the first recorded step, one row per GPU."""
+    """Gantt-style bars of the first recorded step, one row per GPU (pipelined training: one
+    row per stage, a bar per forward or backward op of a micro-batch)."""
     import plotly.graph_objects as go
 
     events = [e for e in result.timeline if e["args"]["step"] == 0]
+    if any(e.get("cat") == "pipeline" for e in events):
+        return _pipeline_figure(events, result.summary)
     fig = go.Figure()
     for phase in PHASES:
         ev = [e for e in events if e["name"] == phase]
@@ -83,6 +97,45 @@ def timeline_figure(result: RunLike) -> Any:
         barmode="overlay",
         xaxis_title="time (us)",
         height=200 + 22 * result.resolved.world,
+        yaxis={"autorange": "reversed"},
+    )
+    return fig
+
+
+def _pipeline_figure(events: list[dict[str, Any]], summary: dict[str, Any]) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, color in PIPELINE_COLORS.items():
+        ev = [e for e in events if e["name"] == name]
+        if not ev:
+            continue
+        fig.add_trace(
+            go.Bar(
+                name=name,
+                orientation="h",
+                marker_color=color,
+                marker_line={"width": 0.5, "color": "white"},
+                y=[f"stage {e['args']['stage']}" for e in ev],
+                x=[e["dur"] / 1e3 for e in ev],
+                base=[e["ts"] / 1e3 for e in ev],
+                customdata=[
+                    f"micro-batch {e['args']['micro_batch']}, chunk {e['args']['chunk']}"
+                    for e in ev
+                ],
+                hovertemplate="%{y} %{customdata}<br>start %{base:.2f} ms, %{x:.2f} ms",
+            )
+        )
+    p = summary.get("pipeline", {})
+    fig.update_layout(
+        title=(
+            f"Pipeline of step 0: {p.get('schedule', '')}, {p.get('pp', 1)} stages, "
+            f"{p.get('micro_batches', 1)} micro-batches, bubble "
+            f"{float(p.get('bubble_fraction', 0.0)):.1%} (ms)"
+        ),
+        barmode="overlay",
+        xaxis_title="time (ms)",
+        height=220 + 28 * max(1, int(p.get("pp", 1))),
         yaxis={"autorange": "reversed"},
     )
     return fig
@@ -208,7 +261,32 @@ def headline(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("imbalance", f"{float(summary['imbalance_max_over_mean']):.3f}", "busiest GPU / mean"),
         ("HBM per GPU", f"{hbm / GIB:.1f} / {cap / GIB:.1f} GiB", f"{hbm / cap:.0%} of capacity"),
         ("op costs", f"{sum(origins.values())} ops", costs),
+        *_training_headline(summary),
     ]
+
+
+def _training_headline(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Training: throughput per GPU and MFU; pipelined: the bubble."""
+    out = []
+    t = summary.get("training")
+    if t:
+        out.append(
+            (
+                "tokens/s per GPU",
+                f"{float(t['tokens_per_s_per_gpu']):,.0f}",
+                f"{float(t['model_tflops_per_gpu']):,.0f} model TFLOP/s, MFU {float(t['mfu']):.1%}",
+            )
+        )
+    p = summary.get("pipeline")
+    if p:
+        out.append(
+            (
+                "pipeline bubble",
+                f"{float(p['bubble_fraction']):.1%}",
+                f"{p['schedule']}, pp {p['pp']}, {p['micro_batches']} micro-batches",
+            )
+        )
+    return out
 
 
 def headline_html(summary: dict[str, Any]) -> str:

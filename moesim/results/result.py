@@ -48,12 +48,14 @@ class RunResult:
     def timeline_table(self) -> pd.DataFrame:
         """The recorded timeline (the first steps, as in ``timeline.json``) as a table: one row
         per span, with ``step``, ``layer``, ``gpu``, ``micro_batch``, ``phase``, ``kind``
-        (compute or comm), ``start_us`` and ``duration_us``."""
+        (compute or comm), ``start_us`` and ``duration_us``. Pipelined training records one span
+        per op of each stage instead: ``kind`` pipeline, ``phase`` F, B, F&B, Bi or W, ``gpu``
+        the stage's first, ``layer`` -1."""
         world = self.resolved.world
         return pd.DataFrame(
             {
                 "step": [e["args"]["step"] for e in self.timeline],
-                "layer": [e["args"]["layer"] for e in self.timeline],
+                "layer": [e["args"].get("layer", -1) for e in self.timeline],
                 "gpu": [e["tid"] % world for e in self.timeline],
                 "micro_batch": [e["args"].get("micro_batch", 0) for e in self.timeline],
                 "phase": [e["name"] for e in self.timeline],

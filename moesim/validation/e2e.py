@@ -9,7 +9,7 @@ reported whatever it is. Nothing here feeds a published figure back into the mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,11 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios" / "validation"
 def input_tokens_per_s_per_node(summary: dict[str, Any], nodes: int) -> float:
     """Tokens processed per second, per node of the cluster."""
     return float(summary["tokens_per_s"]) / nodes
+
+
+def tokens_per_s_per_gpu(summary: dict[str, Any], _nodes: int) -> float:
+    """Training tokens per second per GPU (the global batch's tokens over the step time)."""
+    return float(summary["tokens_per_s"]) / int(summary["gpus"])
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,23 @@ CASES = (
         # NVIDIA's measured H100 kernel tables (aiconfigurator-core, `make profiles`)
         profiles=(None, "h100-sxm-aiconfigurator"),
     ),
+    Case(
+        "nemo-qwen3-30b-a3b-train-16xh100.yaml",
+        5_275.0,
+        "training tokens/s per GPU",
+        "NVIDIA NeMo Megatron-Bridge performance summary, 25.11 container, DGX-H100 "
+        "(Qwen3_30B_a3B, 16 GPUs, FP8-CS, GBS 512, MBS 2, PP2 VP24 EP8)",
+        tokens_per_s_per_gpu,
+        profiles=(None, "h100-sxm-aiconfigurator"),
+    ),
+    Case(
+        "../deepseek-v3-train-2048xh800.yaml",
+        1e12 / (180_000 * 3600),
+        "training tokens/s per GPU (180K H800 GPU hours per trillion tokens)",
+        "DeepSeek-V3 technical report (arXiv 2412.19437), section 1 and table 1; layout from "
+        "section 3.2 (2,048 H800, PP16 DualPipe, EP64, ZeRO-1)",
+        tokens_per_s_per_gpu,
+    ),
 )
 
 
@@ -85,8 +107,9 @@ class E2ERow:
         return {**self.__dict__, "error": self.error}
 
 
-def validate_e2e(folder: Path = SCENARIOS) -> list[E2ERow]:
-    """Run every case's scenario from ``folder`` and compare with the published figure.
+def validate_e2e(folder: Path = SCENARIOS, only: Collection[str] | None = None) -> list[E2ERow]:
+    """Run every case's scenario from ``folder`` (``only``: the cases of these scenario
+    files) and compare with the published figure.
 
     Raises:
         ConfigError: a case's scenario is missing from ``folder``.
@@ -96,6 +119,8 @@ def validate_e2e(folder: Path = SCENARIOS) -> list[E2ERow]:
 
     rows = []
     for case in CASES:
+        if only is not None and case.scenario not in only:
+            continue
         path = folder / case.scenario
         if not path.is_file():
             raise ConfigError(

@@ -20,9 +20,23 @@ from moesim.validation.e2e import CASES, SCENARIOS, validate_e2e
 # figures (FlashAttention-3's head-dim-128 rate carried to MLA prefill) and -0.2% on NVIDIA's
 # measured H100 tables (aiconfigurator-core 0.12.0: SGLang's MLA prefill attention runs at
 # ~172 TFLOPS, not ~640)
+#
+# Training (issue 18): NeMo 25.11's Qwen3-30B-A3B row on 16 H100 is over-predicted 3.5x (2.1x on
+# the measured tables): moesim has no FP8 current-scaling casts, Megatron's token permutation,
+# per-kernel host overheads of an eager step, or the synchronisation of 48 one-layer virtual
+# stages; DeepSeek-V3's published 180K GPU hours per trillion tokens is over-predicted by 40%
+# (its MTP module and the two DualPipe copies' gradient exchange are not modelled either).
 RECORDED_ERROR = {
     ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm"): 0.506,
     ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm-aiconfigurator"): -0.002,
+    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm"): 2.521,
+    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm-aiconfigurator"): 2.138,
+    ("deepseek-v3-train-2048xh800", "h800"): 0.396,
+}
+PUBLISHED = {
+    "sglang-deepseek-v3-prefill-4x8xh100": 50_302.0,
+    "nemo-qwen3-30b-a3b-train-16xh100": 5_275.0,
+    "deepseek-v3-train-2048xh800": 1e12 / (180_000 * 3600),
 }
 
 
@@ -39,9 +53,26 @@ def test_errors_are_the_recorded_ones() -> None:
     rows = validate_e2e()
     assert {(r.case, r.profile) for r in rows} == set(RECORDED_ERROR)
     for r in rows:
-        assert r.published == 50_302.0
+        assert r.published == PUBLISHED[r.case]
         assert r.error == pytest.approx(RECORDED_ERROR[(r.case, r.profile)], abs=0.005), r
-        assert sum(r.ops_s.values()) > 0.5 * r.step_time_s  # compute is most of a prefill step
+        assert sum(r.ops_s.values()) > 0.5 * r.step_time_s  # compute is most of each step
+
+
+def test_the_training_cases_state_the_published_layouts() -> None:
+    qwen = load_scenario(SCENARIOS / CASES[1].scenario)
+    s = qwen.scenario
+    par, w = s.parallelism, s.workload
+    # NeMo's row: 16 GPUs, GBS 512, MBS 2, 4096 tokens, TP1 PP2 VP24 EP8, GA 32
+    gbs = w.batch_size * par.dp * w.micro_batches
+    assert (qwen.world, gbs, w.batch_size // par.ep, w.seq_len) == (16, 512, 2, 4096)
+    assert (par.tp, par.pp, par.vpp, par.ep, w.micro_batches) == (1, 2, 24, 8, 32)
+    dsv3 = load_scenario(SCENARIOS / CASES[2].scenario)
+    s = dsv3.scenario
+    par, w = s.parallelism, s.workload
+    # DeepSeek-V3: 2,048 H800, PP16 DualPipe, EP64, 15,360 sequences of 4096
+    assert (dsv3.world, par.pp, par.ep, par.tp) == (2048, 16, 64, 1)
+    assert w.batch_size * par.dp * w.micro_batches == 15_360
+    assert s.policies.pipeline.schedule == "dualpipe" and s.policies.optimizer.zero == 1
 
 
 def test_missing_validation_scenarios_are_a_clear_error(tmp_path: Path) -> None:
