@@ -18,7 +18,8 @@ Each benchmark runs in its own process so that its peak memory (max RSS) is its 
 
 Targets on a 2-core machine (issue 17): B1 <= 3 s, B2 <= 3 s, B3 <= 10 s, B5 <= 60 s (issue
 18: TR1 <= 60 s), each within 2 GB of peak memory; T1 >= 10M assignments per second. A row
-records whether it met them. ``make bench`` also runs B4 (one all-to-all phase on 1,024 GPUs, benchmarks/b4.json).
+records whether it met them. ``make bench`` also runs B4 (one all-to-all phase on 1,024 GPUs,
+benchmarks/b4.json).
 """
 
 from __future__ import annotations
