@@ -378,12 +378,13 @@ class Optimizer(_Section):
     """Data-parallel gradient synchronisation and the optimizer step (training; see
     :mod:`moesim.timing.gradsync`)."""
 
-    zero: Literal[0, 1, 2] = Field(
+    zero: Literal[0, 1, 2, 3] = Field(
         1,
         description="0: plain data parallelism (all-reduce, full optimizer state on every "
         "GPU); 1: Megatron's distributed optimizer (ZeRO-1: reduce-scatter, optimizer state "
         "sharded over the data-parallel group, updated weights all-gathered); 2: ZeRO-2 "
-        "(gradients sharded too).",
+        "(gradients sharded too); 3: ZeRO-3 / FSDP (parameters sharded too, each layer's "
+        "all-gathered before it runs, forward and backward, prefetched in order).",
     )
     overlap_grad_reduce: bool = Field(
         True,

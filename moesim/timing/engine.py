@@ -17,7 +17,7 @@ communication kernels slow down: :class:`moesim.timing.gpu.SharedSMStream`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from moesim.timing.gpu import GPU, SharedSMStream
 from moesim.timing.network import FlowNetwork
 from moesim.timing.offload import OffloadTiming
 from moesim.timing.plan import FlowBuilder, Layout, StepPlan, gpu_slot_tokens, make_plan
+from moesim.timing.training import TrainingSteps
 
 ProgressFn = Callable[[int, int], None]
 
@@ -112,7 +113,7 @@ class EngineSpec:
         )
 
 
-class Engine:
+class Engine(TrainingSteps):
     """Runs a scenario's steps through the SimPy model.
 
     Args:
@@ -160,52 +161,7 @@ class Engine:
         self._syncs: dict[int, list[simpy.Event]] = {}  # a GPU's bucket reductions in flight
         self._tail: dict[tuple[int, str], simpy.Event] = {}  # the last of each kind
         self._walk_layers: set[int] | None = None  # the layers pipelined chunks walk
-
-    # --- pipelined training: chunks timed one op at a time (moesim.timing.stages) ----------
-    def time_walks(self, step: int, walks: Sequence[tuple[StepPlan, Sequence[int], bool]]) -> float:
-        """Run ``walks`` (plan, layers, backward) at once on every GPU, as one pipeline op
-        (a forward or backward chunk, or DualPipe's forward and backward chunks overlapped
-        on the same GPUs); the seconds from their start to the last GPU's end."""
-        self._plans, self._migration, self._migrating = [w[0] for w in walks], None, False
-        self._walk_layers = {layer for w in walks for layer in w[1]}
-        self._pre = self._precompute()
-        start = self.env.now
-        procs = [self.env.process(self._chunks(g, step, walks)) for g in range(self.spec.world)]
-        self.env.run(until=self.env.all_of(procs))
-        return self.env.now - start
-
-    def time_gradients(
-        self, step: int, buckets: list[gradsync.Bucket], optimizer_s: float
-    ) -> float:
-        """Reduce ``buckets`` over their data-parallel groups, run the optimizer step
-        (``optimizer_s``) and gather the weights on every GPU: a pipeline stage's work after
-        its last backward op; the seconds it takes."""
-        self._buckets, self._optimizer_s = buckets, optimizer_s
-        self._bucket_of = {(b.kind, b.index): b for b in buckets}
-        self._plans, self._migration, self._migrating = [], None, False
-        self._pre = self._precompute()
-        start = self.env.now
-        procs = [
-            self.env.process(self._finish_gradients(g, step, False)) for g in range(self.spec.world)
-        ]
-        self.env.run(until=self.env.all_of(procs))
-        return self.env.now - start
-
-    def _chunks(
-        self, g: int, step: int, walks: Sequence[tuple[StepPlan, Sequence[int], bool]]
-    ) -> Generator[simpy.Event, Any, None]:
-        if len(walks) == 1:
-            yield from self._chunk(g, step, *walks[0], 0)
-            return
-        yield self.env.all_of(
-            [self.env.process(self._chunk(g, step, *w, mb)) for mb, w in enumerate(walks)]
-        )
-
-    def _chunk(
-        self, g: int, step: int, plan: StepPlan, layers: Sequence[int], backward: bool, mb: int
-    ) -> Generator[simpy.Event, Any, None]:
-        for layer in reversed(layers) if backward else layers:
-            yield from self._layer(g, step, layer, plan, mb, backward)
+        self._params: dict[tuple[int, int, int, bool], simpy.Event] = {}  # ZeRO-3 gathers
 
     def run(self, progress: ProgressFn | None = None) -> None:
         """Simulate every step; ``progress(done, total)`` is called after each."""
@@ -277,9 +233,10 @@ class Engine:
             keys += [(0, 0, "migrate", g) for g in leaders]
         for b in self._buckets:
             keys += [(0, (b.kind, b.index), "dp_reduce", g) for g in self._leaders[b.kind]]
-        if self._zero:
+        if self._zero in (1, 2):
             for kind, firsts in self._leaders.items():
                 keys += [(0, (kind, "gather"), "dp_gather", g) for g in firsts]
+        keys += self._param_keys()
         if self.net.compiled:
             return dict.fromkeys(keys)
         flows = [self._flows_of(k) for k in keys]
@@ -294,6 +251,8 @@ class Engine:
             return self.flows.migration(self._migration, g)
         if phase == "tp_comm":
             return self.flows.tp_allreduce(self._plans[mb], g)
+        if phase == "dp_param":
+            return self._param_flows(layer, g)
         if phase in ("dp_reduce", "dp_gather"):
             kind, index = layer
             group = self._dp_group(kind, g)
@@ -343,61 +302,20 @@ class Engine:
         starting each gradient bucket's reduction as its last layer's backward ends when
         ``early``)."""
         layers = range(self.r.model.num_layers)
+        self._prefetch(g, step, layers, mb, False)
         for layer in layers:
             yield from self._layer(g, step, layer, plan, mb, backward=False)
         if self.spec.train:
+            self._prefetch(g, step, reversed(layers), mb, True)
             for layer in reversed(layers):
                 yield from self._layer(g, step, layer, plan, mb, backward=True)
                 if early:
                     self._reduce(g, step, layer)
 
-    # --- data-parallel gradients and the optimizer (training) ---------------------------
-    def _dp_group(self, kind: str, g: int) -> np.ndarray:
-        return gradsync.group_of(kind, g, self.layout.rank, self.layout.tp_rank)
-
-    def _reduce(self, g: int, step: int, layer: int | None) -> None:
-        """Start the reductions of ``g``'s buckets that ``layer``'s backward pass completes
-        (None: all); each waits for the one before it of its kind (one NCCL stream per
-        group)."""
-        for b in self._buckets:
-            if layer is None or b.layer == layer:
-                before = self._tail.get((g, b.kind))
-                ev = self.env.process(self._bucket(g, step, b, before))
-                self._tail[g, b.kind] = ev
-                self._syncs.setdefault(g, []).append(ev)
-
-    def _bucket(
-        self, g: int, step: int, b: gradsync.Bucket, before: simpy.Event | None
-    ) -> Generator[simpy.Event, Any, None]:
-        if before is not None:
-            yield before
-        group = self._dp_group(b.kind, g)
-        yield from self._comm(
-            g, step, b.layer, "dp_reduce", 0, group=group, slot=(b.kind, b.index), side=True
-        )
-
-    def _finish_gradients(
-        self, g: int, step: int, early: bool
-    ) -> Generator[simpy.Event, Any, None]:
-        """Wait for the gradient reductions, run the optimizer step, gather the updated
-        weights (ZeRO)."""
-        if not early:
-            self._reduce(g, step, None)
-        pending = self._syncs.pop(g, [])
-        for kind in gradsync.KINDS:
-            self._tail.pop((g, kind), None)
-        if pending:
-            yield self.env.all_of(pending)
-        yield from self._compute(g, step, 0, [("optimizer", self._optimizer_s)], 0)
-        if self._zero:
-            for kind in self._leaders:
-                yield from self._comm(
-                    g, step, 0, "dp_gather", 0, group=self._dp_group(kind, g), slot=(kind, "gather")
-                )
-
     def _layer(
         self, g: int, step: int, layer: int, plan: StepPlan, mb: int, backward: bool
     ) -> Generator[simpy.Event, Any, None]:
+        yield from self._params_ready(g, layer, mb, backward)
         tp = self.layout.tp > 1
         moe = self.moe_index.get(layer)
         p = plan.backward if backward else None

@@ -21,7 +21,9 @@ As Megatron-Core's ``DistributedDataParallel`` and distributed optimizer do
   distributed optimizer (``zero: 1``, ZeRO-1) and ZeRO-2 reduce-scatter it (``(n-1)/n``) and,
   after the optimizer step, all-gather the updated parameters (``(n-1)/n`` of them, in the
   weight dtype). Gradients travel in ``policies.optimizer.grad_reduce_dtype`` (bf16:
-  Megatron-Core's ``grad_reduce_in_fp32`` is off by default).
+  Megatron-Core's ``grad_reduce_in_fp32`` is off by default). ZeRO-3 reduce-scatters too, but
+  keeps the parameters sharded: each layer's are all-gathered before it runs, forward and
+  backward (:mod:`moesim.timing.training`), and none after the step.
 - **Optimizer step.** Adam over the GPU's shard (all its parameters with ``zero: 0``, a
   ``1/n`` share of each group's with ZeRO), memory-bound: per parameter it reads the fp32
   master weight, both fp32 moments and the gradient, and writes the three fp32 values and the
@@ -142,8 +144,14 @@ def sync_bytes(r: ResolvedScenario, params: float, n: int) -> float:
 
 def gather_bytes(r: ResolvedScenario, params: float, n: int) -> float:
     """Bytes each of ``n`` GPUs sends to all-gather ``params`` updated weights (ZeRO), else 0."""
-    if r.scenario.policies.optimizer.zero == 0:
+    if r.scenario.policies.optimizer.zero in (0, 3):  # ZeRO-3 keeps them sharded
         return 0.0
+    return params * ELEMENT_BYTES[r.scenario.workload.dtype] * (n - 1) / n
+
+
+def param_gather_bytes(r: ResolvedScenario, params: float, n: int) -> float:
+    """Bytes each of ``n`` GPUs sends to all-gather ``params`` parameters before a layer runs
+    (ZeRO-3), in the weight dtype."""
     return params * ELEMENT_BYTES[r.scenario.workload.dtype] * (n - 1) / n
 
 

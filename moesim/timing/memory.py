@@ -4,7 +4,8 @@ Training keeps the weights, their gradients (``policies.optimizer.grad_reduce_dt
 the fp32 master weights and two Adam moments (12 bytes per parameter; Rajbhandari et al.,
 ZeRO, arXiv 1910.02054, section 3.1). ``policies.optimizer.zero`` 1 shards the 12 bytes over the
 data-parallel group of each parameter (ep x dp GPUs for dense parameters, dp for an expert's:
-:mod:`moesim.timing.gradsync`), 2 the gradients too. Activations per token per layer follow
+:mod:`moesim.timing.gradsync`), 2 the gradients too, 3 the weights as well (plus the two layers
+whose gathered parameters are in use or arriving). Activations per token per layer follow
 Korthikanti et al. (arXiv 2205.05198, section 4.1) with flash attention (no ``s^2`` term):
 ``15 h`` bytes for attention and norms plus ``2h + 6f`` bytes for every routed or shared expert
 a token visits (bf16; with ``workload.dtype: fp8`` an expert's input and fc1 output are cached
@@ -24,13 +25,16 @@ the parameters) and the activations of the micro-batches its schedule keeps in f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.errors import CapacityError
 from moesim.timing import pipeline
-from moesim.timing.gradsync import layer_params, shard_params
+from moesim.timing.gradsync import KINDS, group_sizes, layer_params, shard_params
 
 GiB = 1024**3
 
@@ -76,7 +80,6 @@ def stage_usages(r: ResolvedScenario) -> list[HBMUsage]:
     sched, chunks = pipeline.schedule_of(r)
     held = pipeline.stage_layers(sched, chunks)
     dense, expert = layer_params(r)
-    wbytes = ELEMENT_BYTES[s.workload.dtype]
     per_layer = activation_bytes_per_layer(r)
     opt = s.policies.optimizer
     grad = ELEMENT_BYTES[opt.grad_reduce_dtype]
@@ -87,7 +90,8 @@ def stage_usages(r: ResolvedScenario) -> list[HBMUsage]:
         acts = pipeline.peak_in_flight(sched, stage, lambda c: per_layer * len(chunks[c]))
         acts += _recompute_extra(r)
         optim = 12 * shard + grad * (shard if opt.zero >= 2 else params)
-        out.append(HBMUsage(params * wbytes, 0.0, acts, optim, r.hardware.gpu.workspace_bytes))
+        weights = _weight_bytes(r, params, shard, layers)
+        out.append(HBMUsage(weights, 0.0, acts, optim, r.hardware.gpu.workspace_bytes))
     return out
 
 
@@ -110,6 +114,21 @@ def activation_bytes_per_layer(r: ResolvedScenario) -> float:
         per_token = (11 + (0 if selective else 4)) * h + k * expert(f)
         per_token += expert(fs) if fs else 0
     return (w.batch_size // par.ep) * w.seq_len * per_token / par.tp
+
+
+def _weight_bytes(r: ResolvedScenario, params: float, shard: float, layers: Sequence[int]) -> float:
+    """Weight bytes one GPU holds of ``params`` parameters: all of them, or with ZeRO-3 its
+    ``shard`` plus the two layers whose gathered parameters are in use or arriving."""
+    wbytes = ELEMENT_BYTES[r.scenario.workload.dtype]
+    if r.scenario.policies.optimizer.zero != 3:
+        return params * wbytes
+    sizes = group_sizes(r)  # a kind whose group is one GPU is held whole, never gathered
+    gathered = np.zeros(r.model.num_layers)
+    for kind, per_layer in zip(KINDS, layer_params(r), strict=True):
+        if sizes[kind] > 1:
+            gathered += per_layer
+    largest = max((float(gathered[x]) for x in layers), default=0.0)
+    return (shard + 2 * largest) * wbytes
 
 
 def _recompute_extra(r: ResolvedScenario) -> float:
@@ -142,6 +161,7 @@ def _usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
     if w.mode == "train":
         acts = m.num_layers * activation_bytes_per_layer(r) + _recompute_extra(r)
         shard = shard_params(r)  # (offload, which would hold fewer experts, is inference only)
+        weights = _weight_bytes(r, params, shard, range(m.num_layers))
         grad = ELEMENT_BYTES[s.policies.optimizer.grad_reduce_dtype]
         optim = 12 * shard + grad * (shard if s.policies.optimizer.zero >= 2 else params)
     return HBMUsage(weights, kv, acts, optim, hw.gpu.workspace_bytes)

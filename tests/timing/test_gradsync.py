@@ -105,3 +105,30 @@ def test_rings_between_nodes_use_every_nic() -> None:
     assert sorted(set(flows.src[cross].tolist())) == list(range(16))
     one = gradsync.ring(np.array([3, 11]), 800.0, 8)  # one GPU per node: one ring
     assert one.src.tolist() == [3, 11] and one.dst.tolist() == [11, 3]
+
+
+def test_zero3_gathers_each_layer_forward_and_backward_before_it_runs() -> None:
+    """ZeRO-3: gradients reduce-scattered ((n-1)/n), every layer's parameters all-gathered
+    ((n-1)/n) before its forward and again before its backward, none after the step; the
+    weights sharded, with two layers' gathered parameters held."""
+    r = _r("policies.optimizer.zero=3")
+    m = r.model
+    dense = m.non_expert_params() * 2.0
+    expert = len(m.moe_layers) * r.slots_per_rank * m.expert_params * 2.0
+    once = 8 * (7 / 8) * dense + 4 * 2 * (1 / 2) * expert  # every GPU's share, once
+    res = simulate(r)
+    assert res.summary["data_parallel"]["bytes_intra_node"] == pytest.approx(3 * once, rel=1e-9)
+    # a layer computes only once its parameters have arrived
+    spans = res.timeline_table()
+    for gpu in (0, 5):
+        mine = spans[(spans.gpu == gpu) & (spans.step == 0)]
+        for layer in (0, 7, 15):
+            gather = mine[(mine.layer == layer) & (mine.phase == "dp_comm")]
+            attention = mine[(mine.layer == layer) & (mine.phase == "attention")]
+            first_gather_end = (gather.start_us + gather.duration_us).min()
+            assert first_gather_end <= attention.start_us.min() + 1e-6
+    dense_l, expert_l = gradsync.layer_params(r)
+    shard = gradsync.shard_params(r)
+    usage = hbm_usage(r, r.slots_per_rank)
+    assert usage.weights == pytest.approx(2.0 * (shard + 2 * (dense_l + expert_l).max()))
+    assert usage.optimizer == pytest.approx(12 * shard + 2 * shard)
