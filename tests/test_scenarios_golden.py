@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -39,7 +40,12 @@ def test_scenario_runs_through_the_cli_and_matches_golden(path: Path, tmp_path: 
     (folder,) = (tmp_path / summary["scenario"]).iterdir()
     assert (folder / "report.html").stat().st_size > 10_000
     assert strict_json((folder / "summary.json").read_text()) == summary
-    strict_json((folder / "timeline.json").read_text())
+    if summary["mode"] == "serve":  # a serving run: its requests and steps
+        requests = pd.read_parquet(folder / "requests.parquet")
+        assert len(requests) == summary["serving"]["requests"]
+        assert len(pd.read_parquet(folder / "steps.parquet")) == summary["serving"]["steps"]
+    else:
+        strict_json((folder / "timeline.json").read_text())
     golden = GOLDEN / f"{path.stem}.json"
     assert golden.exists(), f"no golden for {path.name}: run python -m tests.golden.regenerate"
     diffs = _close(json.loads(golden.read_text()), summary)

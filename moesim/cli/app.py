@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -68,6 +68,9 @@ def run(
                 out if out is not None else resolved.scenario.output.dir,
                 "--out" if out is not None else f"{scenario}: output.dir",
             )
+        if resolved.scenario.workload.mode == "serve":
+            _serve(resolved, out, json_out, no_write)
+            return
         warn_if_long(resolved, estimate(resolved))
         with progress_bar(resolved.scenario.workload.steps, resolved.scenario.name) as tick:
             result = simulate(resolved, progress=tick)
@@ -78,6 +81,22 @@ def run(
                 typer.echo(f"run folder: {folder}", err=True)
         else:
             print_summary(result.summary, folder)
+
+
+def _serve(resolved: Any, out: Path | None, json_out: bool, no_write: bool) -> None:
+    """A serving scenario's run: requests through the instances (moesim.serving)."""
+    from moesim.cli.render import print_serving
+    from moesim.results.writer import summary_json
+    from moesim.serving.run import simulate_serving, write_serving_run
+
+    result = simulate_serving(resolved)
+    folder = None if no_write else write_serving_run(result, out)
+    if json_out:
+        sys.stdout.write(summary_json(result.summary))
+        if folder is not None:
+            typer.echo(f"run folder: {folder}", err=True)
+    else:
+        print_serving(result.summary, folder)
 
 
 @app.command()
@@ -189,7 +208,7 @@ def sweep(
     from moesim.cli.render import print_sweep, progress_bar
     from moesim.config.loading import load_scenario
     from moesim.results.writer import output_root
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import METRICS
     from moesim.study.sweep import PointStore, expand_grid, run_sweep, write_sweep
 
     with reported():
@@ -224,9 +243,8 @@ def sweep(
         sys.stdout.flush()
         failed = table[table["error"] != ""]
         for _, row in failed.iterrows():
-            typer.echo(
-                f"failed: {row.drop([*COLUMNS, 'error']).to_dict()}: {row['error']}", err=True
-            )
+            grid_values = row.drop([c for c in (*METRICS, "error") if c in row.index]).to_dict()
+            typer.echo(f"failed: {grid_values}: {row['error']}", err=True)
         if len(failed):
             raise typer.Exit(1)
 

@@ -83,6 +83,49 @@ def print_summary(s: dict[str, Any], folder: Path | None) -> None:
         console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
 
 
+def print_serving(s: dict[str, Any], folder: Path | None) -> None:
+    """A serving run's metrics as a table, then where the run folder is."""
+    sv = s["serving"]
+    console = Console()
+    kind = "disaggregated" if sv["disaggregated"] else "co-located"
+    t = Table(
+        title=f"moesim: {s['scenario']}  ({s['model']} on {s['gpus']}x {s['hardware']}, "
+        f"serving, {kind})",
+        show_header=False,
+    )
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("requests finished / counted", f"{sv['finished']:,} / {sv['counted']:,}")
+    t.add_row("request rate", f"{sv['request_rate_per_s']:,.2f} /s")
+    t.add_row(
+        "input tokens/s (per node)",
+        f"{sv['input_tokens_per_s']:,.0f} ({sv['input_tokens_per_s_per_node']:,.0f})",
+    )
+    t.add_row(
+        "output tokens/s (per node)",
+        f"{sv['output_tokens_per_s']:,.0f} ({sv['output_tokens_per_s_per_node']:,.0f})",
+    )
+    t.add_row("output tokens/s per GPU", f"{sv['output_tokens_per_s_per_gpu']:,.1f}")
+    for name in ("ttft_s", "tpot_s", "e2e_s"):
+        v = sv[name]
+        t.add_row(
+            f"{name[:-2].upper()} mean / p50 / p90 / p99",
+            " / ".join(f"{v[k] * 1e3:,.1f}" for k in ("mean", "p50", "p90", "p99")) + " ms",
+        )
+    t.add_row(
+        "goodput (SLOs met)", f"{sv['goodput_requests_per_s']:,.2f} /s ({sv['slo_attained']:.1%})"
+    )
+    t.add_row("decode batch (mean)", f"{sv['decode_batch_mean']:,.1f}")
+    t.add_row(
+        "KV cache peak / capacity",
+        f"{sv['kv_peak_tokens']:,} / {sv['kv_capacity_tokens']:,} tokens",
+    )
+    t.add_row("preemptions", f"{sv['preemptions']:,}")
+    console.print(t)
+    if folder is not None:
+        console.print(f"run folder: [bold]{folder}[/]  (report: {folder / 'report.html'})")
+
+
 def _bytes_text(n: float) -> str:
     """Bytes in MB, or GB from 100 GB on."""
     return f"{n / 1e9:,.1f} GB" if n >= 1e11 else f"{n / 1e6:,.2f} MB"
@@ -229,9 +272,16 @@ def print_comparison(table: Any) -> None:
 
 def print_sweep(table: Any, title: str) -> None:
     """One row per grid point: the grid values (last key part as header), then the metrics."""
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import METRICS
 
     short = {
+        "request_rate": "req/s",
+        "output_tok_s_per_gpu": "out tok/s/GPU",
+        "ttft_p50_ms": "TTFT p50",
+        "ttft_p99_ms": "TTFT p99",
+        "tpot_p50_ms": "TPOT p50",
+        "tpot_p99_ms": "TPOT p99",
+        "goodput_rps": "goodput",
         "step_time_ms": "step ms",
         "tokens_per_s": "tok/s",
         "exposed_comm_ms": "exposed ms",
@@ -245,11 +295,11 @@ def print_sweep(table: Any, title: str) -> None:
     t = Table(title=title)
     for c in cols:
         t.add_column(
-            short.get(c, c.rsplit(".", 1)[-1]), justify="right" if c in COLUMNS else "left"
+            short.get(c, c.rsplit(".", 1)[-1]), justify="right" if c in METRICS else "left"
         )
     for _, row in table.iterrows():
         failed = bool(row.get("error"))
         t.add_row(
-            *[("[red]failed[/]" if failed and c in COLUMNS else _cell(c, row[c])) for c in cols]
+            *[("[red]failed[/]" if failed and c in METRICS else _cell(c, row[c])) for c in cols]
         )
     Console().print(t)

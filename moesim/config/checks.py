@@ -155,7 +155,7 @@ def two_batch_overlap(r: ResolvedScenario) -> Problems:
     if s.policies.overlap.micro_batches <= 1:
         return
     seqs = w.batch_size // par.ep if w.batch_size % par.ep == 0 else 0
-    tokens = seqs * (1 if w.mode == "decode" else w.seq_len)
+    tokens = seqs * (1 if w.mode in ("decode", "serve") else w.seq_len)
     if tokens < 2:
         yield (
             "policies.overlap.micro_batches",

@@ -97,11 +97,15 @@ class Parallelism(_Section):
 class Workload(_Section):
     """What the cluster runs."""
 
-    mode: Literal["decode", "prefill", "train"] = Field(
-        description="Inference decode, prefill, or a training step."
+    mode: Literal["decode", "prefill", "train", "serve"] = Field(
+        description="Inference decode, prefill, a training step, or serving requests "
+        "(the serving section)."
     )
     batch_size: int = Field(
-        ge=1, le=2**24, description="Sequences per replica per step (split over the ep ranks)."
+        ge=1,
+        le=2**24,
+        description="Sequences per replica per step (split over the ep ranks); serve: the "
+        "most requests an instance decodes at once.",
     )
     seq_len: int = Field(0, ge=0, le=2**24, description="Tokens per sequence (prefill and train).")
     context_len: int = Field(
@@ -418,6 +422,81 @@ class Pipeline(_Section):
     )
 
 
+class Lengths(_Section):
+    """Token lengths of generated requests (see :mod:`moesim.serving.requests`)."""
+
+    dist: Literal["fixed", "uniform", "lognormal"] = Field("fixed", description="Distribution.")
+    mean: int = Field(ge=1, le=2**22, description="Mean tokens.")
+    min: int = Field(1, ge=1, le=2**22, description="Fewest tokens (uniform, lognormal).")
+    max: int = Field(2**17, ge=1, le=2**22, description="Most tokens (uniform, lognormal).")
+    sigma: float = Field(0.5, gt=0, le=4, description="Lognormal shape.")
+
+
+class ServeRequests(_Section):
+    """Where requests come from."""
+
+    arrival: Literal["poisson", "concurrency", "trace"] = Field(
+        "poisson",
+        description="poisson: at rate_per_s; concurrency: clients that each send their next "
+        "request when the last finishes; trace: the trace file's times (a ShareGPT JSON has "
+        "none: Poisson at rate_per_s).",
+    )
+    rate_per_s: float | None = Field(None, gt=0, le=1e6, description="Requests per second.")
+    clients: int | None = Field(None, ge=1, le=1_000_000, description="Concurrent clients.")
+    trace: str | None = Field(
+        None, max_length=4096, description="A CSV or ShareGPT JSON file of requests."
+    )
+    count: int = Field(1000, ge=1, le=10_000_000, description="Requests to serve.")
+    warmup: int = Field(0, ge=0, description="First requests left out of the metrics.")
+    input_len: Lengths = Lengths(mean=1024)
+    output_len: Lengths = Lengths(mean=256)
+
+    @model_validator(mode="after")
+    def _source(self) -> ServeRequests:
+        if self.arrival == "poisson" and self.rate_per_s is None:
+            raise ValueError("arrival poisson needs rate_per_s")
+        if self.arrival == "concurrency" and self.clients is None:
+            raise ValueError("arrival concurrency needs clients")
+        if self.arrival == "trace" and self.trace is None:
+            raise ValueError("arrival trace needs trace (a file)")
+        if self.warmup >= self.count:
+            raise ValueError(f"warmup ({self.warmup}) must be below count ({self.count})")
+        return self
+
+
+class PrefillPool(_Section):
+    """The prefill instances of a disaggregated deployment (the scenario's own cluster and
+    parallelism are its decode instances)."""
+
+    nodes: int = Field(ge=1, le=MAX_NODES, description="Nodes of prefill instances.")
+    parallelism: Parallelism = Parallelism()
+    all_to_all: AllToAll | None = Field(None, description="Default: the scenario's.")
+    overlap: Overlap | None = Field(None, description="Default: the scenario's.")
+    cuda_graphs: bool = Field(False, description="Prefill kernels from CUDA graphs.")
+
+
+class Serving(_Section):
+    """Serving requests (``workload.mode: serve``; :mod:`moesim.serving`)."""
+
+    requests: ServeRequests
+    max_prefill_tokens: int = Field(
+        16384, ge=1, le=2**22, description="Prompt tokens per prefill step (chunked prefill)."
+    )
+    kv_block_tokens: int = Field(64, ge=1, le=4096, description="Tokens per KV-cache page.")
+    tokens_per_step: float = Field(
+        1.0,
+        ge=1.0,
+        le=16.0,
+        description="Mean tokens a request gains per decode step (MTP / speculative "
+        "decoding acceptance; 1: none).",
+    )
+    slo_ttft_s: float | None = Field(None, gt=0, description="Goodput: time to first token.")
+    slo_tpot_s: float | None = Field(None, gt=0, description="Goodput: time per output token.")
+    prefill: PrefillPool | None = Field(
+        None, description="Disaggregated prefill instances (None: co-located serving)."
+    )
+
+
 class Policies(_Section):
     """Swappable strategies."""
 
@@ -487,5 +566,12 @@ class Scenario(_Section):
     routing: Routing = Routing()
     policies: Policies = Policies()
     engine: Engine = Engine()
+    serving: Serving | None = None
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of every random choice.")
     output: Output = Output()
+
+    @model_validator(mode="after")
+    def _serving(self) -> Scenario:
+        if (self.workload.mode == "serve") != (self.serving is not None):
+            raise ValueError("workload.mode serve and a serving section go together")
+        return self

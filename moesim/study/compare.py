@@ -37,6 +37,29 @@ COLUMNS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
     "inter_node_gb": ("inter-node GB/step", lambda s: s["bytes_inter_node"] / 1e9),
 }
 
+#: serving runs (``workload.mode: serve``): column -> (header, value from a summary)
+SERVING_COLUMNS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+    "request_rate": ("requests/s", lambda s: s["serving"]["request_rate_per_s"]),
+    "output_tok_s_per_gpu": (
+        "output tokens/s/GPU",
+        lambda s: s["serving"]["output_tokens_per_s_per_gpu"],
+    ),
+    "ttft_p50_ms": ("TTFT p50 (ms)", lambda s: s["serving"]["ttft_s"]["p50"] * 1e3),
+    "ttft_p99_ms": ("TTFT p99 (ms)", lambda s: s["serving"]["ttft_s"]["p99"] * 1e3),
+    "tpot_p50_ms": ("TPOT p50 (ms)", lambda s: s["serving"]["tpot_s"]["p50"] * 1e3),
+    "tpot_p99_ms": ("TPOT p99 (ms)", lambda s: s["serving"]["tpot_s"]["p99"] * 1e3),
+    "goodput_rps": ("goodput (req/s)", lambda s: s["serving"]["goodput_requests_per_s"]),
+}
+
+#: every metric column, for telling them from grid columns
+METRICS = {**COLUMNS, **SERVING_COLUMNS}
+
+
+def columns_for(summaries: list[dict[str, Any]]) -> dict[str, tuple[str, Callable[..., float]]]:
+    """The metric columns of a set of runs: serving ones when the runs serve requests."""
+    serving = any(s.get("mode") == "serve" for s in summaries if "error" not in s)
+    return SERVING_COLUMNS if serving else COLUMNS
+
 
 def load_entry(entry: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """The summary of a run folder, or of simulating a scenario file.

@@ -180,6 +180,10 @@ def simulate_point(resolved: ResolvedScenario) -> dict[str, Any]:
     from moesim.runner import simulate
 
     try:
+        if resolved.scenario.workload.mode == "serve":
+            from moesim.serving.run import simulate_serving
+
+            return simulate_serving(resolved).summary
         return simulate(resolved).summary
     except (MoesimError, ValueError) as exc:
         return {"error": str(exc)}
@@ -192,8 +196,9 @@ def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.
     axis parses as one, as the scenario reads it; else text), then the comparison columns (or
     the error)."""
     from moesim.config.overrides import parse_override
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import columns_for
 
+    columns = columns_for(summaries)
     rows = []
     for overrides, s in zip(points, summaries, strict=True):
         row: dict[str, Any] = {}
@@ -201,10 +206,10 @@ def sweep_table(points: list[list[str]], summaries: list[dict[str, Any]]) -> pd.
             key, value = o.split("=", 1)
             row[key] = value
         if "error" in s:
-            row.update({c: float("nan") for c in COLUMNS})
+            row.update({c: float("nan") for c in columns})
             row["error"] = s["error"]
         else:
-            row.update({c: float(get(s)) for c, (_, get) in COLUMNS.items()})
+            row.update({c: float(get(s)) for c, (_, get) in columns.items()})
             row["error"] = ""
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -321,13 +326,13 @@ def write_sweep(
 
     from moesim.results.report import headline_table, html_page
     from moesim.results.writer import write_folder
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import METRICS
 
-    grid = [c for c in table.columns if c not in COLUMNS and c != "error"]
+    grid = [c for c in table.columns if c not in METRICS and c != "error"]
     ran = {
         ", ".join(f"{c}={row[c]}" for c in grid) or f"point {i}": s
         for i, (row, s) in enumerate(zip(table.to_dict("records"), summaries, strict=True))
-        if "error" not in s
+        if "error" not in s and s.get("mode") != "serve"  # serving runs have no step headline
     }
 
     def fill(tmp: Path) -> None:
@@ -352,15 +357,43 @@ def sweep_figure(table: pd.DataFrame) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import METRICS
 
-    keys = [c for c in table.columns if c not in COLUMNS and c != "error"]
+    keys = [c for c in table.columns if c not in METRICS and c != "error"]
     labels = [
         ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys) for _, row in table.iterrows()
     ]
-    metrics = list(COLUMNS)
-    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=[COLUMNS[m][0] for m in metrics])
+    metrics = [m for m in METRICS if m in table.columns]
+    if "output_tok_s_per_gpu" in metrics:
+        return _serving_curve(table, labels)
+    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=[METRICS[m][0] for m in metrics])
     for i, m in enumerate(metrics):
         fig.add_trace(go.Bar(x=labels, y=table[m], showlegend=False), row=i + 1, col=1)
     fig.update_layout(height=260 * len(metrics), title="Sweep")
+    return fig
+
+
+def _serving_curve(table: pd.DataFrame, labels: list[str]) -> Any:
+    """Throughput against latency, one point per grid point (a sweep over request rate or
+    concurrency traces the curve a deployment moves along as its load grows)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("TPOT", "TTFT"))
+    x = table["output_tok_s_per_gpu"]
+    for col, (p50, p99) in enumerate(
+        (("tpot_p50_ms", "tpot_p99_ms"), ("ttft_p50_ms", "ttft_p99_ms")), 1
+    ):
+        for name, dash in ((p50, None), (p99, "dot")):
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=table[name], text=labels, mode="lines+markers", name=name,
+                    line={"dash": dash},
+                ),
+                row=1,
+                col=col,
+            )  # fmt: skip
+        fig.update_xaxes(title_text="output tokens/s per GPU", row=1, col=col)
+        fig.update_yaxes(title_text="ms", row=1, col=col)
+    fig.update_layout(title="Throughput against latency", height=450)
     return fig

@@ -8,13 +8,19 @@ from __future__ import annotations
 from moesim.config.loading import load_scenario
 from moesim.results.writer import summary_json
 from moesim.runner import simulate
+from moesim.serving.run import simulate_serving
 from tests.conftest import ROOT, SCENARIOS
 
 
 def main() -> None:
     for path in sorted(SCENARIOS.glob("*.yaml")):
         out = ROOT / "tests" / "golden" / f"{path.stem}.json"
-        out.write_text(summary_json(simulate(load_scenario(path)).summary), encoding="utf-8")
+        r = load_scenario(path)
+        if r.scenario.workload.mode == "serve":
+            summary = simulate_serving(r).summary
+        else:
+            summary = simulate(r).summary
+        out.write_text(summary_json(summary), encoding="utf-8")
         print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -1,0 +1,1 @@
+"""Serving: requests, continuous batching, prefill/decode disaggregation, latency metrics."""

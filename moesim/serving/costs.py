@@ -1,0 +1,158 @@
+"""Step costs of a serving instance, priced by the layer model and cached.
+
+A serving run takes thousands of engine steps whose batches repeat in shape, so a step is not
+simulated from scratch each time: :class:`LayerModelCosts` runs the SimPy layer model (routing
+drawn as the scenario says, all-to-alls on the network, kernels from the profile) for one
+step at points of a grid, once each, and interpolates between them:
+
+- **decode** steps at ``batch`` requests (over the instance's ``ep`` DP-attention ranks) and
+  mean context ``c``: the grid has batches ``ep * 2^i`` and contexts ``256 * 2^j``; a step
+  costs the bilinear interpolation of its four neighbours. Between contexts it is exact for
+  what depends on the context (the attention reads ``batch x c`` KV bytes, linear in ``c``);
+  between batches, the expert GEMMs and all-to-alls grow with the batch, and the linear
+  interpolation is measured against direct simulation in ``tests/serving/test_costs.py``.
+- **prefill** steps of ``tokens`` prompt tokens: priced as one sequence per rank of
+  ``tokens / ep`` tokens, on a grid of ``128 * 2^i`` tokens per rank, interpolated
+  linearly; a prompt's chunk attends to its own tokens only (the context of the prompt's
+  earlier chunks is not charged).
+
+The pricing runs the engine directly, without the HBM check of a standalone run: the KV
+cache a serving instance holds is bounded by the scheduler instead (:func:`kv_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from moesim.config.loading import ResolvedScenario
+from moesim.dtypes import ELEMENT_BYTES
+from moesim.timing.memory import GiB, hbm_usage
+
+CONTEXT_BASE = 256
+"""Smallest context of the decode grid, tokens."""
+PREFILL_BASE = 128
+"""Smallest tokens per rank of the prefill grid."""
+
+
+def instance_scenario(r: ResolvedScenario, mode: str, batch: int, length: int) -> ResolvedScenario:
+    """One instance's one-step scenario: ``mode`` decode (``batch`` requests at context
+    ``length``) or prefill (``batch`` sequences of ``length`` tokens)."""
+    s = r.scenario
+    w = s.workload.model_copy(
+        update={
+            "mode": mode,
+            "batch_size": batch,
+            "context_len": length if mode == "decode" else 0,
+            "seq_len": length if mode == "prefill" else 0,
+            "steps": 1,
+        }
+    )
+    out = s.model_copy(
+        update={
+            "workload": w,
+            "serving": None,
+            "output": s.output.model_copy(update={"timeline_steps": 0}),
+        }
+    )
+    return dataclasses.replace(r, scenario=out)
+
+
+def step_seconds(r: ResolvedScenario) -> float:
+    """Seconds of the one step of ``r`` on the layer model."""
+    from moesim.metrics.collector import Collector
+    from moesim.routing.stage import RoutingStage
+    from moesim.timing.costs import scenario_costs
+    from moesim.timing.engine import Engine
+
+    s = r.scenario
+    rng = np.random.default_rng(np.random.SeedSequence(s.seed).spawn(2)[0])
+    routing = RoutingStage(s, r.model, r.gpus_per_node, rng)
+    col = Collector(1, r.model.num_layers, r.world, r.model.moe_layers, r.gpus_per_node, 0)
+    engine = Engine(r, routing, scenario_costs(r), col)
+    engine.run()
+    return float(col.step_time_s[0])
+
+
+def kv_tokens(r: ResolvedScenario) -> int:
+    """Tokens of KV cache one instance holds: each GPU's HBM left by its weights and
+    workspace, over the bytes a token's KV cache takes on it, times the DP-attention ranks."""
+    par, m = r.scenario.parallelism, r.model
+    probe = instance_scenario(r, "decode", par.ep, 1)
+    usage = hbm_usage(probe, probe.slots_per_rank)
+    free = r.hardware.gpu.hbm_bytes - usage.weights - usage.workspace
+    att = m.attention
+    kv_split = par.tp if att.type == "gqa" and att.num_kv_heads >= par.tp else 1
+    per_token = m.num_layers * att.kv_elements_per_token() * 2.0 / kv_split
+    if free <= per_token:
+        raise ValueError(
+            f"{r.scenario.name}: the weights leave {free / GiB:.1f} GiB per GPU, no room for "
+            "a KV cache"
+        )
+    return int(free // per_token) * par.ep
+
+
+def kv_bytes_per_token(r: ResolvedScenario) -> float:
+    """Bytes of one token's KV cache over all layers (what a disaggregated handoff moves)."""
+    m = r.model
+    return m.num_layers * m.attention.kv_elements_per_token() * float(ELEMENT_BYTES["bf16"])
+
+
+class LayerModelCosts:
+    """Step costs of one instance (see the module docstring).
+
+    Args:
+        r: The instance's scenario (one EP group: ``dp`` 1).
+        max_batch: Most requests a decode step holds.
+    """
+
+    def __init__(self, r: ResolvedScenario, max_batch: int) -> None:
+        self.r = r
+        self.ep = r.scenario.parallelism.ep
+        self.max_batch = max(max_batch, self.ep)
+        self._cache: dict[tuple[str, int, int], float] = {}
+        self.simulated = 0
+
+    def _at(self, mode: str, batch: int, length: int) -> float:
+        key = (mode, batch, length)
+        if key not in self._cache:
+            self._cache[key] = step_seconds(instance_scenario(self.r, mode, batch, length))
+            self.simulated += 1
+        return self._cache[key]
+
+    def decode(self, batch: int, context: float) -> float:
+        """Seconds of a decode step of ``batch`` requests at mean context ``context``."""
+        b = min(max(batch, 1), self.max_batch) / self.ep
+        b0 = 2 ** math.floor(math.log2(b)) if b >= 1 else 1
+        b1 = min(b0 * 2, self._top())
+        c = max(float(context), CONTEXT_BASE)
+        c0 = CONTEXT_BASE * 2 ** math.floor(math.log2(c / CONTEXT_BASE))
+        c1 = c0 * 2
+
+        def at(bb: float, cc: float) -> float:
+            return self._at("decode", int(bb * self.ep), int(cc))
+
+        fb = 0.0 if b1 == b0 else (max(b, 1) - b0) / (b1 - b0)
+        fc = (c - c0) / (c1 - c0)
+        low = at(b0, c0) + fc * (at(b0, c1) - at(b0, c0))
+        if fb == 0.0:
+            return low
+        high = at(b1, c0) + fc * (at(b1, c1) - at(b1, c0))
+        return low + fb * (high - low)
+
+    def _top(self) -> int:
+        """Largest per-rank batch of the grid (a power of two at or above the cap)."""
+        return 2 ** math.ceil(math.log2(max(self.max_batch / self.ep, 1)))
+
+    def prefill(self, tokens: int, sequences: int) -> float:
+        """Seconds of a prefill step of ``tokens`` prompt tokens (``sequences`` requests)."""
+        t = max(tokens / self.ep, 1.0)
+        t0 = PREFILL_BASE * 2 ** math.floor(math.log2(max(t, PREFILL_BASE) / PREFILL_BASE))
+        t1 = t0 * 2
+        a = self._at("prefill", self.ep, int(t0))
+        if t <= t0:  # below the grid's base: its cost (weights read, launches, exchanges)
+            return a
+        b = self._at("prefill", self.ep, int(t1))
+        return a + (t - t0) / (t1 - t0) * (b - a)

@@ -1,0 +1,290 @@
+"""A serving run: requests through the instances, steps priced by the layer model, latency
+and throughput metrics.
+
+The scenario's own cluster, parallelism and policies describe the decode instances (``dp``
+of them, one EP group each, DP attention inside); with ``serving.prefill`` a separate pool of
+prefill instances takes the prompts and hands each finished prompt's KV cache to a decode
+instance over the network (latency plus the KV bytes over one NIC of the sending GPU: a
+request's cache lives on one DP-attention rank). Without it, the decode instances prefill
+too (co-located serving).
+
+Metrics (``summary.json``'s ``serving`` block), over the requests after ``warmup``:
+TTFT (arrival to first token), TPOT (first to last token over the tokens after the first),
+end-to-end latency, each as mean and p50 / p90 / p99; throughput of input and output tokens
+over the window from the first counted arrival to the last counted finish, in all, per node
+and per GPU; goodput (requests per second meeting both SLOs); queueing (arrival to the start
+of the request's first prefill step is not recorded apart: TTFT holds it); requests
+unfinished; KV cache use and batch size over the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moesim.config.loading import ResolvedScenario
+from moesim.serving import requests as req
+from moesim.serving.costs import LayerModelCosts, kv_bytes_per_token, kv_tokens
+from moesim.serving.scheduler import InstanceSpec, Trace, serve
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class ServingResult:
+    """A serving run's results.
+
+    Attributes:
+        resolved: The scenario.
+        summary: ``summary.json``.
+        requests: One row per request: arrival, first token, finish (seconds), prompt and
+            output tokens, preemptions, and TTFT, TPOT, end-to-end latency.
+        steps: One row per engine step: instance, kind, start, end, tokens, batch, KV tokens
+            in use.
+    """
+
+    resolved: ResolvedScenario
+    summary: dict[str, Any]
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+
+
+def pools(r: ResolvedScenario) -> tuple[ResolvedScenario, ResolvedScenario | None]:
+    """One decode instance's scenario and, disaggregated, one prefill instance's."""
+    s = r.scenario
+    assert s.serving is not None
+    par = s.parallelism
+    nodes = max(1, s.cluster.nodes // par.dp)
+    decode = s.model_copy(
+        update={
+            "parallelism": par.model_copy(update={"dp": 1}),
+            "cluster": s.cluster.model_copy(update={"nodes": nodes}),
+        }
+    )
+    dec = dataclasses.replace(r, scenario=decode)
+    pool = s.serving.prefill
+    if pool is None:
+        return dec, None
+    ppar = pool.parallelism
+    pol = s.policies.model_copy(
+        update={
+            "all_to_all": pool.all_to_all or s.policies.all_to_all,
+            "overlap": pool.overlap or s.policies.overlap,
+        }
+    )
+    pre = s.model_copy(
+        update={
+            "parallelism": ppar.model_copy(update={"dp": 1}),
+            "cluster": s.cluster.model_copy(update={"nodes": max(1, pool.nodes // ppar.dp)}),
+            "policies": pol,
+            "workload": s.workload.model_copy(update={"cuda_graphs": pool.cuda_graphs}),
+        }
+    )
+    return dec, dataclasses.replace(r, scenario=pre)
+
+
+def load_requests(r: ResolvedScenario) -> req.Requests:
+    """The run's requests: from the trace, or drawn; arrivals drawn when the trace has none
+    (seeded by the scenario's seed)."""
+    s = r.scenario
+    assert s.serving is not None
+    cfg = s.serving.requests
+    rng = np.random.default_rng(np.random.SeedSequence([s.seed, 7]))
+    if cfg.trace is not None:
+        path = Path(cfg.trace)
+        if not path.is_absolute() and r.path is not None:
+            path = r.path.parent / path
+        got = req.read_trace(path, cfg.count)
+        prompt, output = got.prompt, got.output
+        arrival = got.arrival_s
+    else:
+        i, o = cfg.input_len, cfg.output_len
+        prompt = req.lengths(i.dist, i.mean, i.min, i.max, i.sigma, cfg.count, rng)
+        output = req.lengths(o.dist, o.mean, o.min, o.max, o.sigma, cfg.count, rng)
+        arrival = np.full(cfg.count, np.nan)
+    if cfg.arrival == "poisson" or (cfg.arrival == "trace" and np.isnan(arrival).any()):
+        rate = cfg.rate_per_s or 1.0
+        arrival = req.poisson_arrivals(rate, prompt.size, rng)
+    elif cfg.arrival == "concurrency":
+        arrival = np.zeros(prompt.size)
+    return req.Requests(arrival, prompt, output)
+
+
+def simulate_serving(r: ResolvedScenario) -> ServingResult:
+    """Serve the scenario's requests and measure them (see the module docstring)."""
+    s = r.scenario
+    sv = s.serving
+    assert sv is not None
+    dec_r, pre_r = pools(r)
+    max_running = s.workload.batch_size
+    dec_costs = LayerModelCosts(dec_r, max_running)
+    dec_spec = InstanceSpec(
+        max_running=max_running,
+        max_prefill_tokens=sv.max_prefill_tokens,
+        kv_tokens=kv_tokens(dec_r),
+        kv_block_tokens=sv.kv_block_tokens,
+        prefill=pre_r is None,
+    )
+    decode = [dec_spec] * s.parallelism.dp
+    prefill: list[InstanceSpec] = []
+    pre_costs = dec_costs
+    transfer = None
+    if pre_r is not None:
+        assert sv.prefill is not None
+        pre_costs = LayerModelCosts(pre_r, max_running)
+        kv = kv_tokens(pre_r)
+        spec = InstanceSpec(
+            max_running=1 << 30,
+            max_prefill_tokens=sv.max_prefill_tokens,
+            kv_tokens=kv,
+            kv_block_tokens=sv.kv_block_tokens,
+            decode=False,
+        )
+        prefill = [spec] * sv.prefill.parallelism.dp
+        node = r.hardware.node
+        per_token = kv_bytes_per_token(r)
+        nic = node.nic_gb_per_s * 1e9 * node.nic_efficiency
+        latency = r.hardware.fabric.latency_s
+
+        def transfer(tokens: int) -> float:
+            return latency + tokens * per_token / nic
+
+    reqs = load_requests(r)
+    clients = sv.requests.clients if sv.requests.arrival == "concurrency" else None
+    trace = serve(
+        reqs.arrival_s,
+        reqs.prompt,
+        reqs.output,
+        prefill,
+        decode,
+        pre_costs,
+        dec_costs,
+        sv.tokens_per_step,
+        transfer,
+        clients,
+    )
+    table = request_table(trace)
+    steps = pd.DataFrame(
+        trace.steps,
+        columns=["instance", "kind", "start_s", "end_s", "tokens", "batch", "kv_tokens"],
+    )
+    summary = serving_summary(r, table, steps, dec_spec.kv_tokens)
+    summary["serving"]["steps_simulated"] = dec_costs.simulated + (
+        pre_costs.simulated if pre_costs is not dec_costs else 0
+    )
+    return ServingResult(r, summary, table, steps)
+
+
+def request_table(trace: Trace) -> pd.DataFrame:
+    """One row per request with its latencies."""
+    ttft = trace.first_token - trace.arrival
+    decode_tokens = np.maximum(trace.output - 1, 1)
+    tpot = np.where(trace.output > 1, (trace.finish - trace.first_token) / decode_tokens, np.nan)
+    return pd.DataFrame(
+        {
+            "arrival_s": trace.arrival,
+            "first_token_s": trace.first_token,
+            "finish_s": trace.finish,
+            "prompt_tokens": trace.prompt,
+            "output_tokens": trace.output,
+            "preemptions": trace.preemptions,
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "e2e_s": trace.finish - trace.arrival,
+        }
+    )
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in PERCENTILES}}
+    return {"mean": float(x.mean()), **{f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES}}
+
+
+def serving_summary(
+    r: ResolvedScenario, table: pd.DataFrame, steps: pd.DataFrame, kv_capacity: int
+) -> dict[str, Any]:
+    """``summary.json`` of a serving run."""
+    s = r.scenario
+    sv = s.serving
+    assert sv is not None
+    counted = table.iloc[sv.requests.warmup :]
+    done = counted[np.isfinite(counted.finish_s)]
+    start = float(counted.arrival_s.min())
+    end = float(done.finish_s.max()) if len(done) else start
+    window = max(end - start, 1e-12)
+    nodes = s.cluster.nodes + (sv.prefill.nodes if sv.prefill else 0)
+    gpus = nodes * r.gpus_per_node
+    ok = np.ones(len(done), dtype=bool)
+    if sv.slo_ttft_s is not None:
+        ok &= done.ttft_s.to_numpy() <= sv.slo_ttft_s
+    if sv.slo_tpot_s is not None:
+        ok &= ~(done.tpot_s.to_numpy() > sv.slo_tpot_s)
+    inp, out = float(done.prompt_tokens.sum()), float(done.output_tokens.sum())
+    dec = steps[steps.kind == "decode"]
+    return {
+        "scenario": s.name,
+        "model": r.model.name,
+        "hardware": r.hardware.name,
+        "mode": "serve",
+        "seed": s.seed,
+        "nodes": nodes,
+        "gpus": gpus,
+        "serving": {
+            "requests": len(table),
+            "counted": len(counted),
+            "finished": len(done),
+            "unfinished": int(len(counted) - len(done)),
+            "disaggregated": sv.prefill is not None,
+            "window_s": window,
+            "ttft_s": _stats(done.ttft_s.to_numpy()),
+            "tpot_s": _stats(done.tpot_s.to_numpy()),
+            "e2e_s": _stats(done.e2e_s.to_numpy()),
+            "request_rate_per_s": float(len(counted)) / window,
+            "input_tokens_per_s": inp / window,
+            "output_tokens_per_s": out / window,
+            "output_tokens_per_s_per_node": out / window / nodes,
+            "output_tokens_per_s_per_gpu": out / window / gpus,
+            "input_tokens_per_s_per_node": inp / window / nodes,
+            "goodput_requests_per_s": float(ok.sum()) / window,
+            "slo_attained": float(ok.mean()) if len(ok) else 0.0,
+            "preemptions": int(table.preemptions.sum()),
+            "kv_capacity_tokens": int(kv_capacity),
+            "kv_peak_tokens": int(steps.kv_tokens.max()) if len(steps) else 0,
+            "decode_batch_mean": float(dec.batch.mean()) if len(dec) else 0.0,
+            "steps": len(steps),
+        },
+    }
+
+
+def write_serving_run(result: ServingResult, out_root: str | Path | None = None) -> Path:
+    """Write ``<out_root>/<scenario>/<run-id>/`` atomically: ``scenario.yaml``,
+    ``summary.json``, ``requests.parquet``, ``steps.parquet`` and ``report.html``."""
+    import yaml
+
+    from moesim.results.writer import summary_json, write_folder
+    from moesim.serving.report import serving_report
+
+    r = result.resolved
+    root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
+
+    def fill(tmp: Path) -> None:
+        doc = {
+            "scenario": r.scenario.model_dump(mode="json"),
+            "model": r.model.model_dump(mode="json"),
+            "hardware": r.hardware.model_dump(mode="json"),
+        }
+        (tmp / "scenario.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), "utf-8")
+        (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
+        result.requests.to_parquet(tmp / "requests.parquet", index=False)
+        result.steps.to_parquet(tmp / "steps.parquet", index=False)
+        if r.scenario.output.report:
+            (tmp / "report.html").write_text(serving_report(result), encoding="utf-8")
+
+    return write_folder(root / r.scenario.name, f"seed{r.scenario.seed}", fill)

@@ -1,0 +1,363 @@
+"""Serving instances stepping through requests: continuous batching, chunked prefill, a paged
+KV cache with admission and preemption, and prefill/decode disaggregation.
+
+An *instance* is one engine (one EP group with DP attention, SGLang's layout). It runs one
+step at a time, a prefill step or a decode step, as SGLang's scheduler does by default
+(prefill first when requests wait and memory allows, then decode; no mixed batches):
+
+- **Prefill step**: waiting requests in arrival order, their prompt tokens (and, after a
+  preemption, the tokens they had generated) up to ``max_prefill_tokens`` per step; a prompt
+  longer than what is left of the budget is cut, the rest goes in the next step (chunked
+  prefill). A request is admitted only when the KV cache can hold its whole prompt
+  (``kv_block_tokens`` pages). The step that completes a prompt produces the request's first
+  token.
+- **Decode step**: every running request (at most ``max_running``) gets ``tokens_per_step``
+  more tokens on average (speculative decoding / MTP: each request keeps a running credit, so
+  a mean of 1.7 gives 1, 2, 2, 1, 2, ... tokens). A request whose next tokens need a page the
+  cache does not have preempts the latest-admitted running request (its pages freed, it goes
+  back to the head of the queue to prefill prompt and output so far again: recompute).
+- **Disaggregation**: a prefill instance hands each request whose prompt is done to a decode
+  instance (round-robin) after ``transfer(request)`` seconds (its KV cache crossing the
+  network); the decode instance admits it when its cache has room for it.
+
+Step durations come from a ``StepCosts`` (:mod:`moesim.serving.costs` prices them with the
+layer model). Everything is deterministic: ties in time are broken by event order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class StepCosts(Protocol):
+    """Seconds of one engine step."""
+
+    def prefill(self, tokens: int, sequences: int) -> float:
+        """A prefill step of ``tokens`` prompt tokens from ``sequences`` requests."""
+        ...
+
+    def decode(self, batch: int, context: float) -> float:
+        """A decode step of ``batch`` requests at mean context ``context`` tokens."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What an instance may hold and run.
+
+    Attributes:
+        max_running: Requests decoding at once.
+        max_prefill_tokens: Prompt tokens per prefill step.
+        kv_tokens: Tokens the KV cache holds (per instance).
+        kv_block_tokens: Tokens per KV page.
+        prefill: Runs prefill steps.
+        decode: Runs decode steps.
+    """
+
+    max_running: int
+    max_prefill_tokens: int
+    kv_tokens: int
+    kv_block_tokens: int
+    prefill: bool = True
+    decode: bool = True
+
+    @property
+    def kv_blocks(self) -> int:
+        """Pages of the KV cache."""
+        return self.kv_tokens // self.kv_block_tokens
+
+
+@dataclass
+class _Req:
+    rid: int
+    arrival: float
+    prompt: int
+    output: int
+    done_prompt: int = 0  # tokens whose KV cache is built (by prefill or decode)
+    generated: int = 0
+    credit: float = 0.0
+    blocks: int = 0
+    first_token: float = float("nan")
+    finish: float = float("nan")
+    preempted: int = 0
+    admitted: int = -1  # admission order (preemption picks the latest)
+
+    @property
+    def context(self) -> int:
+        return self.prompt + self.generated
+
+    @property
+    def to_prefill(self) -> int:
+        """Tokens whose KV cache must be built by prefill before the next decode step: the
+        prompt and every output token but the newest (the next step's input)."""
+        return self.prompt + max(self.generated - 1, 0) - self.done_prompt
+
+
+@dataclass
+class Trace:
+    """What a serving run produced.
+
+    Attributes:
+        arrival, first_token, finish: Seconds per request (NaN: did not get there).
+        prompt, output, preemptions: Per request.
+        steps: ``(instance, kind, start, end, tokens, batch, kv_used_tokens)`` per step.
+    """
+
+    arrival: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    preemptions: np.ndarray
+    steps: list[tuple[int, str, float, float, int, int, int]] = field(default_factory=list)
+
+
+class _Instance:
+    def __init__(self, index: int, spec: InstanceSpec, costs: StepCosts) -> None:
+        self.index, self.spec, self.costs = index, spec, costs
+        self.waiting: deque[_Req] = deque()
+        self.running: list[_Req] = []
+        self.free_blocks = spec.kv_blocks
+        self.busy = False
+        self.admissions = 0
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.spec.kv_block_tokens)
+
+    def kv_used(self) -> int:
+        return (self.spec.kv_blocks - self.free_blocks) * self.spec.kv_block_tokens
+
+
+def serve(
+    arrival: np.ndarray,
+    prompt: np.ndarray,
+    output: np.ndarray,
+    prefill: list[InstanceSpec],
+    decode: list[InstanceSpec],
+    prefill_costs: StepCosts,
+    decode_costs: StepCosts,
+    tokens_per_step: float = 1.0,
+    transfer: Callable[[int], float] | None = None,
+    closed_loop: int | None = None,
+) -> Trace:
+    """Serve requests (arrival seconds, prompt and output tokens) on the instances.
+
+    Args:
+        prefill: Prefill instances; empty when the decode instances also prefill
+            (co-located serving).
+        decode: Decode instances.
+        tokens_per_step: Mean tokens a request gains per decode step (MTP / speculative).
+        transfer: Seconds to move a request's KV cache (its prompt tokens) from its prefill
+            instance to its decode instance (disaggregated serving).
+        closed_loop: ``clients`` each sending its next request when the last one finishes
+            (benchmark clients at a fixed concurrency); ``arrival`` is ignored but for order.
+
+    Raises:
+        ValueError: a request could never fit in an instance's KV cache.
+    """
+    n = arrival.size
+    reqs = [_Req(i, float(arrival[i]), int(prompt[i]), int(output[i])) for i in range(n)]
+    pre = [_Instance(i, s, prefill_costs) for i, s in enumerate(prefill)]
+    dec = [_Instance(len(pre) + i, s, decode_costs) for i, s in enumerate(decode)]
+    colocated = not pre
+    entry = dec if colocated else pre
+    for inst in entry + dec:
+        need = max(inst.blocks_for(r.prompt + r.output) for r in reqs) if reqs else 0
+        if need > inst.spec.kv_blocks:
+            raise ValueError(
+                f"a request of {max(r.prompt + r.output for r in reqs)} tokens needs {need} KV "
+                f"pages but an instance holds {inst.spec.kv_blocks}"
+            )
+    trace = Trace(
+        arrival=np.full(n, np.nan),
+        first_token=np.full(n, np.nan),
+        finish=np.full(n, np.nan),
+        prompt=prompt.astype(np.int64),
+        output=output.astype(np.int64),
+        preemptions=np.zeros(n, dtype=np.int64),
+    )
+    events: list[tuple[float, int, str, object]] = []
+    seq = [0]
+
+    def push(t: float, kind: str, payload: object) -> None:
+        heapq.heappush(events, (t, seq[0], kind, payload))
+        seq[0] += 1
+
+    if closed_loop:
+        for r in reqs[:closed_loop]:
+            push(0.0, "arrive", r)
+        pending = deque(reqs[closed_loop:])
+    else:
+        for r in reqs:
+            push(r.arrival, "arrive", r)
+        pending = deque()
+    rr = [0, 0]  # round-robin pointers: entry instances, decode instances
+
+    def start(inst: _Instance, now: float) -> None:
+        if inst.busy:
+            return
+        step = _plan_step(inst, colocated or inst in dec)
+        if step is None:
+            return
+        kind, batch, tokens, cost = step
+        inst.busy = True
+        trace.steps.append((inst.index, kind, now, now + cost, tokens, len(batch), inst.kv_used()))
+        push(now + cost, "done", (inst, kind, batch))
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            assert isinstance(payload, _Req)
+            r = payload
+            r.arrival = now
+            trace.arrival[r.rid] = now
+            inst = entry[rr[0] % len(entry)]
+            rr[0] += 1
+            inst.waiting.append(r)
+            start(inst, now)
+        elif kind == "handoff":
+            assert isinstance(payload, _Req)
+            r = payload
+            inst = dec[rr[1] % len(dec)]
+            rr[1] += 1
+            r.done_prompt = r.prompt + max(r.generated - 1, 0)  # its KV cache arrived whole
+            inst.waiting.append(r)
+            start(inst, now)
+        else:
+            assert isinstance(payload, tuple)
+            inst, step_kind, batch = payload
+            assert isinstance(inst, _Instance)
+            inst.busy = False
+            finished = _finish_step(inst, step_kind, batch, now, tokens_per_step, trace)
+            for _ in finished:  # closed loop: each finished request's client sends the next
+                if closed_loop and pending:
+                    push(now, "arrive", pending.popleft())
+            if step_kind == "prefill" and not colocated and inst not in dec:
+                for r in batch:
+                    if r.to_prefill == 0:
+                        inst.running.remove(r)
+                        inst.free_blocks += r.blocks
+                        r.blocks = 0
+                        delay = transfer(r.prompt) if transfer else 0.0
+                        push(now + delay, "handoff", r)
+            start(inst, now)
+            if not colocated:
+                for other in dec:
+                    start(other, now)
+    return trace
+
+
+def _plan_step(inst: _Instance, decodes: bool) -> tuple[str, list[_Req], int, float] | None:
+    """The instance's next step: a prefill step when requests wait and fit, else a decode
+    step of the running requests (None: nothing to do)."""
+    spec = inst.spec
+    batch: list[_Req] = []
+    budget = spec.max_prefill_tokens
+    tokens = 0
+    # the chunk of a request already admitted comes first
+    for r in [x for x in inst.running if x.to_prefill > 0]:
+        take = min(r.to_prefill, budget)
+        if take <= 0:
+            break
+        batch.append(r)
+        tokens += take
+        budget -= take
+    while inst.waiting and budget > 0 and len(inst.running) < spec.max_running:
+        r = inst.waiting[0]
+        need = inst.blocks_for(r.context + (1 if decodes else 0))
+        if need > inst.free_blocks:
+            break
+        inst.waiting.popleft()
+        inst.free_blocks -= need
+        r.blocks = need
+        r.admitted = inst.admissions
+        inst.admissions += 1
+        inst.running.append(r)
+        if r.to_prefill == 0:  # a handed-off request: its cache is here already
+            continue
+        take = min(r.to_prefill, budget)
+        batch.append(r)
+        tokens += take
+        budget -= take
+    if batch:
+        seqs = len(batch)
+        return "prefill", batch, tokens, inst.costs.prefill(tokens, seqs)
+    if not decodes:
+        return None
+    ready = [r for r in inst.running if r.to_prefill == 0 and r.generated < r.output]
+    if not ready:
+        return None
+    context = float(np.mean([r.context for r in ready]))
+    return "decode", ready, len(ready), inst.costs.decode(len(ready), context)
+
+
+def _finish_step(
+    inst: _Instance,
+    kind: str,
+    batch: list[_Req],
+    now: float,
+    tokens_per_step: float,
+    trace: Trace,
+) -> list[_Req]:
+    """Apply a finished step; the requests that completed."""
+    done: list[_Req] = []
+    if kind == "prefill":
+        budget = inst.spec.max_prefill_tokens
+        for r in batch:
+            take = min(r.to_prefill, budget)
+            r.done_prompt += take
+            budget -= take
+            if r.to_prefill == 0 and r.generated == 0:
+                r.generated = 1  # the step that completes a prompt samples its first token
+                r.first_token = now
+                trace.first_token[r.rid] = now
+                if r.generated >= r.output:
+                    done.append(_complete(inst, r, now, trace))
+        return done
+    for r in batch:
+        if r not in inst.running:  # preempted earlier in this loop
+            continue
+        r.credit += tokens_per_step
+        gain = min(int(r.credit), r.output - r.generated)
+        r.credit -= int(r.credit)
+        need = inst.blocks_for(r.context + gain) - r.blocks
+        while need > inst.free_blocks:
+            victim = max(inst.running, key=lambda x: x.admitted)
+            _preempt(inst, victim, trace)
+            if victim is r:
+                break
+        if r not in inst.running:
+            continue
+        inst.free_blocks -= max(need, 0)
+        r.blocks += max(need, 0)
+        r.generated += gain
+        r.done_prompt += gain  # the step wrote the KV of its input and the accepted drafts
+        if r.generated >= r.output:
+            done.append(_complete(inst, r, now, trace))
+    return done
+
+
+def _complete(inst: _Instance, r: _Req, now: float, trace: Trace) -> _Req:
+    inst.running.remove(r)
+    inst.free_blocks += r.blocks
+    r.blocks = 0
+    r.finish = now
+    trace.finish[r.rid] = now
+    return r
+
+
+def _preempt(inst: _Instance, r: _Req, trace: Trace) -> None:
+    """Free ``r``'s pages and queue it first, to prefill its prompt and output again."""
+    inst.running.remove(r)
+    inst.free_blocks += r.blocks
+    r.blocks = 0
+    r.done_prompt = 0
+    r.preempted += 1
+    trace.preemptions[r.rid] += 1
+    inst.waiting.appendleft(r)

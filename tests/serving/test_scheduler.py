@@ -1,0 +1,131 @@
+"""Serving instances (moesim.serving.scheduler) on step costs given by hand."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from moesim.serving.requests import poisson_arrivals
+from moesim.serving.scheduler import InstanceSpec, serve
+
+
+class Linear:
+    """A prefill step costs ``a + b * tokens``, a decode step ``c + d * batch``."""
+
+    def __init__(self, a: float = 0.01, b: float = 1e-5, c: float = 0.02, d: float = 1e-4):
+        self.a, self.b, self.c, self.d = a, b, c, d
+
+    def prefill(self, tokens: int, sequences: int) -> float:
+        return self.a + self.b * tokens
+
+    def decode(self, batch: int, context: float) -> float:
+        return self.c + self.d * batch
+
+
+def _spec(**kw: int) -> InstanceSpec:
+    base = {"max_running": 64, "max_prefill_tokens": 4096, "kv_tokens": 1 << 20}
+    base.update(kw)
+    return InstanceSpec(kv_block_tokens=16, **base)
+
+
+def _requests(n: int, rate: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (
+        poisson_arrivals(rate, n, rng),
+        rng.integers(100, 2000, size=n),
+        rng.integers(10, 300, size=n),
+    )
+
+
+def test_every_request_finishes_once_with_its_tokens_in_order() -> None:
+    arrival, prompt, output = _requests(300, 5.0)
+    t = serve(arrival, prompt, output, [], [_spec()], Linear(), Linear())
+    assert np.isfinite(t.finish).all()  # conservation: all 300 done, none lost
+    assert (t.arrival <= t.first_token).all() and (t.first_token <= t.finish).all()
+    assert sum(s[5] for s in t.steps if s[1] == "decode") > 0
+    # the steps of one instance never overlap
+    ends = [(s[2], s[3]) for s in t.steps]
+    assert all(a[1] <= b[0] + 1e-12 for a, b in pairwise(ends))
+
+
+def test_littles_law_holds_in_steady_state() -> None:
+    """Mean requests in the system = arrival rate x mean time in the system."""
+    arrival, prompt, output = _requests(4000, 4.0, seed=1)
+    t = serve(arrival, prompt, output, [], [_spec()], Linear(), Linear())
+    lo, hi = arrival[500], arrival[3500]  # away from the empty start and the drain
+    grid = np.linspace(lo, hi, 20_000)
+    inside = (t.arrival[:, None] <= grid) & (t.finish[:, None] > grid)
+    mean_in_system = inside.sum(axis=0).mean()
+    mask = (t.arrival >= lo) & (t.arrival <= hi)
+    rate = mask.sum() / (hi - lo)
+    latency = (t.finish - t.arrival)[mask].mean()
+    assert mean_in_system == pytest.approx(rate * latency, rel=0.05)
+
+
+def test_ttft_is_at_least_the_prefill_time_of_the_prompt() -> None:
+    arrival, prompt, output = _requests(200, 2.0, seed=2)
+    costs = Linear()
+    t = serve(arrival, prompt, output, [], [_spec()], costs, costs)
+    assert (t.first_token - t.arrival >= costs.a + costs.b * prompt - 1e-12).all()
+
+
+def test_the_kv_cache_is_never_exceeded_and_preemption_recomputes() -> None:
+    """A cache of 6,400 tokens, requests of up to 1,000 + 600: some must be preempted, all
+    still finish, and no step starts with more pages in use than the cache has."""
+    rng = np.random.default_rng(3)
+    n = 60
+    arrival = np.zeros(n)
+    prompt = rng.integers(200, 1000, size=n)
+    output = rng.integers(200, 600, size=n)
+    spec = _spec(kv_tokens=6400)
+    t = serve(arrival, prompt, output, [], [spec], Linear(), Linear())
+    assert np.isfinite(t.finish).all()
+    assert t.preemptions.sum() > 0
+    assert max(s[6] for s in t.steps) <= spec.kv_blocks * spec.kv_block_tokens
+    with pytest.raises(ValueError, match="KV pages"):
+        serve(arrival[:1], np.array([7000]), np.array([10]), [], [spec], Linear(), Linear())
+
+
+def test_results_are_deterministic() -> None:
+    arrival, prompt, output = _requests(300, 8.0, seed=4)
+    a = serve(arrival, prompt, output, [], [_spec(), _spec()], Linear(), Linear())
+    b = serve(arrival, prompt, output, [], [_spec(), _spec()], Linear(), Linear())
+    assert np.array_equal(a.finish, b.finish) and a.steps == b.steps
+
+
+def test_disaggregated_prefill_hands_off_after_the_transfer() -> None:
+    """Prefill instances take the prompts; each request starts decoding on a decode instance
+    only after its KV transfer; the prefill instances run no decode step."""
+    arrival, prompt, output = _requests(200, 4.0, seed=5)
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    t = serve(
+        arrival, prompt, output, [pre], [_spec(), _spec()], Linear(), Linear(),
+        transfer=lambda tokens: 0.5,
+    )  # fmt: skip
+    assert np.isfinite(t.finish).all()
+    kinds = {(s[0], s[1]) for s in t.steps}
+    assert (0, "decode") not in kinds and (1, "prefill") not in kinds
+    # the second token comes at least one transfer after the first
+    multi = output > 2
+    assert (t.finish[multi] - t.first_token[multi] >= 0.5).all()
+
+
+def test_speculative_tokens_shorten_decoding() -> None:
+    arrival, prompt, output = _requests(100, 1.0, seed=6)
+    one = serve(arrival, prompt, output, [], [_spec()], Linear(), Linear())
+    mtp = serve(arrival, prompt, output, [], [_spec()], Linear(), Linear(), tokens_per_step=1.7)
+    d1 = sum(1 for s in one.steps if s[1] == "decode")
+    d2 = sum(1 for s in mtp.steps if s[1] == "decode")
+    assert d2 < d1
+    assert np.nanmean(mtp.finish - mtp.first_token) < np.nanmean(one.finish - one.first_token)
+
+
+def test_closed_loop_clients_keep_the_concurrency() -> None:
+    arrival, prompt, output = _requests(200, 1.0, seed=7)
+    t = serve(arrival, prompt, output, [], [_spec()], Linear(), Linear(), closed_loop=8)
+    assert np.isfinite(t.finish).all()
+    grid = np.linspace(t.arrival.min(), np.nanmax(t.arrival), 2000)
+    inside = ((t.arrival[:, None] <= grid) & (t.finish[:, None] > grid)).sum(axis=0)
+    assert inside.max() <= 8
