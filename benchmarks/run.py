@@ -12,6 +12,8 @@ Each benchmark runs in its own process so that its peak memory (max RSS) is its 
 - B5: the same on 128 nodes, 1,024 GPUs as four EP256 replicas (dp 4), 5 steps.
 - TR1: one DeepSeek-V3 training step at its published layout, 2,048 H800 as PP16 (DualPipe,
   120 micro-batches) x EP64 x DP2 (scenarios/deepseek-v3-train-2048xh800.yaml).
+- SV1: serving 10,000 requests of DeepSeek-V3 on SGLang's PD layout, 4 prefill + 9 decode
+  nodes of H100 (scenarios/deepseek-v3-serve-pd-13x8xh100.yaml; issue 19's target 60 s).
 
 - T1: loading a routing trace of 20.97M token-expert assignments (16 layers x 163,840 tokens,
   64 experts, top-8, with gate weights) with ``moesim.traces.read_trace``.
@@ -47,6 +49,11 @@ BENCHMARKS = {
         60.0,
     ),
     "TR1": ("scenarios/deepseek-v3-train-2048xh800.yaml", [], 60.0),
+    "SV1": (
+        "scenarios/deepseek-v3-serve-pd-13x8xh100.yaml",
+        ["serving.requests.count=10000", "serving.requests.warmup=1000"],
+        60.0,
+    ),
 }
 MEMORY_TARGET_MB = 2048.0
 
@@ -103,6 +110,24 @@ def run_one(name: str) -> dict[str, object]:
     path, overrides, target = BENCHMARKS[name]
     resolved = load_scenario(ROOT / path, overrides)
     start = time.perf_counter()
+    if resolved.scenario.workload.mode == "serve":
+        from moesim.serving.run import simulate_serving
+
+        served = simulate_serving(resolved)
+        wall = time.perf_counter() - start
+        return {
+            "benchmark": name,
+            "scenario": path,
+            "overrides": overrides,
+            "wall_s": round(wall, 3),
+            "target_s": target,
+            "target_memory_mb": MEMORY_TARGET_MB,
+            "meets_target": wall <= target and _peak_mb() <= MEMORY_TARGET_MB,
+            "peak_memory_mb": _peak_mb(),
+            "requests": served.summary["serving"]["requests"],
+            "engine_steps": served.summary["serving"]["steps"],
+            "steps_simulated": served.summary["serving"]["steps_simulated"],
+        }
     result = simulate(resolved)
     wall = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -118,6 +143,10 @@ def run_one(name: str) -> dict[str, object]:
         "peak_memory_mb": round(peak_kb / 1024, 1),
         "simulated_step_time_s": result.summary["step_time_s"],
     }
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main() -> None:
@@ -136,6 +165,12 @@ def main() -> None:
             print(
                 f"T1: {row['assignments_per_s'] / 1e6:.1f}M assignments/s loading a trace "
                 f"(target 10M/s), {row['wall_s']:.2f} s for {row['assignments']:,}"
+            )
+        elif name.startswith("SV"):
+            print(
+                f"{name}: {row['wall_s']:.2f} s (target {row['target_s']} s), "
+                f"{row['requests']:,} requests, {row['engine_steps']:,} engine steps "
+                f"({row['steps_simulated']} simulated), peak {row['peak_memory_mb']:.0f} MB"
             )
         else:
             print(

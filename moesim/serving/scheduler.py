@@ -73,7 +73,7 @@ class InstanceSpec:
         return self.kv_tokens // self.kv_block_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity
 class _Req:
     rid: int
     arrival: float
@@ -87,6 +87,7 @@ class _Req:
     finish: float = float("nan")
     preempted: int = 0
     admitted: int = -1  # admission order (preemption picks the latest)
+    running: bool = False  # holds pages on its instance
 
     @property
     def context(self) -> int:
@@ -242,6 +243,7 @@ def serve(
                 for r in batch:
                     if r.to_prefill == 0:
                         inst.running.remove(r)
+                        r.running = False
                         inst.free_blocks += r.blocks
                         r.blocks = 0
                         delay = transfer(r.prompt) if transfer else 0.0
@@ -279,6 +281,7 @@ def _plan_step(inst: _Instance, decodes: bool) -> tuple[str, list[_Req], int, fl
         r.admitted = inst.admissions
         inst.admissions += 1
         inst.running.append(r)
+        r.running = True
         if r.to_prefill == 0:  # a handed-off request: its cache is here already
             continue
         take = min(r.to_prefill, budget)
@@ -321,7 +324,7 @@ def _finish_step(
                     done.append(_complete(inst, r, now, trace))
         return done
     for r in batch:
-        if r not in inst.running:  # preempted earlier in this loop
+        if not r.running:  # preempted earlier in this loop
             continue
         r.credit += tokens_per_step
         gain = min(int(r.credit), r.output - r.generated)
@@ -332,7 +335,7 @@ def _finish_step(
             _preempt(inst, victim, trace)
             if victim is r:
                 break
-        if r not in inst.running:
+        if not r.running:
             continue
         inst.free_blocks -= max(need, 0)
         r.blocks += max(need, 0)
@@ -345,6 +348,7 @@ def _finish_step(
 
 def _complete(inst: _Instance, r: _Req, now: float, trace: Trace) -> _Req:
     inst.running.remove(r)
+    r.running = False
     inst.free_blocks += r.blocks
     r.blocks = 0
     r.finish = now
@@ -355,6 +359,7 @@ def _complete(inst: _Instance, r: _Req, now: float, trace: Trace) -> _Req:
 def _preempt(inst: _Instance, r: _Req, trace: Trace) -> None:
     """Free ``r``'s pages and queue it first, to prefill its prompt and output again."""
     inst.running.remove(r)
+    r.running = False
     inst.free_blocks += r.blocks
     r.blocks = 0
     r.done_prompt = 0

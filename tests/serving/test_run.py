@@ -1,0 +1,121 @@
+"""Serving runs end to end (moesim.serving.run, moesim.serving.requests, the CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from moesim.cli import app
+from moesim.config.loading import load_scenario
+from moesim.errors import ConfigError, ConfigErrors
+from moesim.results.writer import summary_json
+from moesim.serving.requests import read_trace
+from moesim.serving.run import load_requests, simulate_serving
+from tests.conftest import SCENARIOS
+
+BASE = SCENARIOS / "mixtral-8x7b-decode-8xh100.yaml"
+SERVE = [
+    "workload.mode=serve",
+    "workload.batch_size=128",
+    "serving.requests.rate_per_s=8",
+    "serving.requests.count=120",
+    "serving.requests.warmup=20",
+    "serving.slo_ttft_s=0.5",
+    "serving.slo_tpot_s=0.02",
+]
+
+
+def _r(*sets: str):
+    return load_scenario(BASE, [*SERVE, *sets])
+
+
+def test_a_serving_run_is_deterministic_and_counts_its_requests() -> None:
+    r = _r()
+    a, b = simulate_serving(r), simulate_serving(r)
+    assert summary_json(a.summary) == summary_json(b.summary)
+    sv = a.summary["serving"]
+    assert (sv["requests"], sv["counted"], sv["finished"], sv["unfinished"]) == (120, 100, 100, 0)
+    t = a.requests.iloc[20:]
+    assert sv["ttft_s"]["p50"] == pytest.approx(np.percentile(t.ttft_s, 50))
+    window = t.finish_s.max() - t.arrival_s.min()
+    assert sv["output_tokens_per_s"] == pytest.approx(t.output_tokens.sum() / window)
+    ok = (t.ttft_s <= 0.5) & ~(t.tpot_s > 0.02)
+    assert sv["goodput_requests_per_s"] == pytest.approx(ok.sum() / window)
+    other = simulate_serving(_r("seed=1")).summary
+    assert other["serving"]["ttft_s"] != sv["ttft_s"]
+
+
+def test_more_load_means_more_latency() -> None:
+    low = simulate_serving(_r("serving.requests.rate_per_s=2")).summary["serving"]
+    high = simulate_serving(_r("serving.requests.rate_per_s=40")).summary["serving"]
+    assert high["tpot_s"]["p50"] > low["tpot_s"]["p50"]
+    assert high["decode_batch_mean"] > low["decode_batch_mean"]
+
+
+def test_serve_through_the_cli_writes_its_folder(tmp_path: Path) -> None:
+    out = CliRunner().invoke(
+        app,
+        ["run", str(BASE), "--out", str(tmp_path), "--json", *[f"--set={s}" for s in SERVE]],
+    )
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    (folder,) = (tmp_path / summary["scenario"]).iterdir()
+    requests = pd.read_parquet(folder / "requests.parquet")
+    assert len(requests) == 120 and np.isfinite(requests.finish_s).all()
+    assert (folder / "report.html").stat().st_size > 10_000
+
+
+def test_trace_files_are_read(tmp_path: Path) -> None:
+    ours = tmp_path / "t.csv"
+    ours.write_text("arrival_s,input_tokens,output_tokens\n1.5,100,20\n2.0,50,0\n3.0,70,30\n")
+    got = read_trace(ours, 10)
+    # the request with no output is skipped; arrivals count from the first
+    assert got.arrival_s.tolist() == [0.0, 1.5] and got.prompt.tolist() == [100, 70]
+    burst = tmp_path / "b.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n7,GPT-4,1087,0,1087,Conversation log\n"
+        "9,ChatGPT,80,120,200,API log\n"
+    )
+    got = read_trace(burst, 10)
+    assert got.arrival_s.tolist() == [0.0, 4.0] and got.output.tolist() == [18, 120]
+    share = tmp_path / "s.json"
+    turns = [{"from": "human", "value": "x" * 400}, {"from": "gpt", "value": "y" * 80}]
+    lone = [{"from": "gpt", "value": "hello"}]
+    share.write_text(json.dumps([{"conversations": turns}, {"conversations": lone}]))
+    got = read_trace(share, 10)
+    assert got.prompt.tolist() == [100] and got.output.tolist() == [20]
+    assert np.isnan(got.arrival_s).all()  # ShareGPT has no times: drawn as configured
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="expected columns"):
+        read_trace(bad, 10)
+
+
+def test_a_trace_drives_the_run(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    rows = "\n".join(f"{i * 0.25},{200 + i},{10 + i % 5}" for i in range(40))
+    trace.write_text("arrival_s,input_tokens,output_tokens\n" + rows + "\n")
+    r = _r(
+        "serving.requests.arrival=trace",
+        f"serving.requests.trace={trace}",
+        "serving.requests.count=40",
+        "serving.requests.warmup=0",
+    )
+    reqs = load_requests(r)
+    assert reqs.arrival_s[:3].tolist() == [0.0, 0.25, 0.5] and reqs.prompt[0] == 200
+    res = simulate_serving(r)
+    assert res.summary["serving"]["finished"] == 40
+    assert np.allclose(res.requests.arrival_s, reqs.arrival_s)
+
+
+def test_serving_settings_are_checked() -> None:
+    with pytest.raises(ConfigErrors, match="serve and a serving section go together"):
+        load_scenario(BASE, ["workload.mode=serve"])
+    with pytest.raises(ConfigErrors, match="needs rate_per_s"):
+        load_scenario(BASE, [*SERVE, "serving.requests.rate_per_s=null"])
