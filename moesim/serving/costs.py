@@ -12,11 +12,11 @@ step at points of a grid, once each, and interpolates between them:
   between batches, the expert GEMMs and all-to-alls grow with the batch. Measured against
   simulating the step directly (``tests/serving/test_costs.py``, Mixtral-8x7B on 8 H100):
   within 0.03%.
-- **prefill** steps of ``tokens`` prompt tokens: priced as one sequence per rank of
-  ``tokens / ep`` tokens, on a grid of ``128 * 2^i`` tokens per rank, interpolated
-  linearly (within 4.3% of direct simulation on the same case: the attention is quadratic
-  in the tokens); a prompt's chunk attends to its own tokens only (the context of the
-  prompt's earlier chunks is not charged).
+- **prefill** steps of ``tokens`` prompt tokens in chunks of ``L`` tokens on average: on a
+  grid of ``128 * 2^i`` tokens per rank and ``128 * 2^j`` tokens per chunk (each rank running
+  ``tokens per rank / L`` sequences of ``L``), interpolated bilinearly (within 4.3% of direct
+  simulation on the same case: the attention is quadratic in the chunk); a chunk attends to
+  its own tokens only (the context of the prompt's earlier chunks is not charged).
 
 The pricing runs the engine directly, without the HBM check of a standalone run: the KV
 cache a serving instance holds is bounded by the scheduler instead (:func:`kv_tokens`).
@@ -160,12 +160,21 @@ class LayerModelCosts:
         return 2 ** math.ceil(math.log2(max(self.max_batch / self.ep, 1)))
 
     def prefill(self, tokens: int, sequences: int) -> float:
-        """Seconds of a prefill step of ``tokens`` prompt tokens (``sequences`` requests)."""
-        t = max(tokens / self.ep, 1.0)
-        t0 = PREFILL_BASE * 2 ** math.floor(math.log2(max(t, PREFILL_BASE) / PREFILL_BASE))
-        t1 = t0 * 2
-        a = self._at("prefill", self.ep, int(t0))
-        if t <= t0:  # below the grid's base: its cost (weights read, launches, exchanges)
-            return a
-        b = self._at("prefill", self.ep, int(t1))
-        return a + (t - t0) / (t1 - t0) * (b - a)
+        """Seconds of a prefill step of ``tokens`` prompt tokens from ``sequences`` requests
+        (chunks of ``tokens / sequences`` tokens on average)."""
+        t = max(tokens / self.ep, PREFILL_BASE)
+        length = min(max(tokens / max(sequences, 1), PREFILL_BASE), t)
+        t0 = PREFILL_BASE * 2 ** math.floor(math.log2(t / PREFILL_BASE))
+        l0 = PREFILL_BASE * 2 ** math.floor(math.log2(length / PREFILL_BASE))
+
+        def at(tt: float, ll: float) -> float:
+            ll = min(ll, tt)  # a chunk is no longer than the rank's tokens
+            return self._at("prefill", int(self.ep * (tt // ll)), int(ll))
+
+        ft = (t - t0) / t0
+        fl = (length - l0) / l0
+        low = at(t0, l0) + fl * (at(t0, 2 * l0) - at(t0, l0)) if l0 < t0 else at(t0, t0)
+        if ft == 0.0:
+            return low
+        high = at(2 * t0, l0) + fl * (at(2 * t0, 2 * l0) - at(2 * t0, l0))
+        return low + ft * (high - low)

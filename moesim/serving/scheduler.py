@@ -211,6 +211,8 @@ def serve(
         trace.steps.append((inst.index, kind, now, now + cost, tokens, len(batch), inst.kv_used()))
         push(now + cost, "done", (inst, kind, batch))
 
+    ready: dict[int, _Instance] = {}  # instances to (re)start once this instant is done
+
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
@@ -221,7 +223,7 @@ def serve(
             inst = entry[rr[0] % len(entry)]
             rr[0] += 1
             inst.waiting.append(r)
-            start(inst, now)
+            ready[inst.index] = inst
         elif kind == "handoff":
             assert isinstance(payload, _Req)
             r = payload
@@ -229,7 +231,7 @@ def serve(
             rr[1] += 1
             r.done_prompt = r.prompt + max(r.generated - 1, 0)  # its KV cache arrived whole
             inst.waiting.append(r)
-            start(inst, now)
+            ready[inst.index] = inst
         else:
             assert isinstance(payload, tuple)
             inst, step_kind, batch = payload
@@ -248,10 +250,15 @@ def serve(
                         r.blocks = 0
                         delay = transfer(r.prompt) if transfer else 0.0
                         push(now + delay, "handoff", r)
-            start(inst, now)
+            ready[inst.index] = inst
             if not colocated:
                 for other in dec:
-                    start(other, now)
+                    ready[other.index] = other
+        # a scheduler sees everything that happened at this instant before it picks a batch
+        if not events or events[0][0] > now:
+            for inst in sorted(ready.values(), key=lambda i: i.index):
+                start(inst, now)
+            ready.clear()
     return trace
 
 

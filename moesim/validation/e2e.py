@@ -25,6 +25,11 @@ def input_tokens_per_s_per_node(summary: dict[str, Any], nodes: int) -> float:
     return float(summary["tokens_per_s"]) / nodes
 
 
+def serving_input_tokens_per_s_per_node(summary: dict[str, Any], _nodes: int) -> float:
+    """Input tokens per second per node of a serving run."""
+    return float(summary["serving"]["input_tokens_per_s_per_node"])
+
+
 def tokens_per_s_per_gpu(summary: dict[str, Any], _nodes: int) -> float:
     """Training tokens per second per GPU (the global batch's tokens over the step time)."""
     return float(summary["tokens_per_s"]) / int(summary["gpus"])
@@ -61,6 +66,14 @@ CASES = (
         input_tokens_per_s_per_node,
         # h100-sxm: DeepGEMM / FlashAttention-3 published figures; h100-sxm-aiconfigurator:
         # NVIDIA's measured H100 kernel tables (aiconfigurator-core, `make profiles`)
+        profiles=(None, "h100-sxm-aiconfigurator"),
+    ),
+    Case(
+        "sglang-deepseek-v3-prefill-serve-4x8xh100.yaml",
+        50_302.0,
+        "input tokens/s per node (through the serving path)",
+        "LMSYS blog 2025-05-05 (SGLang, DeepSeek-V3 prefill, 4x8 H100, EP32, TBO); published.md 6a",
+        serving_input_tokens_per_s_per_node,
         profiles=(None, "h100-sxm-aiconfigurator"),
     ),
     Case(
@@ -128,7 +141,19 @@ def validate_e2e(folder: Path = SCENARIOS, only: Collection[str] | None = None) 
             )
         for profile in case.profiles:
             resolved = load_scenario(path, None if profile is None else [f"hardware={profile}"])
-            summary = simulate(resolved).summary
+            if resolved.scenario.workload.mode == "serve":
+                from moesim.serving.run import simulate_serving
+
+                served = simulate_serving(resolved)
+                summary = served.summary
+                busy = served.steps.end_s - served.steps.start_s
+                summary |= {
+                    "step_time_s": float(busy.mean()),
+                    "ops_s": {},
+                    "breakdown_s": {},
+                }
+            else:
+                summary = simulate(resolved).summary
             rows.append(
                 E2ERow(
                     case=resolved.scenario.name,

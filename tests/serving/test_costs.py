@@ -35,13 +35,15 @@ def test_decode_steps_between_grid_points_match_direct_simulation(batch: int, co
     assert est == pytest.approx(real, rel=0.01)
 
 
-@pytest.mark.parametrize("tokens", [3000, 9000, 20000])
-def test_prefill_steps_between_grid_points_match_direct_simulation(tokens: int) -> None:
-    """Measured: within 4.3% (the attention is quadratic in the tokens per rank; linear
-    interpolation between powers of two over-estimates a little)."""
+@pytest.mark.parametrize(("tokens", "sequences"), [(3000, 8), (9000, 8), (20000, 8), (24000, 24)])
+def test_prefill_steps_between_grid_points_match_direct_simulation(
+    tokens: int, sequences: int
+) -> None:
+    """Measured: within 4.3% (the attention is quadratic in the chunk; linear interpolation
+    between powers of two over-estimates a little)."""
     dec = _decode_pool()
-    est = LayerModelCosts(dec, 256).prefill(tokens, 3)
-    real = step_seconds(instance_scenario(dec, "prefill", 8, tokens // 8))
+    est = LayerModelCosts(dec, 256).prefill(tokens, sequences)
+    real = step_seconds(instance_scenario(dec, "prefill", sequences, tokens // sequences))
     assert est == pytest.approx(real, rel=0.06)
 
 

@@ -29,12 +29,17 @@ from moesim.validation.e2e import CASES, SCENARIOS, validate_e2e
 RECORDED_ERROR = {
     ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm"): 0.506,
     ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm-aiconfigurator"): -0.002,
+    # issue 19: the same case through the serving path (128 clients, 4096-token prompts, one
+    # output token each) gives the same figures
+    ("sglang-deepseek-v3-prefill-serve-4x8xh100", "h100-sxm"): 0.506,
+    ("sglang-deepseek-v3-prefill-serve-4x8xh100", "h100-sxm-aiconfigurator"): -0.002,
     ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm"): 2.521,
     ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm-aiconfigurator"): 2.138,
     ("deepseek-v3-train-2048xh800", "h800"): 0.396,
 }
 PUBLISHED = {
     "sglang-deepseek-v3-prefill-4x8xh100": 50_302.0,
+    "sglang-deepseek-v3-prefill-serve-4x8xh100": 50_302.0,
     "nemo-qwen3-30b-a3b-train-16xh100": 5_275.0,
     "deepseek-v3-train-2048xh800": 1e12 / (180_000 * 3600),
 }
@@ -55,18 +60,19 @@ def test_errors_are_the_recorded_ones() -> None:
     for r in rows:
         assert r.published == PUBLISHED[r.case]
         assert r.error == pytest.approx(RECORDED_ERROR[(r.case, r.profile)], abs=0.005), r
-        assert sum(r.ops_s.values()) > 0.5 * r.step_time_s  # compute is most of each step
+        if r.ops_s:  # (a serving run reports its steps, not their ops)
+            assert sum(r.ops_s.values()) > 0.5 * r.step_time_s  # compute is most of each step
 
 
 def test_the_training_cases_state_the_published_layouts() -> None:
-    qwen = load_scenario(SCENARIOS / CASES[1].scenario)
+    qwen = load_scenario(SCENARIOS / CASES[2].scenario)
     s = qwen.scenario
     par, w = s.parallelism, s.workload
     # NeMo's row: 16 GPUs, GBS 512, MBS 2, 4096 tokens, TP1 PP2 VP24 EP8, GA 32
     gbs = w.batch_size * par.dp * w.micro_batches
     assert (qwen.world, gbs, w.batch_size // par.ep, w.seq_len) == (16, 512, 2, 4096)
     assert (par.tp, par.pp, par.vpp, par.ep, w.micro_batches) == (1, 2, 24, 8, 32)
-    dsv3 = load_scenario(SCENARIOS / CASES[2].scenario)
+    dsv3 = load_scenario(SCENARIOS / CASES[3].scenario)
     s = dsv3.scenario
     par, w = s.parallelism, s.workload
     # DeepSeek-V3: 2,048 H800, PP16 DualPipe, EP64, 15,360 sequences of 4096
