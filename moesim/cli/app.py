@@ -87,7 +87,8 @@ def _serve(resolved: Any, out: Path | None, json_out: bool, no_write: bool) -> N
     """A serving scenario's run: requests through the instances (moesim.serving)."""
     from moesim.cli.render import print_serving
     from moesim.results.writer import summary_json
-    from moesim.serving.run import simulate_serving, write_serving_run
+    from moesim.serving.report import write_serving_run
+    from moesim.serving.run import simulate_serving
 
     result = simulate_serving(resolved)
     folder = None if no_write else write_serving_run(result, out)

@@ -28,7 +28,6 @@ from moesim.timing import gradsync
 
 if TYPE_CHECKING:
     from moesim.config.loading import ResolvedScenario
-    from moesim.timing.engine import EngineSpec
     from moesim.timing.plan import Layout, StepPlan
 
 
@@ -38,7 +37,7 @@ class TrainingSteps:
     if TYPE_CHECKING:  # set by the engine
         r: ResolvedScenario
         env: simpy.Environment
-        spec: EngineSpec
+        spec: Any  # moesim.timing.engine.EngineSpec
         layout: Layout
         _buckets: list[gradsync.Bucket]
         _bucket_of: dict[tuple[str, Any], gradsync.Bucket]
