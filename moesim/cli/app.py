@@ -6,6 +6,7 @@ Commands import the simulator lazily so that ``moesim --help`` stays fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,7 +59,7 @@ def run(
     from moesim.cli.render import print_summary, progress_bar, warn_if_long
     from moesim.config.loading import load_scenario
     from moesim.estimate import estimate
-    from moesim.results.writer import output_root, summary_json
+    from moesim.results.writer import output_root
     from moesim.runner import simulate, write_run
 
     with reported():
@@ -75,29 +76,32 @@ def run(
         with progress_bar(resolved.scenario.workload.steps, resolved.scenario.name) as tick:
             result = simulate(resolved, progress=tick)
         folder = None if no_write else write_run(result, out)
-        if json_out:
-            sys.stdout.write(summary_json(result.summary))
-            if folder is not None:
-                typer.echo(f"run folder: {folder}", err=True)
-        else:
-            print_summary(result.summary, folder)
+        _emit(result.summary, folder, json_out, print_summary)
 
 
 def _serve(resolved: Any, out: Path | None, json_out: bool, no_write: bool) -> None:
     """A serving scenario's run: requests through the instances (moesim.serving)."""
     from moesim.cli.render import print_serving
-    from moesim.results.writer import summary_json
     from moesim.serving.report import write_serving_run
     from moesim.serving.run import simulate_serving
 
     result = simulate_serving(resolved)
     folder = None if no_write else write_serving_run(result, out)
+    _emit(result.summary, folder, json_out, print_serving)
+
+
+def _emit(
+    summary: dict[str, Any], folder: Path | None, json_out: bool, show: Callable[..., None]
+) -> None:
+    """summary.json on stdout (``--json``, the folder on stderr), or the table."""
+    from moesim.results.writer import summary_json
+
     if json_out:
-        sys.stdout.write(summary_json(result.summary))
+        sys.stdout.write(summary_json(summary))
         if folder is not None:
             typer.echo(f"run folder: {folder}", err=True)
     else:
-        print_serving(result.summary, folder)
+        show(summary, folder)
 
 
 @app.command()

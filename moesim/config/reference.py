@@ -52,6 +52,9 @@ def _walk(
             _walk(target, full, defs, sections, target.get("description", ""))
             continue
         rows.append((full, _type(prop, defs), _default(prop), _cell(prop.get("description", ""))))
+        optional = _optional(prop, defs)  # a section that may be left out: its fields too
+        if optional is not None and "properties" in optional:
+            _walk(optional, full, defs, sections, optional.get("description", ""))
 
 
 def _resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,6 +65,14 @@ def _resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any] | Non
         return None
     found: dict[str, Any] = defs[ref.rsplit("/", 1)[-1]]
     return found
+
+
+def _optional(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any] | None:
+    """The model of a ``Model | None`` field, else None."""
+    options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+    if len(options) != 1 or len(prop.get("anyOf", [])) != 2:
+        return None
+    return _resolve(options[0], defs)
 
 
 def _type(prop: dict[str, Any], defs: dict[str, Any]) -> str:

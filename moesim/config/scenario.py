@@ -566,7 +566,9 @@ class Scenario(_Section):
     routing: Routing = Routing()
     policies: Policies = Policies()
     engine: Engine = Engine()
-    serving: Serving | None = None
+    serving: Serving | None = Field(
+        None, description="Requests to serve and how (workload.mode serve)."
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of every random choice.")
     output: Output = Output()
 

@@ -35,7 +35,7 @@ BAD = [
     ),
     ("wrong type", {"workload.batch_size": "many"}, "workload.batch_size", "valid integer"),
     ("negative number", {"workload.steps": -1}, "workload.steps", "greater than or equal to 1"),
-    ("bad mode", {"workload.mode": "serve"}, "workload.mode", "'decode', 'prefill' or 'train'"),
+    ("bad mode", {"workload.mode": "serving"}, "workload.mode", "'train' or 'serve'"),
     ("unknown model preset", {"model": "mixtral-8x8b"}, "model", "did you mean 'mixtral-8x7b'"),
     ("unknown hardware", {"hardware": "h100"}, "hardware", "unknown hardware profile"),
     (

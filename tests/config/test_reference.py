@@ -27,7 +27,7 @@ def test_every_scenario_setting_has_a_row_with_its_default() -> None:
     rows = set(re.findall(r"^\| `([^`]+)` \|", text, re.M))
     assert _leaf_paths(Scenario) <= rows
     assert "| `workload.cuda_graphs` | boolean | `false` |" in text
-    assert "| `workload.mode` | `decode` \\| `prefill` \\| `train` | required |" in text
+    assert "| `workload.mode` | `decode` \\| `prefill` \\| `train` \\| `serve` | required |" in text
     assert "### `policies.overlap`" in text
 
 
