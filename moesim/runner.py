@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from moesim.config.loading import ResolvedScenario
+from moesim.errors import ConfigError
 from moesim.estimate import check_machine, estimate
 from moesim.metrics.collector import Collector
 from moesim.metrics.links import links_summary, links_table
@@ -31,6 +32,13 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
         CapacityError: the scenario does not fit in HBM.
     """
     s = r.scenario
+    if s.workload.mode == "serve":
+        raise ConfigError(
+            r.path,
+            "workload.mode",
+            "a serving scenario runs with moesim.serving.run.simulate_serving (moesim run, "
+            "compare and sweep call it for you)",
+        )
     check_machine(r, estimate(r))
     usage = hbm_usage(r, r.slots_per_rank)
     check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up

@@ -256,7 +256,7 @@ def _cell(col: str, v: Any) -> str:
 
 def print_comparison(table: Any) -> None:
     """One column per run, one row per setting and metric (narrow enough for a terminal)."""
-    from moesim.study.compare import COLUMNS
+    from moesim.study.compare import METRICS
 
     t = Table(title="moesim compare")
     t.add_column("")
@@ -265,7 +265,7 @@ def print_comparison(table: Any) -> None:
     for col in table.columns:
         if col in ("run", "scenario"):
             continue
-        header = COLUMNS[col][0] if col in COLUMNS else col.replace("_", " ")
+        header = METRICS[col][0] if col in METRICS else col.replace("_", " ")
         t.add_row(header, *[_cell(col, v) for v in table[col]])
     Console().print(t)
 

@@ -260,4 +260,5 @@ def serving_summary(
             "decode_batch_mean": float(dec.batch.mean()) if len(dec) else 0.0,
             "steps": len(steps),
         },
+        "policies": s.policies.model_dump(mode="json"),
     }

@@ -80,7 +80,12 @@ def load_entry(entry: str | Path, overrides: list[str] | None = None) -> dict[st
         from moesim.config.loading import load_scenario
         from moesim.runner import simulate
 
-        return simulate(load_scenario(path, overrides or [])).summary
+        r = load_scenario(path, overrides or [])
+        if r.scenario.workload.mode == "serve":
+            from moesim.serving.run import simulate_serving
+
+            return simulate_serving(r).summary
+        return simulate(r).summary
     raise MoesimError(f"{path}: expected a scenario .yaml or a run folder")
 
 
@@ -94,7 +99,16 @@ def labels_for(summaries: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_table(summaries: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
-    """One row per run, the :data:`COLUMNS` plus the run's setting of each policy."""
+    """One row per run, the :data:`COLUMNS` (:data:`SERVING_COLUMNS` for serving runs) plus
+    the run's setting of each policy.
+
+    Raises:
+        MoesimError: serving runs and step runs mixed (their metrics differ).
+    """
+    kinds = {s.get("mode") == "serve" for s in summaries}
+    if len(kinds) > 1:
+        raise MoesimError("compare serving runs with serving runs, and step runs with step runs")
+    columns = columns_for(summaries)
     rows = []
     for label, s in zip(labels, summaries, strict=True):
         row: dict[str, Any] = {"run": label, "scenario": s["scenario"]}
@@ -107,7 +121,7 @@ def summary_table(summaries: list[dict[str, Any]], labels: list[str]) -> pd.Data
             else cap.get("type", "")
         )
         row["all_to_all"] = pol.get("all_to_all", {}).get("type", "")
-        row.update({col: float(get(s)) for col, (_, get) in COLUMNS.items()})
+        row.update({col: float(get(s)) for col, (_, get) in columns.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -136,6 +150,19 @@ def compare_figures(table: pd.DataFrame, summaries: dict[str, dict[str, Any]]) -
     from moesim.results.report import COLORS, drops_by_position_figure
 
     labels = list(summaries)
+    if "output_tok_s_per_gpu" in table.columns:  # serving runs: their metrics side by side
+        metrics = list(SERVING_COLUMNS)
+        bars = make_subplots(
+            rows=2, cols=4, subplot_titles=[SERVING_COLUMNS[m][0] for m in metrics]
+        )
+        for i, m in enumerate(metrics):
+            bars.add_trace(
+                go.Bar(x=labels, y=table[m], name=SERVING_COLUMNS[m][0], showlegend=False),
+                row=i // 4 + 1,
+                col=i % 4 + 1,
+            )
+        bars.update_layout(title="Serving metrics by run", height=700)
+        return [bars]
     breakdown = go.Figure()
     for phase in PHASES:
         ms = [summaries[x]["breakdown_s"].get(phase, 0.0) * 1e3 for x in labels]
@@ -180,7 +207,7 @@ def write_compare(
             ", ".join(summaries),
             compare_figures(table, summaries),
             table.to_html(index=False, float_format=lambda v: f"{v:,.4g}"),
-            head=headline_table(summaries),
+            head=headline_table(summaries) if "step_time_ms" in table.columns else "",
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
 

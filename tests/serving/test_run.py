@@ -119,3 +119,20 @@ def test_serving_settings_are_checked() -> None:
         load_scenario(BASE, ["workload.mode=serve"])
     with pytest.raises(ConfigErrors, match="needs rate_per_s"):
         load_scenario(BASE, [*SERVE, "serving.requests.rate_per_s=null"])
+
+
+def test_serving_runs_compare_with_serving_runs_only(tmp_path: Path) -> None:
+    from moesim.errors import MoesimError
+    from moesim.runner import simulate
+    from moesim.study.compare import compare
+
+    scenario = SCENARIOS / "mixtral-8x7b-offload-serve-1xrtx4090.yaml"
+    table, summaries = compare([scenario, scenario], ["policies.offload.policy=lfu"])
+    assert list(table["ttft_p50_ms"]) == [
+        s["serving"]["ttft_s"]["p50"] * 1e3 for s in summaries.values()
+    ]
+    assert set(table["placement"]) == {"contiguous"}
+    with pytest.raises(MoesimError, match="compare serving runs with serving runs"):
+        compare([scenario, SCENARIOS / "quickstart.yaml"])
+    with pytest.raises(ConfigError, match="simulate_serving"):
+        simulate(load_scenario(scenario))
