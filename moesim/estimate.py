@@ -73,19 +73,37 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+SERVING_GRID_POINTS = 14
+"""Steps a serving run typically simulates (its cost grid, moesim.serving.costs: 14 on the
+shipped DeepSeek-V3 PD scenario)."""
+
+
 def estimate(r: ResolvedScenario) -> WorkEstimate:
-    """The work of running ``r`` (nothing is simulated)."""
+    """The work of running ``r`` (nothing is simulated).
+
+    A pipelined training step walks one stage's GPUs through each memoised op (forward and
+    backward of every chunk, DualPipe's pairs too) for each sampled micro-batch; a serving run
+    simulates one step of an instance per grid point it reaches.
+    """
     s, m = r.scenario, r.model
     w, par = s.workload, s.parallelism
     micro = s.policies.overlap.micro_batches
     passes = 2 if w.mode == "train" else 1
-    walks = w.steps * m.num_layers * r.world * micro * passes
-    flows = r.world * min(par.ep, r.world)
-    phases = w.steps * len(m.moe_layers) * 2 * micro * passes
+    sim_world, steps = r.world, w.steps
+    pipelined = w.mode == "train" and (par.pp > 1 or w.micro_batches > 1)
+    if pipelined:
+        sim_world = par.stage_world
+        dual = 2 if s.policies.pipeline.schedule == "dualpipe" and par.pp > 1 else 1
+        micro = min(s.engine.micro_batch_samples, w.micro_batches) * dual
+    elif w.mode == "serve":
+        sim_world, steps, passes = par.ep * par.tp, SERVING_GRID_POINTS, 1
+    walks = steps * m.num_layers * sim_world * micro * passes
+    flows = sim_world * min(par.ep, sim_world)
+    phases = steps * len(m.moe_layers) * 2 * micro * passes
     seq_bins = 32 if w.mode != "decode" else 1
     cells = w.steps * m.num_layers * r.world
     memory = 8.0 * (cells * (PHASES + 1) + 4 * w.steps * len(m.moe_layers) * (r.world + seq_bins))
-    memory += 8.0 * 6 * m.num_layers * r.world * max(m.moe.num_experts, r.world)  # one step
+    memory += 8.0 * 6 * m.num_layers * sim_world * max(m.moe.num_experts, sim_world)  # a step
     per_phase = min(PER_FLOW_S * flows**1.25, PER_LARGE_PHASE_S * flows**0.5)
     seconds = PER_GPU_LAYER_S * walks + phases * per_phase
     return WorkEstimate(walks, flows, phases, memory, seconds)

@@ -145,16 +145,18 @@ def warn_if_long(r: ResolvedScenario, work: WorkEstimate) -> None:
 def print_check(r: ResolvedScenario, usage: HBMUsage, work: WorkEstimate) -> None:
     """What ``moesim check`` found."""
     s = r.scenario
+    par = s.parallelism
     console = Console()
+    pp = f"pp={par.pp} " + (f"vpp={par.vpp} " if par.vpp > 1 else "") if par.pp > 1 else ""
     console.print(
         f"[green]ok[/] {s.name}: {r.model.name} on {s.cluster.nodes} x "
         f"{r.hardware.node.gpus_per_node} {r.hardware.gpu.model}, "
-        f"dp={s.parallelism.dp} ep={s.parallelism.ep} tp={s.parallelism.tp}, "
-        f"{s.workload.mode}"
+        f"{pp}dp={par.dp} ep={par.ep} tp={par.tp}, {s.workload.mode}"
     )
     parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in usage.as_dict().items() if k != "total")
+    where = "per GPU of the fullest pipeline stage" if par.pp > 1 else "per GPU"
     console.print(
-        f"HBM per GPU: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
+        f"HBM {where}: {usage.total / GiB:.1f} of {r.hardware.gpu.hbm_bytes / GiB:.1f}"
         f" GiB ({parts} GiB)"
     )
     console.print(f"Work: {work.describe()}")

@@ -196,6 +196,15 @@ def check_fits(r: ResolvedScenario, usage: HBMUsage, slots_per_rank: int | None 
     if usage.total <= cap:
         return
     parts = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in usage.as_dict().items() if k != "total")
+    if pipeline.pipelined(r):
+        stages = stage_usages(r)
+        worst = max(range(len(stages)), key=lambda i: stages[i].total)
+        raise CapacityError(
+            f"{r.scenario.name}: pipeline stage {worst} of {len(stages)} needs "
+            f"{usage.total / GiB:.1f} GiB of HBM per GPU but {r.hardware.gpu.model} has "
+            f"{cap / GiB:.1f} GiB ({parts}). Add pipeline stages or EP ranks, shard more "
+            "(policies.optimizer.zero), recompute (workload.recompute), or lower batch_size."
+        )
     raise CapacityError(
         f"{r.scenario.name}: needs {usage.total / GiB:.1f} GiB of HBM per GPU but "
         f"{r.hardware.gpu.model} has {cap / GiB:.1f} GiB ({parts}). Raise ep/tp, lower "

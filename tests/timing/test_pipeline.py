@@ -255,3 +255,11 @@ def test_gradient_accumulation_without_stages_repeats_the_micro_batches() -> Non
     assert busy == pytest.approx(2 * p2["stages"][0]["busy_s"], rel=1e-12)
     assert p4["stages"][0]["gradients_s"] == pytest.approx(p2["stages"][0]["gradients_s"])
     assert np.isfinite(four.summary["training"]["mfu"])
+
+
+def test_a_layout_that_does_not_fit_names_its_fullest_stage() -> None:
+    from moesim.errors import CapacityError
+
+    r = _r("hardware=l40s-pcie", "workload.batch_size=64", "workload.seq_len=4096")
+    with pytest.raises(CapacityError, match=r"pipeline stage 0 of 2 needs .* Add pipeline stages"):
+        simulate(r)
