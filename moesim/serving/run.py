@@ -4,9 +4,9 @@ and throughput metrics.
 The scenario's own cluster, parallelism and policies describe the decode instances (``dp``
 of them, one EP group each, DP attention inside); with ``serving.prefill`` a separate pool of
 prefill instances takes the prompts and hands each finished prompt's KV cache to a decode
-instance over the network (latency plus the KV bytes over one NIC of the sending GPU: a
-request's cache lives on one DP-attention rank). Without it, the decode instances prefill
-too (co-located serving).
+instance over the network (the transfers leaving one DP-attention rank share its NIC, then
+pay the fabric's latency: :class:`moesim.serving.scheduler.KVLink`). Without it, the decode
+instances prefill too (co-located serving).
 
 Metrics (``summary.json``'s ``serving`` block), over the requests after ``warmup``:
 TTFT (arrival to first token), TPOT (first to last token over the tokens after the first),
@@ -30,7 +30,7 @@ import pandas as pd
 from moesim.config.loading import ResolvedScenario
 from moesim.serving import requests as req
 from moesim.serving.costs import LayerModelCosts, kv_bytes_per_token, kv_tokens
-from moesim.serving.scheduler import InstanceSpec, Trace, serve
+from moesim.serving.scheduler import InstanceSpec, KVLink, Trace, serve
 
 PERCENTILES = (50, 90, 99)
 
@@ -133,7 +133,7 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
     decode = [dec_spec] * s.parallelism.dp
     prefill: list[InstanceSpec] = []
     pre_costs = dec_costs
-    transfer = None
+    link = None
     if pre_r is not None:
         assert sv.prefill is not None
         pre_costs = LayerModelCosts(pre_r, max_running)
@@ -147,12 +147,12 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
         )
         prefill = [spec] * sv.prefill.parallelism.dp
         node = r.hardware.node
-        per_token = kv_bytes_per_token(r)
-        nic = node.nic_gb_per_s * 1e9 * node.nic_efficiency
-        latency = r.hardware.fabric.latency_s
-
-        def transfer(tokens: int) -> float:
-            return latency + tokens * per_token / nic
+        link = KVLink(
+            bytes_per_token=kv_bytes_per_token(r),
+            nic_bytes_per_s=node.nic_gb_per_s * 1e9 * node.nic_efficiency,
+            latency_s=r.hardware.fabric.latency_s,
+            ranks=sv.prefill.parallelism.ep,
+        )
 
     reqs = load_requests(r)
     clients = sv.requests.clients if sv.requests.arrival == "concurrency" else None
@@ -165,7 +165,7 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
         pre_costs,
         dec_costs,
         sv.tokens_per_step,
-        transfer,
+        link,
         clients,
     )
     table = request_table(trace)

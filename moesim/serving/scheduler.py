@@ -17,8 +17,11 @@ step at a time, a prefill step or a decode step, as SGLang's scheduler does by d
   cache does not have preempts the latest-admitted running request (its pages freed, it goes
   back to the head of the queue to prefill prompt and output so far again: recompute).
 - **Disaggregation**: a prefill instance hands each request whose prompt is done to a decode
-  instance (round-robin) after ``transfer(request)`` seconds (its KV cache crossing the
-  network); the decode instance admits it when its cache has room for it.
+  instance (round-robin); its KV cache crosses the network first (:class:`KVLink`): it lives
+  on one DP-attention rank of the prefill instance (requests go to ranks in turn), and the
+  transfers leaving one rank share its NIC equally (a fluid model: each transfer's rate is the
+  NIC's over the transfers in flight, recomputed as they start and end), then pay the
+  network's latency. The decode instance admits the request when its cache has room for it.
 
 Step durations come from a ``StepCosts`` (:mod:`moesim.serving.costs` prices them with the
 layer model). Everything is deterministic: ties in time are broken by event order.
@@ -45,6 +48,23 @@ class StepCosts(Protocol):
     def decode(self, batch: int, context: float) -> float:
         """A decode step of ``batch`` requests at mean context ``context`` tokens."""
         ...
+
+
+@dataclass(frozen=True)
+class KVLink:
+    """How prefilled KV caches reach the decode instances.
+
+    Attributes:
+        bytes_per_token: KV-cache bytes of one token (all layers).
+        nic_bytes_per_s: What one GPU's NIC sends per second.
+        latency_s: Network latency of a transfer.
+        ranks: DP-attention ranks (NICs) of a prefill instance.
+    """
+
+    bytes_per_token: float
+    nic_bytes_per_s: float
+    latency_s: float
+    ranks: int
 
 
 @dataclass(frozen=True)
@@ -144,7 +164,7 @@ def serve(
     prefill_costs: StepCosts,
     decode_costs: StepCosts,
     tokens_per_step: float = 1.0,
-    transfer: Callable[[int], float] | None = None,
+    link: KVLink | None = None,
     closed_loop: int | None = None,
 ) -> Trace:
     """Serve requests (arrival seconds, prompt and output tokens) on the instances.
@@ -154,8 +174,8 @@ def serve(
             (co-located serving).
         decode: Decode instances.
         tokens_per_step: Mean tokens a request gains per decode step (MTP / speculative).
-        transfer: Seconds to move a request's KV cache (its prompt tokens) from its prefill
-            instance to its decode instance (disaggregated serving).
+        link: How a request's KV cache moves from its prefill instance to its decode
+            instance (disaggregated serving; None: instantly).
         closed_loop: ``clients`` each sending its next request when the last one finishes
             (benchmark clients at a fixed concurrency); ``arrival`` is ignored but for order.
 
@@ -212,6 +232,7 @@ def serve(
         push(now + cost, "done", (inst, kind, batch))
 
     ready: dict[int, _Instance] = {}  # instances to (re)start once this instant is done
+    nics = _NICs(link, push) if link is not None else None
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -224,6 +245,10 @@ def serve(
             rr[0] += 1
             inst.waiting.append(r)
             ready[inst.index] = inst
+        elif kind == "nic":
+            assert isinstance(payload, tuple) and nics is not None
+            for r, at in nics.arrived(payload, now):
+                push(at, "handoff", r)
         elif kind == "handoff":
             assert isinstance(payload, _Req)
             r = payload
@@ -248,8 +273,11 @@ def serve(
                         r.running = False
                         inst.free_blocks += r.blocks
                         r.blocks = 0
-                        delay = transfer(r.prompt) if transfer else 0.0
-                        push(now + delay, "handoff", r)
+                        if link is None:
+                            push(now, "handoff", r)
+                        else:
+                            assert nics is not None
+                            nics.send(inst.index, r, now)
             ready[inst.index] = inst
             if not colocated:
                 for other in dec:
@@ -373,3 +401,52 @@ def _preempt(inst: _Instance, r: _Req, trace: Trace) -> None:
     r.preempted += 1
     trace.preemptions[r.rid] += 1
     inst.waiting.appendleft(r)
+
+
+class _NICs:
+    """The sending NICs of the prefill instances' ranks, each shared equally by the KV
+    transfers leaving it (see the module docstring)."""
+
+    def __init__(self, link: KVLink, push: Callable[[float, str, object], None]) -> None:
+        self.link, self.push = link, push
+        self.flows: dict[tuple[int, int], dict[_Req, float]] = {}  # bytes left per transfer
+        self.since: dict[tuple[int, int], float] = {}
+        self.version: dict[tuple[int, int], int] = {}
+        self.sent = 0  # requests handed to NICs, for the rank each leaves from
+
+    def send(self, instance: int, r: _Req, now: float) -> None:
+        key = (instance, self.sent % self.link.ranks)
+        self.sent += 1
+        self._advance(key, now)
+        self.flows.setdefault(key, {})[r] = r.prompt * self.link.bytes_per_token
+        self._schedule(key, now)
+
+    def arrived(self, payload: tuple[object, ...], now: float) -> list[tuple[_Req, float]]:
+        key, version = payload
+        assert isinstance(key, tuple)
+        if self.version.get(key) != version:  # the NIC's transfers changed since
+            return []
+        self._advance(key, now)
+        flows = self.flows[key]
+        done = [r for r, left in flows.items() if left <= 1e-6 * self.link.bytes_per_token]
+        for r in done:
+            del flows[r]
+        self._schedule(key, now)
+        return [(r, now + self.link.latency_s) for r in done]
+
+    def _advance(self, key: tuple[int, int], now: float) -> None:
+        flows = self.flows.get(key)
+        if flows:
+            rate = self.link.nic_bytes_per_s / len(flows)
+            sent = rate * (now - self.since[key])
+            for r in flows:
+                flows[r] -= sent
+        self.since[key] = now
+
+    def _schedule(self, key: tuple[int, int], now: float) -> None:
+        self.version[key] = self.version.get(key, 0) + 1
+        flows = self.flows.get(key)
+        if flows:
+            first = min(flows.values())
+            at = now + max(first, 0.0) * len(flows) / self.link.nic_bytes_per_s
+            self.push(at, "nic", (key, self.version[key]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moesim.serving.requests import poisson_arrivals
-from moesim.serving.scheduler import InstanceSpec, serve
+from moesim.serving.scheduler import InstanceSpec, KVLink, serve
 
 
 class Linear:
@@ -100,16 +100,34 @@ def test_disaggregated_prefill_hands_off_after_the_transfer() -> None:
     only after its KV transfer; the prefill instances run no decode step."""
     arrival, prompt, output = _requests(200, 4.0, seed=5)
     pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
-    t = serve(
-        arrival, prompt, output, [pre], [_spec(), _spec()], Linear(), Linear(),
-        transfer=lambda tokens: 0.5,
-    )  # fmt: skip
+    # 1 kB a token over 4 NICs of 10 MB/s, 0.1 s latency: a prompt of p tokens takes at least
+    # 0.1 + p / 10,000 seconds to arrive
+    link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e7, latency_s=0.1, ranks=4)
+    t = serve(arrival, prompt, output, [pre], [_spec(), _spec()], Linear(), Linear(), link=link)
     assert np.isfinite(t.finish).all()
     kinds = {(s[0], s[1]) for s in t.steps}
     assert (0, "decode") not in kinds and (1, "prefill") not in kinds
     # the second token comes at least one transfer after the first
     multi = output > 2
-    assert (t.finish[multi] - t.first_token[multi] >= 0.5).all()
+    alone = 0.1 + prompt / 10_000
+    assert (t.finish[multi] - t.first_token[multi] >= alone[multi] - 1e-9).all()
+
+
+def test_kv_transfers_leaving_one_nic_share_it() -> None:
+    """Two prompts of 1,000 tokens done in the same prefill step leave the same NIC (one
+    rank): 2 MB at 1 MB/s, both arrive after 2 s (one alone takes 1 s)."""
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e6, latency_s=0.0, ranks=1)
+    costs = Linear(a=0.0, b=0.0, c=1.0, d=0.0)  # prefill free, a decode step 1 s
+    two = serve(
+        np.zeros(2), np.array([1000, 1000]), np.array([2, 2]), [pre], [_spec()], costs, costs,
+        link=link,
+    )  # fmt: skip
+    assert two.finish.tolist() == pytest.approx([3.0, 3.0])  # 2 s transfer + one decode step
+    one = serve(
+        np.zeros(1), np.array([1000]), np.array([2]), [pre], [_spec()], costs, costs, link=link
+    )
+    assert one.finish.tolist() == pytest.approx([2.0])
 
 
 def test_speculative_tokens_shorten_decoding() -> None:
