@@ -268,7 +268,7 @@ def serve(
                     push(now, "arrive", pending.popleft())
             if step_kind == "prefill" and not colocated and inst not in dec:
                 for r in batch:
-                    if r.to_prefill == 0:
+                    if r.to_prefill == 0 and r.running:  # (a one-token request is done)
                         inst.running.remove(r)
                         r.running = False
                         inst.free_blocks += r.blocks

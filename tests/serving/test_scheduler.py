@@ -147,3 +147,22 @@ def test_closed_loop_clients_keep_the_concurrency() -> None:
     grid = np.linspace(t.arrival.min(), np.nanmax(t.arrival), 2000)
     inside = ((t.arrival[:, None] <= grid) & (t.finish[:, None] > grid)).sum(axis=0)
     assert inside.max() <= 8
+
+
+def test_one_token_requests_finish_on_the_prefill_instance() -> None:
+    """A request asking for one token is done when its prompt is: it never moves."""
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e7, latency_s=0.1, ranks=2)
+    arrival, prompt, _ = _requests(50, 4.0, seed=8)
+    t = serve(
+        arrival,
+        prompt,
+        np.ones(50, dtype=np.int64),
+        [pre],
+        [_spec()],
+        Linear(),
+        Linear(),
+        link=link,
+    )
+    assert np.array_equal(t.finish, t.first_token)
+    assert {s[0] for s in t.steps} == {0}  # only the prefill instance ran
