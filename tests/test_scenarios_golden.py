@@ -27,6 +27,12 @@ def _close(a, b, path: str = "") -> list[str]:
     if isinstance(a, dict):
         keys = sorted(set(a) | set(b))
         return [d for k in keys for d in _close(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _close(x, y, f"{path}[{i}]")
+        ]
     if isinstance(a, float) and isinstance(b, (int, float)):
         return [] if a == pytest.approx(b, rel=1e-9, abs=1e-15) else [f"{path}: {a} != {b}"]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]

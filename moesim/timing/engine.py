@@ -151,7 +151,8 @@ class Engine(TrainingSteps):
         # training: data-parallel gradient buckets, their groups' leaders, the optimizer step
         self._buckets = gradsync.buckets(r) if spec.train else []
         self._bucket_of = {(b.kind, b.index): b for b in self._buckets}
-        kinds = {b.kind for b in self._buckets}
+        # in KINDS order, never a set's: string hashes, and so set order, change per process
+        kinds = [k for k in gradsync.KINDS if any(b.kind == k for b in self._buckets)]
         self._leaders = {
             k: sorted({int(self._dp_group(k, g)[0]) for g in range(spec.world)}) for k in kinds
         }
