@@ -128,7 +128,6 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
         max_prefill_tokens=sv.max_prefill_tokens,
         kv_tokens=kv_tokens(dec_r),
         kv_block_tokens=sv.kv_block_tokens,
-        prefill=pre_r is None,
     )
     decode = [dec_spec] * s.parallelism.dp
     prefill: list[InstanceSpec] = []
@@ -143,7 +142,6 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
             max_prefill_tokens=sv.max_prefill_tokens,
             kv_tokens=kv,
             kv_block_tokens=sv.kv_block_tokens,
-            decode=False,
         )
         prefill = [spec] * sv.prefill.parallelism.dp
         node = r.hardware.node

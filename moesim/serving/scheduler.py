@@ -76,16 +76,15 @@ class InstanceSpec:
         max_prefill_tokens: Prompt tokens per prefill step.
         kv_tokens: Tokens the KV cache holds (per instance).
         kv_block_tokens: Tokens per KV page.
-        prefill: Runs prefill steps.
-        decode: Runs decode steps.
+
+    Whether an instance prefills, decodes or both follows from the pool it is given to
+    :func:`serve` in.
     """
 
     max_running: int
     max_prefill_tokens: int
     kv_tokens: int
     kv_block_tokens: int
-    prefill: bool = True
-    decode: bool = True
 
     @property
     def kv_blocks(self) -> int:

@@ -99,7 +99,7 @@ def test_disaggregated_prefill_hands_off_after_the_transfer() -> None:
     """Prefill instances take the prompts; each request starts decoding on a decode instance
     only after its KV transfer; the prefill instances run no decode step."""
     arrival, prompt, output = _requests(200, 4.0, seed=5)
-    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16)
     # 1 kB a token over 4 NICs of 10 MB/s, 0.1 s latency: a prompt of p tokens takes at least
     # 0.1 + p / 10,000 seconds to arrive
     link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e7, latency_s=0.1, ranks=4)
@@ -116,7 +116,7 @@ def test_disaggregated_prefill_hands_off_after_the_transfer() -> None:
 def test_kv_transfers_leaving_one_nic_share_it() -> None:
     """Two prompts of 1,000 tokens done in the same prefill step leave the same NIC (one
     rank): 2 MB at 1 MB/s, both arrive after 2 s (one alone takes 1 s)."""
-    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16)
     link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e6, latency_s=0.0, ranks=1)
     costs = Linear(a=0.0, b=0.0, c=1.0, d=0.0)  # prefill free, a decode step 1 s
     two = serve(
@@ -151,7 +151,7 @@ def test_closed_loop_clients_keep_the_concurrency() -> None:
 
 def test_one_token_requests_finish_on_the_prefill_instance() -> None:
     """A request asking for one token is done when its prompt is: it never moves."""
-    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16, prefill=True, decode=False)
+    pre = InstanceSpec(1 << 30, 8192, 1 << 20, 16)
     link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e7, latency_s=0.1, ranks=2)
     arrival, prompt, _ = _requests(50, 4.0, seed=8)
     t = serve(
