@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moesim.errors import CapacityError
+from moesim.timing import pipeline
 
 if TYPE_CHECKING:
     from moesim.config.loading import ResolvedScenario
@@ -90,8 +91,7 @@ def estimate(r: ResolvedScenario) -> WorkEstimate:
     micro = s.policies.overlap.micro_batches
     passes = 2 if w.mode == "train" else 1
     sim_world, steps = r.world, w.steps
-    pipelined = w.mode == "train" and (par.pp > 1 or w.micro_batches > 1)
-    if pipelined:
+    if pipeline.pipelined(r):
         sim_world = par.stage_world
         dual = 2 if s.policies.pipeline.schedule == "dualpipe" and par.pp > 1 else 1
         micro = min(s.engine.micro_batch_samples, w.micro_batches) * dual

@@ -43,8 +43,9 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     usage = hbm_usage(r, r.slots_per_rank)
     check_fits(r, usage, r.slots_per_rank)  # before the routing stage sets anything up
     seeds = np.random.SeedSequence(s.seed).spawn(2)
+    piped = pipelined(r)
     # pipeline stages are alike: the routing stage draws for one stage's replicas and ranks
-    rs = stage_scenario(r).scenario if pipelined(r) else s
+    rs = stage_scenario(r).scenario if piped else s
     routing = RoutingStage(rs, r.model, r.gpus_per_node, np.random.default_rng(seeds[0]))
     costs = scenario_costs(r)
     col = Collector(
@@ -56,7 +57,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
         s.output.timeline_steps,
     )
     engine: Engine | PipelineEngine = (
-        PipelineEngine(r, routing, costs, col) if pipelined(r) else Engine(r, routing, costs, col)
+        PipelineEngine(r, routing, costs, col) if piped else Engine(r, routing, costs, col)
     )
     counter = _count_events(engine)
     engine.run(progress)

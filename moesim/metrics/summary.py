@@ -72,6 +72,7 @@ def summarize(
     breakdown["straggler_wait"] = float(col.wait_s.mean())
     breakdown["sm_contention"] = float(col.sm_contention_s.mean())
     total_time = float(col.step_time_s.sum())
+    tokens_per_s = float(col.tokens_per_step.sum() / total_time) if total_time else 0.0
     routed = int(col.routed.sum())
     out = {
         "scenario": s.name,
@@ -85,7 +86,7 @@ def summarize(
         "step_time_s": float(col.step_time_s.mean()),
         "step_time_max_s": float(col.step_time_s.max()),
         "tokens_per_step": int(col.tokens_per_step[0]),
-        "tokens_per_s": float(col.tokens_per_step.sum() / total_time) if total_time else 0.0,
+        "tokens_per_s": tokens_per_s,
         "breakdown_s": breakdown,
         "comm_phases": list(COMM_PHASES),
         "imbalance_max_over_mean": float(col.imbalance.mean()),
@@ -115,9 +116,7 @@ def summarize(
             "bytes_intra_node": float(col.dp_bytes[:, 0].mean()),
             "bytes_inter_node": float(col.dp_bytes[:, 1].mean()),
         }
-        out["training"] = training_rates(
-            r, float(col.tokens_per_step.sum() / total_time) if total_time else 0.0
-        )
+        out["training"] = training_rates(r, tokens_per_s)
     return out
 
 

@@ -33,6 +33,7 @@ from moesim.errors import ConfigError
 from moesim.registry import shorten
 
 if TYPE_CHECKING:
+    from moesim.config.resolved import ResolvedScenario
     from moesim.results.result import RunResult
 
 
@@ -121,9 +122,8 @@ def write_folder(base: str | Path, tag: str, fill: Callable[[Path], None]) -> Pa
         raise
 
 
-def resolved_yaml(result: RunResult) -> str:
+def resolved_yaml(r: ResolvedScenario) -> str:
     """The resolved scenario as YAML, with model and hardware descriptions appended."""
-    r = result.resolved
     doc = {
         "scenario": r.scenario.model_dump(mode="json"),
         "model": r.model.model_dump(mode="json"),
@@ -138,7 +138,7 @@ def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path
     root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
 
     def fill(tmp: Path) -> None:
-        (tmp / "scenario.yaml").write_text(resolved_yaml(result), encoding="utf-8")
+        (tmp / "scenario.yaml").write_text(resolved_yaml(r), encoding="utf-8")
         (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.layers.to_parquet(tmp / "layers.parquet", index=False)
         if result.links is not None:

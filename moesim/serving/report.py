@@ -78,20 +78,13 @@ def serving_report(result: ServingResult) -> str:
 def write_serving_run(result: ServingResult, out_root: str | Path | None = None) -> Path:
     """Write ``<out_root>/<scenario>/<run-id>/`` atomically: ``scenario.yaml``,
     ``summary.json``, ``requests.parquet``, ``steps.parquet`` and ``report.html``."""
-    import yaml
-
-    from moesim.results.writer import summary_json, write_folder
+    from moesim.results.writer import resolved_yaml, summary_json, write_folder
 
     r = result.resolved
     root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
 
     def fill(tmp: Path) -> None:
-        doc = {
-            "scenario": r.scenario.model_dump(mode="json"),
-            "model": r.model.model_dump(mode="json"),
-            "hardware": r.hardware.model_dump(mode="json"),
-        }
-        (tmp / "scenario.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), "utf-8")
+        (tmp / "scenario.yaml").write_text(resolved_yaml(r), encoding="utf-8")
         (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.requests.to_parquet(tmp / "requests.parquet", index=False)
         result.steps.to_parquet(tmp / "steps.parquet", index=False)

@@ -144,25 +144,13 @@ def compare(
 def compare_figures(table: pd.DataFrame, summaries: dict[str, dict[str, Any]]) -> list[Any]:
     """Stacked step-time breakdown, the metric bars, and drops by position."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     from moesim.metrics.collector import PHASES
     from moesim.results.report import COLORS, drops_by_position_figure
 
     labels = list(summaries)
     if "output_tok_s_per_gpu" in table.columns:  # serving runs: their metrics side by side
-        metrics = list(SERVING_COLUMNS)
-        bars = make_subplots(
-            rows=2, cols=4, subplot_titles=[SERVING_COLUMNS[m][0] for m in metrics]
-        )
-        for i, m in enumerate(metrics):
-            bars.add_trace(
-                go.Bar(x=labels, y=table[m], name=SERVING_COLUMNS[m][0], showlegend=False),
-                row=i // 4 + 1,
-                col=i % 4 + 1,
-            )
-        bars.update_layout(title="Serving metrics by run", height=700)
-        return [bars]
+        return [_metric_bars(table, labels, SERVING_COLUMNS, "Serving metrics by run")]
     breakdown = go.Figure()
     for phase in PHASES:
         ms = [summaries[x]["breakdown_s"].get(phase, 0.0) * 1e3 for x in labels]
@@ -173,20 +161,32 @@ def compare_figures(table: pd.DataFrame, summaries: dict[str, dict[str, Any]]) -
         barmode="stack",
         yaxis_title="ms",
     )
-    metrics = list(COLUMNS)
-    bars = make_subplots(rows=2, cols=4, subplot_titles=[COLUMNS[m][0] for m in metrics])
-    for i, m in enumerate(metrics):
-        bars.add_trace(
-            go.Bar(x=labels, y=table[m], name=COLUMNS[m][0], showlegend=False),
-            row=i // 4 + 1,
-            col=i % 4 + 1,
-        )
-    bars.update_layout(title="Metrics by run", height=700)
-    figs = [breakdown, bars]
+    figs = [breakdown, _metric_bars(table, labels, COLUMNS, "Metrics by run")]
     drops = drops_by_position_figure(summaries)
     if drops is not None:
         figs.append(drops)
     return figs
+
+
+def _metric_bars(
+    table: pd.DataFrame,
+    labels: list[str],
+    columns: dict[str, tuple[str, Callable[[dict[str, Any]], float]]],
+    title: str,
+) -> Any:
+    """One bar chart per metric column, the runs side by side (4 to a row)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    bars = make_subplots(rows=2, cols=4, subplot_titles=[header for header, _ in columns.values()])
+    for i, (m, (header, _)) in enumerate(columns.items()):
+        bars.add_trace(
+            go.Bar(x=labels, y=table[m], name=header, showlegend=False),
+            row=i // 4 + 1,
+            col=i % 4 + 1,
+        )
+    bars.update_layout(title=title, height=700)
+    return bars
 
 
 def write_compare(

@@ -24,7 +24,6 @@ the parameters) and the activations of the micro-batches its schedule keeps in f
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,17 +94,18 @@ def stage_usages(r: ResolvedScenario) -> list[HBMUsage]:
     return out
 
 
-def activation_bytes_per_layer(r: ResolvedScenario) -> float:
+def activation_bytes_per_layer(r: ResolvedScenario, recompute: str | None = None) -> float:
     """Activation bytes one GPU keeps per layer of a training micro-batch (see the module
-    docstring)."""
+    docstring), under ``recompute`` (default: the scenario's)."""
     s, m = r.scenario, r.model
     w, par = s.workload, s.parallelism
     h, f, k = m.hidden_size, m.moe.expert_intermediate_size, m.moe.top_k
     fs = m.moe.shared_intermediate_size
-    if w.recompute == "full":
+    recompute = recompute or w.recompute
+    if recompute == "full":
         per_token = 2.0 * h
     else:
-        selective = w.recompute == "selective"  # no norm outputs, no SwiGLU outputs
+        selective = recompute == "selective"  # no norm outputs, no SwiGLU outputs
         fp8 = 1 if w.dtype == "fp8" else 2  # bytes of an expert's cached input and fc1 output
 
         def expert(width: int) -> float:
@@ -135,10 +135,7 @@ def _recompute_extra(r: ResolvedScenario) -> float:
     """Full recompute rebuilds one layer's activations at a time in the backward pass."""
     if r.scenario.workload.recompute != "full":
         return 0.0
-    full = r.scenario.model_copy(
-        update={"workload": r.scenario.workload.model_copy(update={"recompute": "none"})}
-    )
-    return activation_bytes_per_layer(dataclasses.replace(r, scenario=full))
+    return activation_bytes_per_layer(r, "none")
 
 
 def _usage(r: ResolvedScenario, slots_per_rank: int) -> HBMUsage:
