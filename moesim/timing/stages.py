@@ -115,7 +115,6 @@ class PipelineEngine:
         self.held = stage_layers(self.sched, self.chunks)
         self.ops_s: dict[str, float] = {}
         self.timed: list[list[list[Timed]]] = []  # per step, per stage
-        self.tails: list[float] = []
         self.p2p_s = 0.0
         self._tails: dict[int, _Cost] = {}
         self._p2p: dict[tuple[int, int], float] = {}
@@ -176,7 +175,6 @@ class PipelineEngine:
             for t in ops:
                 self._add(step, s, cost(t.op))
         self.timed.append(timed)
-        self.tails = [self._tails[s].seconds for s in range(self.pp)]
         # busy, waits and contention were added op by op
         self.col.step_time_s[step] = max(ends)
         self.col.tokens_per_step[step] = (
@@ -316,7 +314,8 @@ class PipelineEngine:
         timed = self.timed[-1]
         step = float(self.col.step_time_s[len(self.timed) - 1])
         idle = idle_seconds(timed, step)
-        idle = [i - t for i, t in zip(idle, self.tails, strict=True)]
+        tails = [self._tails[s].seconds for s in range(self.pp)]
+        idle = [i - t for i, t in zip(idle, tails, strict=True)]
         par = self.r.scenario.parallelism
         return {
             "schedule": self.sched.name,
@@ -334,7 +333,7 @@ class PipelineEngine:
                     "layers": [int(x) for x in self.held[s]],
                     "busy_s": float(sum(t.end - t.start for t in timed[s])),
                     "bubble_s": float(idle[s]),
-                    "gradients_s": float(self.tails[s]),
+                    "gradients_s": float(tails[s]),
                 }
                 for s in range(self.pp)
             ],

@@ -17,7 +17,7 @@ ZeRO-2 and nothing is gathered after the optimizer step.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,10 +85,7 @@ class TrainingSteps:
         self._plans, self._migration, self._migrating = [w[0] for w in walks], None, False
         self._walk_layers = {layer for w in walks for layer in w[1]}
         self._pre = self._precompute()
-        start = self.env.now
-        procs = [self.env.process(self._chunks(g, step, walks)) for g in range(self.spec.world)]
-        self.env.run(until=self.env.all_of(procs))
-        return self.env.now - start
+        return self._on_every_gpu(lambda g: self._chunks(g, step, walks))
 
     def time_gradients(
         self, step: int, buckets: list[gradsync.Bucket], optimizer_s: float
@@ -100,10 +97,12 @@ class TrainingSteps:
         self._bucket_of = {(b.kind, b.index): b for b in buckets}
         self._plans, self._migration, self._migrating = [], None, False
         self._pre = self._precompute()
+        return self._on_every_gpu(lambda g: self._finish_gradients(g, step, False))
+
+    def _on_every_gpu(self, work: Callable[[int], Generator[simpy.Event, Any, None]]) -> float:
+        """Run ``work(g)`` on every GPU from now; the seconds until the last one ends."""
         start = self.env.now
-        procs = [
-            self.env.process(self._finish_gradients(g, step, False)) for g in range(self.spec.world)
-        ]
+        procs = [self.env.process(work(g)) for g in range(self.spec.world)]
         self.env.run(until=self.env.all_of(procs))
         return self.env.now - start
 
