@@ -164,7 +164,7 @@ def print_check(r: ResolvedScenario, usage: HBMUsage, work: WorkEstimate) -> Non
 
 def print_e2e_validation(rows: list[E2ERow]) -> None:
     """End-to-end cases: predicted vs published, with the relative error."""
-    t = Table(title="End-to-end published measurements (../shared/validation/published.md 6)")
+    t = Table(title="End-to-end published measurements")
     for col in ("case", "profile", "counted as", "published", "predicted", "error", "step"):
         t.add_column(col, justify="left" if col in ("case", "profile", "counted as") else "right")
     for r in rows:

@@ -1,5 +1,5 @@
-"""End-to-end published measurements (../shared/validation/published.md section 6), predicted
-from scenarios shipped in ``scenarios/validation/``.
+"""End-to-end published measurements (../shared/validation/published.md section 6, and vLLM's
+published nightly benchmark), predicted from scenarios shipped in ``scenarios/validation/``.
 
 Each case names its scenario (the published setup stated as facts: model, hardware profile,
 cluster, parallelism, workload, policies), the published figure, how the authors count it, and
@@ -28,6 +28,11 @@ def input_tokens_per_s_per_node(summary: dict[str, Any], nodes: int) -> float:
 def serving_input_tokens_per_s_per_node(summary: dict[str, Any], _nodes: int) -> float:
     """Input tokens per second per node of a serving run."""
     return float(summary["serving"]["input_tokens_per_s_per_node"])
+
+
+def serving_e2e_mean_ms(summary: dict[str, Any], _nodes: int) -> float:
+    """Mean end-to-end latency of a serving run's requests, in milliseconds."""
+    return 1000.0 * float(summary["serving"]["e2e_s"]["mean"])
 
 
 def tokens_per_s_per_gpu(summary: dict[str, Any], _nodes: int) -> float:
@@ -92,6 +97,22 @@ CASES = (
         "DeepSeek-V3 technical report (arXiv 2412.19437), section 1 and table 1; layout from "
         "section 3.2 (2,048 H800, PP16 DualPipe, EP64, ZeRO-1)",
         tokens_per_s_per_gpu,
+    ),
+    Case(
+        "vllm-mixtral-8x7b-latency-tp2-h200.yaml",
+        1_921.1,
+        "end-to-end latency of a batch of 8 requests (32 input, 128 output tokens), mean, ms",
+        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on H200 "
+        "(buildkite.com/vllm/performance-benchmark/builds/9513)",
+        serving_e2e_mean_ms,
+    ),
+    Case(
+        "vllm-mixtral-8x7b-latency-tp2-a100.yaml",
+        3_643.84,
+        "end-to-end latency of a batch of 8 requests (32 input, 128 output tokens), mean, ms",
+        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on A100-SXM4-80GB "
+        "(buildkite.com/vllm/performance-benchmark/builds/9523)",
+        serving_e2e_mean_ms,
     ),
 )
 

@@ -36,12 +36,20 @@ RECORDED_ERROR = {
     ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm"): 2.521,
     ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm-aiconfigurator"): 2.138,
     ("deepseek-v3-train-2048xh800", "h800"): 0.396,
+    # issue 19: vLLM's nightly latency test (Mixtral-8x7B TP2, batch 8, 32 in / 128 out) is
+    # under-predicted: moesim's decode step is the model's kernels only, not the engine's
+    # per-step host work (scheduling, sampling, input preparation), a near-fixed few ms per
+    # step that weighs most on the fastest GPU
+    ("vllm-mixtral-8x7b-latency-tp2-h200", "h200"): -0.248,
+    ("vllm-mixtral-8x7b-latency-tp2-a100", "a100-sxm-80g"): -0.021,
 }
 PUBLISHED = {
     "sglang-deepseek-v3-prefill-4x8xh100": 50_302.0,
     "sglang-deepseek-v3-prefill-serve-4x8xh100": 50_302.0,
     "nemo-qwen3-30b-a3b-train-16xh100": 5_275.0,
     "deepseek-v3-train-2048xh800": 1e12 / (180_000 * 3600),
+    "vllm-mixtral-8x7b-latency-tp2-h200": 1_921.1,
+    "vllm-mixtral-8x7b-latency-tp2-a100": 3_643.84,
 }
 
 
@@ -89,7 +97,7 @@ def test_missing_validation_scenarios_are_a_clear_error(tmp_path: Path) -> None:
 def test_validation_report_shows_each_case_and_its_ops(tmp_path: Path) -> None:
     from moesim.validation.deepep import validate_deepep
     from moesim.validation.e2e import E2ERow
-    from moesim.validation.report import ops_figure, validation_html
+    from moesim.validation.report import e2e_figure, ops_figure, validation_html
 
     row = E2ERow(
         case="c", profile="p", counted_as="tokens/s", source="s", published=100.0,
@@ -99,6 +107,8 @@ def test_validation_report_shows_each_case_and_its_ops(tmp_path: Path) -> None:
     fig = ops_figure([row])
     names = [t.name for t in fig.data]
     assert names[:2] == ["attn_core", "o_proj"] and fig.data[0].y[0] == pytest.approx(200.0)
+    # cases count different things (tokens/s, ms): one axis holds predicted / published
+    assert e2e_figure([row]).data[0].y[0] == pytest.approx(1.1)
     page = validation_html(validate_deepep(), [row])
     assert "End-to-end published measurements" in page and "+10.0%" in page
     assert "DeepEP normal kernels on H800" in page
@@ -108,3 +118,21 @@ def test_validation_report_shows_each_case_and_its_ops(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["validate", "--report", str(out)])
     assert res.exit_code != 0 and "never overwrites" in res.output
     assert out.read_text(encoding="utf-8") == "earlier"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.scenario.startswith("vllm-")])
+def test_the_vllm_cases_state_the_published_setup(case: object) -> None:
+    """vLLM's latency test: Mixtral-8x7B, TP2, bf16, CUDA graphs, random weights (uniform
+    routing), 8 requests per instance of 32 input and 128 output tokens, all at once."""
+    r = load_scenario(SCENARIOS / case.scenario)  # type: ignore[attr-defined]
+    s = r.scenario
+    req = s.serving.requests
+    assert (s.model, s.parallelism.tp, s.parallelism.ep) == ("mixtral-8x7b", 2, 1)
+    assert (s.workload.dtype, s.workload.cuda_graphs, s.routing.generator) == (
+        "bf16",
+        True,
+        "uniform",
+    )
+    assert req.clients == req.count == 8 * s.parallelism.dp and req.warmup == 0
+    assert (req.input_len.mean, req.output_len.mean) == (32, 128)
+    assert req.input_len.dist == req.output_len.dist == "fixed"
