@@ -444,7 +444,17 @@ class ServeRequests(_Section):
     rate_per_s: float | None = Field(None, gt=0, le=1e6, description="Requests per second.")
     clients: int | None = Field(None, ge=1, le=1_000_000, description="Concurrent clients.")
     trace: str | None = Field(
-        None, max_length=4096, description="A CSV or ShareGPT JSON file of requests."
+        None,
+        max_length=4096,
+        description="A file of requests: moesim's, BurstGPT's or Azure's CSV, Mooncake's "
+        "JSONL, or a ShareGPT JSON (see moesim.serving.requests).",
+    )
+    speedup: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="Replay the trace's arrivals this many times faster (its times divided "
+        "by it), as load is scaled in trace-driven benchmarks.",
     )
     count: int = Field(1000, ge=1, le=10_000_000, description="Requests to serve.")
     warmup: int = Field(0, ge=0, description="First requests left out of the metrics.")
@@ -459,6 +469,8 @@ class ServeRequests(_Section):
             raise ValueError("arrival concurrency needs clients")
         if self.arrival == "trace" and self.trace is None:
             raise ValueError("arrival trace needs trace (a file)")
+        if self.speedup != 1.0 and self.arrival != "trace":
+            raise ValueError("speedup scales a trace's arrivals: it needs arrival trace")
         if self.warmup >= self.count:
             raise ValueError(f"warmup ({self.warmup}) must be below count ({self.count})")
         return self

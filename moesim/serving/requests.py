@@ -3,9 +3,14 @@ trace file.
 
 Formats read (by extension and columns):
 
-- ``.csv`` with ``arrival_s, input_tokens, output_tokens`` (moesim's own), or BurstGPT's
+- ``.csv`` with ``arrival_s, input_tokens, output_tokens`` (moesim's own), BurstGPT's
   columns ``Timestamp, Request tokens, Response tokens`` (Wang et al., BurstGPT, arXiv
-  2401.17644; rows with no response, failures, are skipped);
+  2401.17644; rows with no response, failures, are skipped), or the Azure LLM inference
+  trace's ``TIMESTAMP, ContextTokens, GeneratedTokens`` (Azure/AzurePublicDataset 2023 and
+  2024, the Splitwise and DynamoLLM traces that Vidur replays; TIMESTAMP is a date and time);
+- ``.jsonl``: Mooncake's trace (kvcache-ai/Mooncake, arXiv 2407.00079), one JSON object per
+  line with ``timestamp`` (milliseconds), ``input_length`` and ``output_length`` (its
+  ``hash_ids``, the prompt's KV blocks for prefix caching, are not used yet);
 - ``.json``: a ShareGPT-style list of ``{"conversations": [{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}, ...]}``: each human turn and the reply after it is a request,
   its lengths counted as characters / 4 (OpenAI's rule of thumb for English text, as
@@ -77,34 +82,83 @@ def read_trace(path: Path, limit: int) -> Requests:
         raise ConfigError(path, field, "no such file")
     if path.suffix == ".json":
         return _sharegpt(path, limit)
+    if path.suffix == ".jsonl":
+        return _mooncake(path, limit)
     if path.suffix != ".csv":
-        raise ConfigError(path, field, f"expected a .csv or .json trace, got {path.suffix!r}")
+        raise ConfigError(
+            path, field, f"expected a .csv, .json or .jsonl trace, got {path.suffix!r}"
+        )
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ConfigError(path, field, "the trace has no rows")
     cols = set(rows[0])
-    if {"arrival_s", "input_tokens", "output_tokens"} <= cols:
-        keys = ("arrival_s", "input_tokens", "output_tokens")
-    elif {"Timestamp", "Request tokens", "Response tokens"} <= cols:
-        keys = ("Timestamp", "Request tokens", "Response tokens")
-    else:
+    keys = next((k for k in CSV_COLUMNS if set(k) <= cols), None)
+    if keys is None:
         raise ConfigError(
             path,
             field,
             "expected columns arrival_s, input_tokens, output_tokens (or BurstGPT's "
-            f"Timestamp, Request tokens, Response tokens); found {', '.join(sorted(cols))}",
+            "Timestamp, Request tokens, Response tokens, or Azure's TIMESTAMP, ContextTokens, "
+            f"GeneratedTokens); found {', '.join(sorted(cols))}",
         )
+    clock = _seconds if keys[0] == "TIMESTAMP" else float
     out = []
     for i, row in enumerate(rows):
         try:
-            t, a, b = float(row[keys[0]]), int(float(row[keys[1]])), int(float(row[keys[2]]))
+            t, a, b = clock(row[keys[0]]), int(float(row[keys[1]])), int(float(row[keys[2]]))
         except ValueError as e:
             raise ConfigError(path, field, f"row {i + 2}: {e}") from e
         if a > 0 and b > 0:
             out.append((t, a, b))
         if len(out) == limit:
             break
+    return _timed(path, out)
+
+
+CSV_COLUMNS = (
+    ("arrival_s", "input_tokens", "output_tokens"),
+    ("Timestamp", "Request tokens", "Response tokens"),
+    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+)
+"""Columns of the CSV traces read: arrival, input tokens, output tokens."""
+
+
+def _seconds(stamp: str) -> float:
+    """Seconds since the epoch of a date and time such as ``2023-11-16 18:15:46.6805900``."""
+    ns = np.datetime64(stamp.strip().replace(" ", "T"), "ns")
+    return float(ns.astype(np.int64)) / 1e9
+
+
+def _mooncake(path: Path, limit: int) -> Requests:
+    field = "serving.requests.trace"
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                t = float(row["timestamp"]) / 1e3
+                a, b = int(row["input_length"]), int(row["output_length"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ConfigError(
+                    path,
+                    field,
+                    f"line {i + 1}: expected a JSON object with timestamp (ms), input_length "
+                    f"and output_length ({type(e).__name__}: {e})",
+                ) from e
+            if a > 0 and b > 0:
+                out.append((t, a, b))
+            if len(out) == limit:
+                break
+    return _timed(path, out)
+
+
+def _timed(path: Path, out: list[tuple[float, int, int]]) -> Requests:
+    """Requests from (arrival, input, output) rows: arrivals from the first, never
+    decreasing."""
+    field = "serving.requests.trace"
     if not out:
         raise ConfigError(path, field, "no request with input and output tokens")
     arr = np.array(out, dtype=np.float64)

@@ -101,7 +101,7 @@ def load_requests(r: ResolvedScenario) -> req.Requests:
             path = r.path.parent / path
         got = req.read_trace(path, cfg.count)
         prompt, output = got.prompt, got.output
-        arrival = got.arrival_s
+        arrival = got.arrival_s / cfg.speedup
     else:
         i, o = cfg.input_len, cfg.output_len
         prompt = req.lengths(i.dist, i.mean, i.min, i.max, i.sigma, cfg.count, rng)

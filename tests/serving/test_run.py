@@ -91,24 +91,64 @@ def test_trace_files_are_read(tmp_path: Path) -> None:
     got = read_trace(share, 10)
     assert got.prompt.tolist() == [100] and got.output.tolist() == [20]
     assert np.isnan(got.arrival_s).all()  # ShareGPT has no times: drawn as configured
+    azure = tmp_path / "az.csv"
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:16:46.6805900,91,16\n"
+    )
+    got = read_trace(azure, 10)
+    assert got.arrival_s == pytest.approx([0.0, 4.314579, 60.0], abs=1e-6)
+    assert got.prompt.tolist() == [374, 396, 91] and got.output.tolist() == [44, 109, 16]
+    moon = tmp_path / "m.jsonl"
+    moon.write_text(
+        '{"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47]}\n'
+        "\n"
+        '{"timestamp": 3053, "input_length": 6472, "output_length": 26, "hash_ids": [46]}\n'
+    )
+    got = read_trace(moon, 10)
+    assert got.arrival_s.tolist() == [0.0, 3.053] and got.prompt.tolist() == [6955, 6472]
     bad = tmp_path / "x.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match="expected columns"):
         read_trace(bad, 10)
+    bad_time = tmp_path / "t2.csv"
+    bad_time.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n")
+    with pytest.raises(ConfigError, match="row 2"):
+        read_trace(bad_time, 10)
+    bad_line = tmp_path / "m2.jsonl"
+    bad_line.write_text('{"timestamp": 0, "input_length": 5}\n')
+    with pytest.raises(ConfigError, match="line 1: expected a JSON object with timestamp"):
+        read_trace(bad_line, 10)
+
+
+def test_the_shipped_chat_trace_is_made_by_moesim_from_its_cited_figures() -> None:
+    from moesim.serving import example
+
+    shipped = SCENARIOS / "traces" / "chat-requests.csv"
+    assert shipped.read_text(encoding="utf-8") == example.chat_requests()
+    got = read_trace(shipped, 10_000)
+    assert got.count == example.COUNT
+    # the drawn sample has the cited shape (1,000 draws: within a few standard errors)
+    assert np.log(got.prompt).mean() == pytest.approx(example.PROMPT_LOG_MEAN, abs=0.1)
+    assert np.log(got.output).std() == pytest.approx(example.OUTPUT_LOG_STD, abs=0.06)
+    assert got.count / got.arrival_s[-1] == pytest.approx(example.RATE_PER_S, rel=0.1)
 
 
 def test_a_trace_drives_the_run(tmp_path: Path) -> None:
     trace = tmp_path / "t.csv"
     rows = "\n".join(f"{i * 0.25},{200 + i},{10 + i % 5}" for i in range(40))
     trace.write_text("arrival_s,input_tokens,output_tokens\n" + rows + "\n")
-    r = _r(
+    sets = [
         "serving.requests.arrival=trace",
         f"serving.requests.trace={trace}",
         "serving.requests.count=40",
         "serving.requests.warmup=0",
-    )
+    ]
+    r = _r(*sets)
     reqs = load_requests(r)
     assert reqs.arrival_s[:3].tolist() == [0.0, 0.25, 0.5] and reqs.prompt[0] == 200
+    faster = load_requests(_r(*sets, "serving.requests.speedup=4"))
+    assert faster.arrival_s[:3].tolist() == [0.0, 0.0625, 0.125]
     res = simulate_serving(r)
     assert res.summary["serving"]["finished"] == 40
     assert np.allclose(res.requests.arrival_s, reqs.arrival_s)
@@ -119,6 +159,8 @@ def test_serving_settings_are_checked() -> None:
         load_scenario(BASE, ["workload.mode=serve"])
     with pytest.raises(ConfigErrors, match="needs rate_per_s"):
         load_scenario(BASE, [*SERVE, "serving.requests.rate_per_s=null"])
+    with pytest.raises(ConfigErrors, match="speedup scales a trace's arrivals"):
+        load_scenario(BASE, [*SERVE, "serving.requests.speedup=2"])
 
 
 def test_serving_runs_compare_with_serving_runs_only(tmp_path: Path) -> None:
