@@ -492,9 +492,19 @@ class Serving(_Section):
 
     requests: ServeRequests
     max_prefill_tokens: int = Field(
-        16384, ge=1, le=2**22, description="Prompt tokens per prefill step (chunked prefill)."
+        16384,
+        ge=1,
+        le=2**22,
+        description="Tokens per step: prompt tokens of a prefill step (chunked prefill); with "
+        "mixed batching, decode tokens (one per request) and prompt tokens together.",
     )
     kv_block_tokens: int = Field(64, ge=1, le=4096, description="Tokens per KV-cache page.")
+    batching: Literal["alternate", "mixed"] = Field(
+        "alternate",
+        description="alternate: a step prefills or decodes, prefill first (SGLang's default); "
+        "mixed: every step decodes the running requests and fills the rest of "
+        "max_prefill_tokens with prompt chunks (vLLM's default, Sarathi-Serve).",
+    )
     tokens_per_step: float = Field(
         1.0,
         ge=1.0,

@@ -18,6 +18,15 @@ step at points of a grid, once each, and interpolates between them:
   simulation on the same case: the attention is quadratic in the chunk); a chunk attends to
   its own tokens only (the context of the prompt's earlier chunks is not charged).
 
+- **mixed** steps (prompt chunks batched with decoding requests, ``serving.batching: mixed``):
+  the prefill grid prices all of the step's tokens as prompt tokens in the prompts' chunks,
+  and the op model then moves the decoding requests' attention block (``num_layers`` of them,
+  per DP-attention rank) from a prompt chunk's to a decode step's at their context. The
+  projections, experts and all-to-alls of the step are then those of its token count, the
+  decode attention reads its KV cache. Not measured against a direct simulation (the engine
+  runs prefill or decode steps only); a mixed step costs at least as much as either of its
+  parts alone, which is enforced.
+
 The pricing runs the engine directly, without the HBM check of a standalone run: the KV
 cache a serving instance holds is bounded by the scheduler instead (:func:`kv_tokens`).
 """
@@ -26,12 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES
 from moesim.timing.memory import GiB, hbm_usage
+
+if TYPE_CHECKING:
+    from moesim.timing.costs import OpCostModel
 
 CONTEXT_BASE = 256
 """Smallest context of the decode grid, tokens."""
@@ -126,6 +139,7 @@ class LayerModelCosts:
         self.ep = r.scenario.parallelism.ep
         self.max_batch = max(max_batch, self.ep)
         self._cache: dict[tuple[str, int, int], float] = {}
+        self._cm: OpCostModel | None = None
         self.simulated = 0
 
     def _at(self, mode: str, batch: int, length: int) -> float:
@@ -158,6 +172,25 @@ class LayerModelCosts:
     def _top(self) -> int:
         """Largest per-rank batch of the grid (a power of two at or above the cap)."""
         return 2 ** math.ceil(math.log2(max(self.max_batch / self.ep, 1)))
+
+    def mixed(self, tokens: int, sequences: int, batch: int, context: float) -> float:
+        """Seconds of a step of ``tokens`` prompt tokens from ``sequences`` requests and
+        ``batch`` decoding requests at mean context ``context`` (see the module docstring)."""
+        if batch == 0:
+            return self.prefill(tokens, sequences)
+        if tokens == 0:
+            return self.decode(batch, context)
+        from moesim.timing.costs import scenario_costs, total
+
+        if self._cm is None:
+            self._cm = scenario_costs(self.r)
+        whole = self.prefill(tokens + batch, sequences)
+        chunk = (tokens + batch) / max(sequences, 1)
+        d = batch / self.ep
+        as_decode = total(self._cm.attention(d, context, d * context, True, 0.0))
+        as_prompt = total(self._cm.attention(d, chunk / 2, 0.0, False, chunk))
+        moved = self.r.model.num_layers * float(as_decode - as_prompt)
+        return max(whole + moved, self.prefill(tokens, sequences), self.decode(batch, context))
 
     def prefill(self, tokens: int, sequences: int) -> float:
         """Seconds of a prefill step of ``tokens`` prompt tokens from ``sequences`` requests

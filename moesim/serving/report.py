@@ -41,10 +41,10 @@ def load_figure(result: ServingResult) -> Any:
         rows=2, cols=1, shared_xaxes=True, subplot_titles=("decode batch", "KV cache tokens")
     )
     for inst, rows in steps.groupby("instance"):
-        dec = rows[rows.kind == "decode"]
+        dec = rows[rows.decoding > 0]
         if len(dec):
             fig.add_trace(
-                go.Scatter(x=dec.start_s, y=dec.batch, mode="lines", name=f"instance {inst}"),
+                go.Scatter(x=dec.start_s, y=dec.decoding, mode="lines", name=f"instance {inst}"),
                 row=1,
                 col=1,
             )

@@ -44,7 +44,8 @@ class ServingResult:
         summary: ``summary.json``.
         requests: One row per request: arrival, first token, finish (seconds), prompt and
             output tokens, preemptions, and TTFT, TPOT, end-to-end latency.
-        steps: One row per engine step: instance, kind, start, end, tokens, batch, KV tokens
+        steps: One row per engine step: instance, kind, start, end, tokens, batch, requests
+            decoding, KV tokens
             in use.
     """
 
@@ -165,11 +166,21 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
         sv.tokens_per_step,
         link,
         clients,
+        mixed=sv.batching == "mixed",
     )
     table = request_table(trace)
     steps = pd.DataFrame(
         trace.steps,
-        columns=["instance", "kind", "start_s", "end_s", "tokens", "batch", "kv_tokens"],
+        columns=[
+            "instance",
+            "kind",
+            "start_s",
+            "end_s",
+            "tokens",
+            "batch",
+            "decoding",
+            "kv_tokens",
+        ],
     )
     summary = serving_summary(r, table, steps, dec_spec.kv_tokens)
     summary["serving"]["steps_simulated"] = dec_costs.simulated + (
@@ -225,7 +236,7 @@ def serving_summary(
     if sv.slo_tpot_s is not None:
         ok &= ~(done.tpot_s.to_numpy() > sv.slo_tpot_s)
     inp, out = float(done.prompt_tokens.sum()), float(done.output_tokens.sum())
-    dec = steps[steps.kind == "decode"]
+    dec = steps[steps.decoding > 0]
     return {
         "scenario": s.name,
         "model": r.model.name,
@@ -255,7 +266,7 @@ def serving_summary(
             "preemptions": int(table.preemptions.sum()),
             "kv_capacity_tokens": int(kv_capacity),
             "kv_peak_tokens": int(steps.kv_tokens.max()) if len(steps) else 0,
-            "decode_batch_mean": float(dec.batch.mean()) if len(dec) else 0.0,
+            "decode_batch_mean": float(dec.decoding.mean()) if len(dec) else 0.0,
             "steps": len(steps),
         },
         "policies": s.policies.model_dump(mode="json"),

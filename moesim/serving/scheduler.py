@@ -2,8 +2,11 @@
 KV cache with admission and preemption, and prefill/decode disaggregation.
 
 An *instance* is one engine (one EP group with DP attention, SGLang's layout). It runs one
-step at a time, a prefill step or a decode step, as SGLang's scheduler does by default
-(prefill first when requests wait and memory allows, then decode; no mixed batches):
+step at a time. With ``mixed=False`` (SGLang's default) a step is a prefill step or a decode
+step: prefill first when requests wait and memory allows, then decode. With ``mixed=True``
+(vLLM's default, Sarathi-Serve's stall-free batching) every step decodes all running requests
+and fills what is left of the token budget (``max_prefill_tokens``, decode tokens counted one
+each) with prompt chunks, those in progress first:
 
 - **Prefill step**: waiting requests in arrival order, their prompt tokens (and, after a
   preemption, the tokens they had generated) up to ``max_prefill_tokens`` per step; a prompt
@@ -47,6 +50,11 @@ class StepCosts(Protocol):
 
     def decode(self, batch: int, context: float) -> float:
         """A decode step of ``batch`` requests at mean context ``context`` tokens."""
+        ...
+
+    def mixed(self, tokens: int, sequences: int, batch: int, context: float) -> float:
+        """A step of ``tokens`` prompt tokens from ``sequences`` requests and ``batch``
+        decoding requests at mean context ``context``."""
         ...
 
 
@@ -126,7 +134,9 @@ class Trace:
     Attributes:
         arrival, first_token, finish: Seconds per request (NaN: did not get there).
         prompt, output, preemptions: Per request.
-        steps: ``(instance, kind, start, end, tokens, batch, kv_used_tokens)`` per step.
+        steps: ``(instance, kind, start, end, tokens, batch, decoding, kv_used_tokens)`` per
+            step (kind prefill, decode or mixed; tokens: prompt tokens plus one per decoding
+            request; decoding: requests decoding in it).
     """
 
     arrival: np.ndarray
@@ -135,7 +145,7 @@ class Trace:
     prompt: np.ndarray
     output: np.ndarray
     preemptions: np.ndarray
-    steps: list[tuple[int, str, float, float, int, int, int]] = field(default_factory=list)
+    steps: list[tuple[int, str, float, float, int, int, int, int]] = field(default_factory=list)
 
 
 class _Instance:
@@ -165,6 +175,7 @@ def serve(
     tokens_per_step: float = 1.0,
     link: KVLink | None = None,
     closed_loop: int | None = None,
+    mixed: bool = False,
 ) -> Trace:
     """Serve requests (arrival seconds, prompt and output tokens) on the instances.
 
@@ -177,6 +188,8 @@ def serve(
             instance (disaggregated serving; None: instantly).
         closed_loop: ``clients`` each sending its next request when the last one finishes
             (benchmark clients at a fixed concurrency); ``arrival`` is ignored but for order.
+        mixed: Instances that decode batch prompt chunks with their decode steps (see the
+            module docstring); prefill instances of a disaggregated deployment never decode.
 
     Raises:
         ValueError: a request could never fit in an instance's KV cache.
@@ -222,13 +235,24 @@ def serve(
     def start(inst: _Instance, now: float) -> None:
         if inst.busy:
             return
-        step = _plan_step(inst, colocated or inst in dec)
+        decodes = colocated or inst in dec
+        step = _plan_step(inst, decodes, mixed and decodes)
         if step is None:
             return
-        kind, batch, tokens, cost = step
         inst.busy = True
-        trace.steps.append((inst.index, kind, now, now + cost, tokens, len(batch), inst.kv_used()))
-        push(now + cost, "done", (inst, kind, batch))
+        trace.steps.append(
+            (
+                inst.index,
+                step.kind,
+                now,
+                now + step.cost,
+                sum(step.takes) + len(step.decoding),
+                len(step.chunks) + len(step.decoding),
+                len(step.decoding),
+                inst.kv_used(),
+            )
+        )
+        push(now + step.cost, "done", (inst, step))
 
     ready: dict[int, _Instance] = {}  # instances to (re)start once this instant is done
     nics = _NICs(link, push) if link is not None else None
@@ -258,15 +282,15 @@ def serve(
             ready[inst.index] = inst
         else:
             assert isinstance(payload, tuple)
-            inst, step_kind, batch = payload
-            assert isinstance(inst, _Instance)
+            inst, step = payload
+            assert isinstance(inst, _Instance) and isinstance(step, _Step)
             inst.busy = False
-            finished = _finish_step(inst, step_kind, batch, now, tokens_per_step, trace)
+            finished = _finish_step(inst, step, now, tokens_per_step, trace)
             for _ in finished:  # closed loop: each finished request's client sends the next
                 if closed_loop and pending:
                     push(now, "arrive", pending.popleft())
-            if step_kind == "prefill" and not colocated and inst not in dec:
-                for r in batch:
+            if not colocated and inst not in dec:
+                for r in step.chunks:
                     if r.to_prefill == 0 and r.running:  # (a one-token request is done)
                         inst.running.remove(r)
                         r.running = False
@@ -289,21 +313,41 @@ def serve(
     return trace
 
 
-def _plan_step(inst: _Instance, decodes: bool) -> tuple[str, list[_Req], int, float] | None:
-    """The instance's next step: a prefill step when requests wait and fit, else a decode
-    step of the running requests (None: nothing to do)."""
+@dataclass
+class _Step:
+    """A planned step: prompt chunks (``takes[i]`` tokens of ``chunks[i]``) and requests
+    decoding one step each."""
+
+    kind: str
+    chunks: list[_Req]
+    takes: list[int]
+    decoding: list[_Req]
+    cost: float = 0.0
+
+
+def _plan_step(inst: _Instance, decodes: bool, mixed: bool) -> _Step | None:
+    """The instance's next step (None: nothing to do): a prefill step when requests wait and
+    fit, else a decode step of the running requests; ``mixed``: the running requests decode
+    and prompt chunks fill the rest of the token budget."""
     spec = inst.spec
-    batch: list[_Req] = []
+    step = _Step("prefill", [], [], [])
     budget = spec.max_prefill_tokens
-    tokens = 0
+    if mixed:
+        step.decoding = _decoding(inst)[:budget]
+        budget -= len(step.decoding)
+
+    def chunk(r: _Req) -> None:
+        nonlocal budget
+        take = min(r.to_prefill, budget)
+        step.chunks.append(r)
+        step.takes.append(take)
+        budget -= take
+
     # the chunk of a request already admitted comes first
     for r in [x for x in inst.running if x.to_prefill > 0]:
-        take = min(r.to_prefill, budget)
-        if take <= 0:
+        if budget <= 0:
             break
-        batch.append(r)
-        tokens += take
-        budget -= take
+        chunk(r)
     while inst.waiting and budget > 0 and len(inst.running) < spec.max_running:
         r = inst.waiting[0]
         need = inst.blocks_for(r.context + (1 if decodes else 0))
@@ -318,46 +362,51 @@ def _plan_step(inst: _Instance, decodes: bool) -> tuple[str, list[_Req], int, fl
         r.running = True
         if r.to_prefill == 0:  # a handed-off request: its cache is here already
             continue
-        take = min(r.to_prefill, budget)
-        batch.append(r)
-        tokens += take
-        budget -= take
-    if batch:
-        seqs = len(batch)
-        return "prefill", batch, tokens, inst.costs.prefill(tokens, seqs)
+        chunk(r)
+    tokens, seqs = sum(step.takes), len(step.chunks)
+    if step.decoding:
+        context = float(np.mean([r.context for r in step.decoding]))
+        if seqs:
+            step.kind = "mixed"
+            step.cost = inst.costs.mixed(tokens, seqs, len(step.decoding), context)
+        else:
+            step.kind = "decode"
+            step.cost = inst.costs.decode(len(step.decoding), context)
+        return step
+    if seqs:
+        step.cost = inst.costs.prefill(tokens, seqs)
+        return step
     if not decodes:
         return None
-    ready = [r for r in inst.running if r.to_prefill == 0 and r.generated < r.output]
+    ready = _decoding(inst)
     if not ready:
         return None
     context = float(np.mean([r.context for r in ready]))
-    return "decode", ready, len(ready), inst.costs.decode(len(ready), context)
+    return _Step("decode", [], [], ready, inst.costs.decode(len(ready), context))
+
+
+def _decoding(inst: _Instance) -> list[_Req]:
+    """Running requests whose next step is a decode step."""
+    return [r for r in inst.running if r.to_prefill == 0 and r.generated < r.output]
 
 
 def _finish_step(
-    inst: _Instance,
-    kind: str,
-    batch: list[_Req],
-    now: float,
-    tokens_per_step: float,
-    trace: Trace,
+    inst: _Instance, step: _Step, now: float, tokens_per_step: float, trace: Trace
 ) -> list[_Req]:
-    """Apply a finished step; the requests that completed."""
+    """Apply a finished step (its prompt chunks, then its decodes); the requests that
+    completed."""
     done: list[_Req] = []
-    if kind == "prefill":
-        budget = inst.spec.max_prefill_tokens
-        for r in batch:
-            take = min(r.to_prefill, budget)
-            r.done_prompt += take
-            budget -= take
-            if r.to_prefill == 0 and r.generated == 0:
-                r.generated = 1  # the step that completes a prompt samples its first token
-                r.first_token = now
-                trace.first_token[r.rid] = now
-                if r.generated >= r.output:
-                    done.append(_complete(inst, r, now, trace))
-        return done
-    for r in batch:
+    for r, take in zip(step.chunks, step.takes, strict=True):
+        if not r.running:  # preempted by a decode of the same step (see below)
+            continue
+        r.done_prompt += take
+        if r.to_prefill == 0 and r.generated == 0:
+            r.generated = 1  # the step that completes a prompt samples its first token
+            r.first_token = now
+            trace.first_token[r.rid] = now
+            if r.generated >= r.output:
+                done.append(_complete(inst, r, now, trace))
+    for r in step.decoding:
         if not r.running:  # preempted earlier in this loop
             continue
         r.credit += tokens_per_step

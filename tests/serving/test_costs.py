@@ -56,3 +56,23 @@ def test_the_kv_cache_holds_what_the_weights_leave() -> None:
     free = hw.gpu.hbm_bytes - weights - hw.gpu.workspace_bytes
     per_token = 32 * 8 * 128 * 2 * 2.0
     assert kv_tokens(dec) == int(free // per_token) * 8
+
+
+@pytest.mark.parametrize(
+    ("tokens", "sequences", "batch", "context"),
+    [(512, 1, 16, 1000), (2048, 2, 64, 1500), (8000, 4, 200, 2000), (128, 1, 200, 3000)],
+)
+def test_a_mixed_step_costs_between_its_larger_part_and_both_parts(
+    tokens: int, sequences: int, batch: int, context: int
+) -> None:
+    """A mixed step reads the weights once: it costs more than either of its parts alone,
+    less than a prefill step and a decode step one after the other; with no decoding
+    requests (or no prompt tokens) it is the pure step."""
+    c = LayerModelCosts(_decode_pool(), 256)
+    pre, dec = c.prefill(tokens, sequences), c.decode(batch, context)
+    mixed = c.mixed(tokens, sequences, batch, context)
+    assert max(pre, dec) <= mixed < pre + dec
+    assert c.mixed(tokens, sequences, 0, context) == pre
+    assert c.mixed(0, 0, batch, context) == dec
+    # longer contexts of the decoding requests cost more (their attention reads more KV)
+    assert c.mixed(tokens, sequences, batch, 4 * context) > mixed
