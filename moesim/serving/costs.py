@@ -83,6 +83,12 @@ OFFLOAD_STEPS = 16
 def step_seconds(r: ResolvedScenario) -> float:
     """Seconds of a step of ``r`` on the layer model (with expert offload, of a step with the
     cache warm: :data:`OFFLOAD_STEPS`)."""
+    return step_cost(r)[0]
+
+
+def step_cost(r: ResolvedScenario) -> tuple[float, float]:
+    """Seconds of a step of ``r`` (as :func:`step_seconds`) and the bytes each GPU sent
+    between nodes in it, on average (its all-to-alls' RDMA traffic)."""
     from moesim.metrics.collector import Collector
     from moesim.routing.stage import RoutingStage
     from moesim.timing.costs import scenario_costs
@@ -99,7 +105,8 @@ def step_seconds(r: ResolvedScenario) -> float:
     col = Collector(steps, r.model.num_layers, r.world, r.model.moe_layers, r.gpus_per_node, 0)
     engine = Engine(r, routing, scenario_costs(r), col)
     engine.run()
-    return float(col.step_time_s[steps // 2 :].mean())
+    tail = slice(steps // 2, None)
+    return float(col.step_time_s[tail].mean()), float(col.bytes_inter[tail].mean()) / r.world
 
 
 def kv_tokens(r: ResolvedScenario) -> int:
@@ -138,16 +145,18 @@ class LayerModelCosts:
         self.r = r
         self.ep = r.scenario.parallelism.ep
         self.max_batch = max(max_batch, self.ep)
-        self._cache: dict[tuple[str, int, int], float] = {}
+        self._cache: dict[tuple[str, int, int], tuple[float, float]] = {}
         self._cm: OpCostModel | None = None
         self.simulated = 0
 
-    def _at(self, mode: str, batch: int, length: int) -> float:
+    def _at(self, mode: str, batch: int, length: int, nic: bool = False) -> float:
+        """Seconds of a grid point's step (``nic``: the bytes each GPU sends between nodes
+        in it)."""
         key = (mode, batch, length)
         if key not in self._cache:
-            self._cache[key] = step_seconds(instance_scenario(self.r, mode, batch, length))
+            self._cache[key] = step_cost(instance_scenario(self.r, mode, batch, length))
             self.simulated += 1
-        return self._cache[key]
+        return self._cache[key][1 if nic else 0]
 
     def decode(self, batch: int, context: float) -> float:
         """Seconds of a decode step of ``batch`` requests at mean context ``context``."""
@@ -195,6 +204,18 @@ class LayerModelCosts:
     def prefill(self, tokens: int, sequences: int) -> float:
         """Seconds of a prefill step of ``tokens`` prompt tokens from ``sequences`` requests
         (chunks of ``tokens / sequences`` tokens on average)."""
+        return self._prefill(tokens, sequences, False)
+
+    def prefill_nic_share(self, tokens: int, sequences: int) -> float:
+        """Share of each GPU's NIC a prefill step's own all-to-alls take, on average over the
+        step: the bytes each GPU sends between nodes over the NIC's rate, over the step's
+        seconds (interpolated as the step's seconds are); in [0, 1]."""
+        node = self.r.hardware.node
+        rate = node.nic_gb_per_s * 1e9 * node.nic_efficiency
+        sent = self._prefill(tokens, sequences, True)
+        return min(max(sent / rate / self.prefill(tokens, sequences), 0.0), 1.0)
+
+    def _prefill(self, tokens: int, sequences: int, nic: bool) -> float:
         t = max(tokens / self.ep, PREFILL_BASE)
         length = min(max(tokens / max(sequences, 1), PREFILL_BASE), t)
         t0 = PREFILL_BASE * 2 ** math.floor(math.log2(t / PREFILL_BASE))
@@ -202,7 +223,7 @@ class LayerModelCosts:
 
         def at(tt: float, ll: float) -> float:
             ll = min(ll, tt)  # a chunk is no longer than the rank's tokens
-            return self._at("prefill", int(self.ep * (tt // ll)), int(ll))
+            return self._at("prefill", int(self.ep * (tt // ll)), int(ll), nic)
 
         ft = (t - t0) / t0
         fl = (length - l0) / l0

@@ -24,7 +24,12 @@ each) with prompt chunks, those in progress first:
   on one DP-attention rank of the prefill instance (requests go to ranks in turn), and the
   transfers leaving one rank share its NIC equally (a fluid model: each transfer's rate is the
   NIC's over the transfers in flight, recomputed as they start and end), then pay the
-  network's latency. The decode instance admits the request when its cache has room for it.
+  network's latency. While the prefill instance runs a step, its own all-to-alls take their
+  share of every rank's NIC (the step's inter-node bytes per GPU over the NIC's rate and the
+  step's seconds, from the layer model: ``StepCosts.prefill_nic_share``) and the transfers
+  share what is left: they fill the gaps between the step's dispatch and combine bursts, on
+  average, and do not slow the step itself. The decode instance admits the request when its
+  cache has room for it (its own NICs' receiving side is not modelled).
 
 Step durations come from a ``StepCosts`` (:mod:`moesim.serving.costs` prices them with the
 layer model). Everything is deterministic: ties in time are broken by event order.
@@ -55,6 +60,10 @@ class StepCosts(Protocol):
     def mixed(self, tokens: int, sequences: int, batch: int, context: float) -> float:
         """A step of ``tokens`` prompt tokens from ``sequences`` requests and ``batch``
         decoding requests at mean context ``context``."""
+        ...
+
+    def prefill_nic_share(self, tokens: int, sequences: int) -> float:
+        """Share of each GPU's NIC a prefill step's own all-to-alls take (0 to 1)."""
         ...
 
 
@@ -253,6 +262,10 @@ def serve(
             )
         )
         push(now + step.cost, "done", (inst, step))
+        if nics is not None and not decodes:  # the step's all-to-alls share its NICs
+            nics.set_busy(
+                inst.index, inst.costs.prefill_nic_share(sum(step.takes), len(step.chunks)), now
+            )
 
     ready: dict[int, _Instance] = {}  # instances to (re)start once this instant is done
     nics = _NICs(link, push) if link is not None else None
@@ -285,6 +298,8 @@ def serve(
             inst, step = payload
             assert isinstance(inst, _Instance) and isinstance(step, _Step)
             inst.busy = False
+            if nics is not None:
+                nics.set_busy(inst.index, 0.0, now)
             finished = _finish_step(inst, step, now, tokens_per_step, trace)
             for _ in finished:  # closed loop: each finished request's client sends the next
                 if closed_loop and pending:
@@ -453,14 +468,31 @@ def _preempt(inst: _Instance, r: _Req, trace: Trace) -> None:
 
 class _NICs:
     """The sending NICs of the prefill instances' ranks, each shared equally by the KV
-    transfers leaving it (see the module docstring)."""
+    transfers leaving it, less what the instance's own step takes (see the module
+    docstring)."""
 
     def __init__(self, link: KVLink, push: Callable[[float, str, object], None]) -> None:
         self.link, self.push = link, push
         self.flows: dict[tuple[int, int], dict[_Req, float]] = {}  # bytes left per transfer
         self.since: dict[tuple[int, int], float] = {}
         self.version: dict[tuple[int, int], int] = {}
+        self.busy: dict[int, float] = {}  # share of its NICs an instance's step takes
         self.sent = 0  # requests handed to NICs, for the rank each leaves from
+
+    def capacity(self, key: tuple[int, int]) -> float:
+        """Bytes per second the transfers leaving ``key``'s NIC share now."""
+        return self.link.nic_bytes_per_s * (1.0 - self.busy.get(key[0], 0.0))
+
+    def set_busy(self, instance: int, share: float, now: float) -> None:
+        """The instance's step starts (``share`` of each NIC) or ends (0)."""
+        if self.busy.get(instance, 0.0) == share:
+            return
+        keys = [k for k in self.flows if k[0] == instance]
+        for k in keys:
+            self._advance(k, now)
+        self.busy[instance] = share
+        for k in keys:
+            self._schedule(k, now)
 
     def send(self, instance: int, r: _Req, now: float) -> None:
         key = (instance, self.sent % self.link.ranks)
@@ -485,16 +517,15 @@ class _NICs:
     def _advance(self, key: tuple[int, int], now: float) -> None:
         flows = self.flows.get(key)
         if flows:
-            rate = self.link.nic_bytes_per_s / len(flows)
-            sent = rate * (now - self.since[key])
+            sent = self.capacity(key) / len(flows) * (now - self.since[key])
             for r in flows:
                 flows[r] -= sent
         self.since[key] = now
 
     def _schedule(self, key: tuple[int, int], now: float) -> None:
         self.version[key] = self.version.get(key, 0) + 1
-        flows = self.flows.get(key)
-        if flows:
+        flows, cap = self.flows.get(key), self.capacity(key)
+        if flows and cap > 0:  # (a NIC its step takes whole waits for the step's end)
             first = min(flows.values())
-            at = now + max(first, 0.0) * len(flows) / self.link.nic_bytes_per_s
+            at = now + max(first, 0.0) * len(flows) / cap
             self.push(at, "nic", (key, self.version[key]))

@@ -12,10 +12,16 @@ from moesim.serving.scheduler import InstanceSpec, KVLink, serve
 
 
 class Linear:
-    """A prefill step costs ``a + b * tokens``, a decode step ``c + d * batch``."""
+    """A prefill step costs ``a + b * tokens``, a decode step ``c + d * batch``; a prefill
+    step's all-to-alls take ``nic`` of each NIC."""
 
-    def __init__(self, a: float = 0.01, b: float = 1e-5, c: float = 0.02, d: float = 1e-4):
-        self.a, self.b, self.c, self.d = a, b, c, d
+    def __init__(
+        self, a: float = 0.01, b: float = 1e-5, c: float = 0.02, d: float = 1e-4, nic: float = 0.0
+    ) -> None:
+        self.a, self.b, self.c, self.d, self.nic = a, b, c, d, nic
+
+    def prefill_nic_share(self, tokens: int, sequences: int) -> float:
+        return self.nic
 
     def prefill(self, tokens: int, sequences: int) -> float:
         return self.a + self.b * tokens
@@ -131,6 +137,24 @@ def test_kv_transfers_leaving_one_nic_share_it() -> None:
         np.zeros(1), np.array([1000]), np.array([2]), [pre], [_spec()], costs, costs, link=link
     )
     assert one.finish.tolist() == pytest.approx([2.0])
+
+
+def test_kv_transfers_get_what_the_prefill_steps_all_to_alls_leave() -> None:
+    """Two 1,000-token prompts (1 MB of KV cache each, 1 MB/s NIC), prefilled one per 1 s
+    step whose all-to-alls take 3/4 of the NIC. The first leaves at 1 s: 0.25 MB during the
+    second step, then it shares the whole NIC with the second (from 2 s): 0.75 MB at 0.5 MB/s,
+    arriving at 3.5 s; the second's last 0.25 MB alone, at 3.75 s. Decode steps of 1 s:
+    [3.5, 4.5], then [4.5, 5.5]."""
+    pre = InstanceSpec(1 << 30, 1000, 1 << 20, 16)  # one prompt per prefill step
+    link = KVLink(bytes_per_token=1000.0, nic_bytes_per_s=1e6, latency_s=0.0, ranks=1)
+    pre_costs = Linear(a=1.0, b=0.0, nic=0.75)  # a prefill step 1 s
+    dec_costs = Linear(c=1.0, d=0.0)
+    t = serve(
+        np.zeros(2), np.array([1000, 1000]), np.array([2, 2]), [pre], [_spec()], pre_costs,
+        dec_costs, link=link,
+    )  # fmt: skip
+    assert t.first_token.tolist() == pytest.approx([1.0, 2.0])
+    assert t.finish.tolist() == pytest.approx([4.5, 5.5])
 
 
 def test_speculative_tokens_shorten_decoding() -> None:
