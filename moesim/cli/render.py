@@ -106,10 +106,11 @@ def print_serving(s: dict[str, Any], folder: Path | None) -> None:
         f"{sv['output_tokens_per_s']:,.0f} ({sv['output_tokens_per_s_per_node']:,.0f})",
     )
     t.add_row("output tokens/s per GPU", f"{sv['output_tokens_per_s_per_gpu']:,.1f}")
-    for name in ("ttft_s", "tpot_s", "e2e_s"):
+    for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
         v = sv[name]
+        label = "queueing" if name == "queue_s" else name[:-2].upper()
         t.add_row(
-            f"{name[:-2].upper()} mean / p50 / p90 / p99",
+            f"{label} mean / p50 / p90 / p99",
             " / ".join(f"{v[k] * 1e3:,.1f}" for k in ("mean", "p50", "p90", "p99")) + " ms",
         )
     t.add_row(

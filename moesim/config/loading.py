@@ -81,6 +81,7 @@ def resolve(scenario: Scenario, path: Path | None = None) -> ResolvedScenario:
     errors += routing_errors
     resolved = ResolvedScenario(scenario, model, hardware, path)
     errors += check_consistency(resolved)
+    errors += _prefill_pool_errors(resolved)
     if errors:
         raise ConfigErrors(errors)
     return resolved
@@ -123,6 +124,30 @@ def _resolve_routing_files(
     if update:
         scenario = scenario.model_copy(update={"routing": routing.model_copy(update=update)})
     return scenario, errors
+
+
+def _prefill_pool_errors(r: ResolvedScenario) -> list[ConfigError]:
+    """The cross-field checks of a disaggregated scenario's prefill pool (its own nodes,
+    hardware and parallelism), reported at its fields."""
+    from moesim.config.pools import prefill_pool
+
+    field = "serving.prefill.hardware"
+    try:
+        pool = prefill_pool(r)
+    except (ConfigError, ConfigErrors) as exc:
+        return [ConfigError(r.path, field, e.message or str(e)) for e in _flatten(exc)]
+    if pool is None:
+        return []
+    out = []
+    for e in check_consistency(pool):
+        if e.field.startswith("parallelism"):
+            where = f"serving.prefill.{e.field}"
+        elif e.field in ("cluster.nodes", "hardware"):
+            where = f"serving.prefill.{e.field.removeprefix('cluster.')}"
+        else:
+            where = f"serving.prefill (as {e.field})"
+        out.append(ConfigError(r.path, where, e.message))
+    return out
 
 
 def _flatten(exc: ConfigError | ConfigErrors) -> list[ConfigError]:

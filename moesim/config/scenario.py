@@ -457,6 +457,13 @@ class ServeRequests(_Section):
         "by it), as load is scaled in trace-driven benchmarks.",
     )
     count: int = Field(1000, ge=1, le=10_000_000, description="Requests to serve.")
+    duration_s: float | None = Field(
+        None,
+        gt=0,
+        le=1e7,
+        description="Serve the requests that arrive in the first duration_s seconds (count "
+        "is then the most drawn or read); poisson or trace arrivals.",
+    )
     warmup: int = Field(0, ge=0, description="First requests left out of the metrics.")
     input_len: Lengths = Lengths(mean=1024)
     output_len: Lengths = Lengths(mean=256)
@@ -469,6 +476,11 @@ class ServeRequests(_Section):
             raise ValueError("arrival concurrency needs clients")
         if self.arrival == "trace" and self.trace is None:
             raise ValueError("arrival trace needs trace (a file)")
+        if self.duration_s is not None and self.arrival == "concurrency":
+            raise ValueError(
+                "duration_s needs poisson or trace arrivals (clients send as requests finish: "
+                "give count)"
+            )
         if self.speedup != 1.0 and self.arrival != "trace":
             raise ValueError("speedup scales a trace's arrivals: it needs arrival trace")
         if self.warmup >= self.count:
@@ -481,6 +493,12 @@ class PrefillPool(_Section):
     parallelism are its decode instances)."""
 
     nodes: int = Field(ge=1, le=MAX_NODES, description="Nodes of prefill instances.")
+    hardware: str | None = Field(
+        None,
+        max_length=256,
+        description="Hardware profile of the prefill nodes (a name or a YAML file; default: "
+        "the scenario's), e.g. compute-rich GPUs for prompts and others for decoding.",
+    )
     parallelism: Parallelism = Parallelism()
     all_to_all: AllToAll | None = Field(None, description="Default: the scenario's.")
     overlap: Overlap | None = Field(None, description="Default: the scenario's.")

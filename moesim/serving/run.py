@@ -10,16 +10,15 @@ instances prefill too (co-located serving).
 
 Metrics (``summary.json``'s ``serving`` block), over the requests after ``warmup``:
 TTFT (arrival to first token), TPOT (first to last token over the tokens after the first),
-end-to-end latency, each as mean and p50 / p90 / p99; throughput of input and output tokens
+end-to-end latency and queueing (arrival to the start of the first step that works on the
+request's prompt), each as mean and p50 / p90 / p99; throughput of input and output tokens
 over the window from the first counted arrival to the last counted finish, in all, per node
-and per GPU; goodput (requests per second meeting both SLOs); queueing (arrival to the start
-of the request's first prefill step is not recorded apart: TTFT holds it); requests
-unfinished; KV cache use and batch size over the steps.
+and per GPU; goodput (requests per second meeting both SLOs); requests unfinished; KV cache
+use and batch size over the steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
+from moesim.config.pools import pools, prefill_pool
+from moesim.errors import ConfigError
 from moesim.serving import requests as req
 from moesim.serving.costs import LayerModelCosts, kv_bytes_per_token, kv_tokens
 from moesim.serving.scheduler import InstanceSpec, KVLink, Trace, serve
@@ -55,40 +56,6 @@ class ServingResult:
     steps: pd.DataFrame
 
 
-def pools(r: ResolvedScenario) -> tuple[ResolvedScenario, ResolvedScenario | None]:
-    """One decode instance's scenario and, disaggregated, one prefill instance's."""
-    s = r.scenario
-    assert s.serving is not None
-    par = s.parallelism
-    nodes = max(1, s.cluster.nodes // par.dp)
-    decode = s.model_copy(
-        update={
-            "parallelism": par.model_copy(update={"dp": 1}),
-            "cluster": s.cluster.model_copy(update={"nodes": nodes}),
-        }
-    )
-    dec = dataclasses.replace(r, scenario=decode)
-    pool = s.serving.prefill
-    if pool is None:
-        return dec, None
-    ppar = pool.parallelism
-    pol = s.policies.model_copy(
-        update={
-            "all_to_all": pool.all_to_all or s.policies.all_to_all,
-            "overlap": pool.overlap or s.policies.overlap,
-        }
-    )
-    pre = s.model_copy(
-        update={
-            "parallelism": ppar.model_copy(update={"dp": 1}),
-            "cluster": s.cluster.model_copy(update={"nodes": max(1, pool.nodes // ppar.dp)}),
-            "policies": pol,
-            "workload": s.workload.model_copy(update={"cuda_graphs": pool.cuda_graphs}),
-        }
-    )
-    return dec, dataclasses.replace(r, scenario=pre)
-
-
 def load_requests(r: ResolvedScenario) -> req.Requests:
     """The run's requests: from the trace, or drawn; arrivals drawn when the trace has none
     (seeded by the scenario's seed)."""
@@ -113,6 +80,16 @@ def load_requests(r: ResolvedScenario) -> req.Requests:
         arrival = req.poisson_arrivals(rate, prompt.size, rng)
     elif cfg.arrival == "concurrency":
         arrival = np.zeros(prompt.size)
+    if cfg.duration_s is not None:
+        keep = arrival < cfg.duration_s
+        if keep.sum() <= cfg.warmup:
+            raise ConfigError(
+                r.path,
+                "serving.requests.duration_s",
+                f"{int(keep.sum())} requests arrive in the first {cfg.duration_s:g} s, not "
+                f"more than the {cfg.warmup} of warmup",
+            )
+        arrival, prompt, output = arrival[keep], prompt[keep], output[keep]
     return req.Requests(arrival, prompt, output)
 
 
@@ -145,11 +122,11 @@ def simulate_serving(r: ResolvedScenario) -> ServingResult:
             kv_block_tokens=sv.kv_block_tokens,
         )
         prefill = [spec] * sv.prefill.parallelism.dp
-        node = r.hardware.node
+        node = pre_r.hardware.node  # the KV caches leave the prefill ranks' NICs
         link = KVLink(
             bytes_per_token=kv_bytes_per_token(r),
             nic_bytes_per_s=node.nic_gb_per_s * 1e9 * node.nic_efficiency,
-            latency_s=r.hardware.fabric.latency_s,
+            latency_s=pre_r.hardware.fabric.latency_s,
             ranks=sv.prefill.parallelism.ep,
         )
 
@@ -197,6 +174,7 @@ def request_table(trace: Trace) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "arrival_s": trace.arrival,
+            "scheduled_s": trace.scheduled,
             "first_token_s": trace.first_token,
             "finish_s": trace.finish,
             "prompt_tokens": trace.prompt,
@@ -205,6 +183,7 @@ def request_table(trace: Trace) -> pd.DataFrame:
             "ttft_s": ttft,
             "tpot_s": tpot,
             "e2e_s": trace.finish - trace.arrival,
+            "queue_s": trace.scheduled - trace.arrival,
         }
     )
 
@@ -228,8 +207,9 @@ def serving_summary(
     start = float(counted.arrival_s.min())
     end = float(done.finish_s.max()) if len(done) else start
     window = max(end - start, 1e-12)
-    nodes = s.cluster.nodes + (sv.prefill.nodes if sv.prefill else 0)
-    gpus = nodes * r.gpus_per_node
+    pre = prefill_pool(r)
+    nodes = s.cluster.nodes + (0 if pre is None else pre.scenario.cluster.nodes)
+    gpus = r.world + (0 if pre is None else pre.world)
     ok = np.ones(len(done), dtype=bool)
     if sv.slo_ttft_s is not None:
         ok &= done.ttft_s.to_numpy() <= sv.slo_ttft_s
@@ -255,6 +235,7 @@ def serving_summary(
             "ttft_s": _stats(done.ttft_s.to_numpy()),
             "tpot_s": _stats(done.tpot_s.to_numpy()),
             "e2e_s": _stats(done.e2e_s.to_numpy()),
+            "queue_s": _stats(done.queue_s.to_numpy()),
             "request_rate_per_s": float(len(counted)) / window,
             "input_tokens_per_s": inp / window,
             "output_tokens_per_s": out / window,

@@ -141,7 +141,8 @@ class Trace:
     """What a serving run produced.
 
     Attributes:
-        arrival, first_token, finish: Seconds per request (NaN: did not get there).
+        arrival, scheduled, first_token, finish: Seconds per request (NaN: did not get
+            there); scheduled: the start of the first step that worked on its prompt.
         prompt, output, preemptions: Per request.
         steps: ``(instance, kind, start, end, tokens, batch, decoding, kv_used_tokens)`` per
             step (kind prefill, decode or mixed; tokens: prompt tokens plus one per decoding
@@ -149,6 +150,7 @@ class Trace:
     """
 
     arrival: np.ndarray
+    scheduled: np.ndarray
     first_token: np.ndarray
     finish: np.ndarray
     prompt: np.ndarray
@@ -218,6 +220,7 @@ def serve(
             )
     trace = Trace(
         arrival=np.full(n, np.nan),
+        scheduled=np.full(n, np.nan),
         first_token=np.full(n, np.nan),
         finish=np.full(n, np.nan),
         prompt=prompt.astype(np.int64),
@@ -249,6 +252,9 @@ def serve(
         if step is None:
             return
         inst.busy = True
+        for r in step.chunks:
+            if np.isnan(trace.scheduled[r.rid]):
+                trace.scheduled[r.rid] = now
         trace.steps.append(
             (
                 inst.index,

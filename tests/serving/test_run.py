@@ -178,3 +178,39 @@ def test_serving_runs_compare_with_serving_runs_only(tmp_path: Path) -> None:
         compare([scenario, SCENARIOS / "quickstart.yaml"])
     with pytest.raises(ConfigError, match="simulate_serving"):
         simulate(load_scenario(scenario))
+
+
+def test_a_prefill_pool_has_its_own_hardware_and_its_layout_is_checked() -> None:
+    from moesim.config.pools import pools
+    from moesim.serving.costs import LayerModelCosts
+
+    pd_ = SCENARIOS / "deepseek-v3-serve-pd-13x8xh100.yaml"
+    with pytest.raises(ConfigErrors, match=r"serving\.prefill\.parallelism: pp\*dp\*ep\*tp"):
+        load_scenario(pd_, ["serving.prefill.parallelism.ep=24"])  # 24 GPUs on 4 nodes of 8
+    with pytest.raises(ConfigErrors, match=r"serving\.prefill\.hardware: unknown hardware profile"):
+        load_scenario(pd_, ["serving.prefill.hardware=nosuch"])
+    h100 = load_scenario(pd_)
+    h200 = load_scenario(pd_, ["serving.prefill.hardware=h200"])
+    dec, pre = pools(h200)
+    assert pre is not None and (dec.hardware.name, pre.hardware.name) == ("h100-sxm", "h200")
+    pre_h100 = pools(h100)[1]
+    assert pre_h100 is not None
+    # the same prompts on H200 (more HBM bandwidth, same tensor cores) take no longer
+    fast = LayerModelCosts(pre, 1024).prefill(32 * 2048, 32)
+    slow = LayerModelCosts(pre_h100, 1024).prefill(32 * 2048, 32)
+    assert fast < slow
+
+
+def test_a_duration_cuts_the_requests_and_queueing_is_measured() -> None:
+    r = _r("serving.requests.duration_s=5", "serving.requests.count=1000")
+    reqs = load_requests(r)
+    assert reqs.count > 20 and (reqs.arrival_s < 5).all()  # 8 requests/s for 5 s, about 40
+    res = simulate_serving(r)
+    t = res.requests
+    assert (t.queue_s >= 0).all() and (t.queue_s <= t.ttft_s + 1e-12).all()
+    assert res.summary["serving"]["queue_s"]["p99"] >= res.summary["serving"]["queue_s"]["p50"]
+    with pytest.raises(ConfigErrors, match="duration_s needs poisson or trace arrivals"):
+        _r("serving.requests.arrival=concurrency", "serving.requests.clients=4",
+           "serving.requests.duration_s=5")  # fmt: skip
+    with pytest.raises(ConfigError, match="not more than the 20 of warmup"):
+        load_requests(_r("serving.requests.duration_s=0.5"))
