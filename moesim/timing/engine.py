@@ -130,7 +130,10 @@ class Engine(TrainingSteps):
         self.spec = spec = EngineSpec.of(r)
         self.env = simpy.Environment()
         self.topology = Topology(r.hardware, r.scenario.cluster.nodes)
-        self.net = FlowNetwork(self.env, self.topology, r.scenario.engine.flow_tolerance)
+        eng = r.scenario.engine
+        self.net = FlowNetwork(
+            self.env, self.topology, eng.flow_tolerance, eng.isolated_transfers == "sharing"
+        )
         self.layout = Layout.of(r)
         self.flows = FlowBuilder(r, self.layout)
         # compute meets communication kernels only when something overlaps them, and only

@@ -65,6 +65,13 @@ def compiled_schedule() -> Any:
     return None if jit is None else jit.fluid_schedule
 
 
+def compiled_sharing() -> Any:
+    """The compiled per-link processor sharing of one isolated transfer
+    (:func:`moesim.timing._maxmin_jit.link_sharing`), or None without numba."""
+    jit = _jit()
+    return None if jit is None else jit.link_sharing
+
+
 def _compiled() -> Any:
     """The compiled progressive filling, or None without numba."""
     jit = _jit()

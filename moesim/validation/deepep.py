@@ -83,9 +83,10 @@ def routing_counts(ep: int, rng: np.random.Generator, tokens: int = TOKENS) -> L
 
 
 def phase_times(topo: Topology, ep: int, flows: Flows, tolerance: float) -> np.ndarray:
-    """``[ep]`` seconds until each rank's last flow of the phase arrives."""
+    """``[ep]`` seconds until each rank's last flow of the phase arrives (an isolated
+    transfer: per-link sharing, as in a scenario; ``tolerance`` where links are shared)."""
     env = simpy.Environment()
-    net = FlowNetwork(env, topo, tolerance)
+    net = FlowNetwork(env, topo, tolerance, sharing=True)
     done = np.zeros(ep)
     net.transfer(flows, np.arange(ep), lambda g, t: done.__setitem__(g, t))
     env.run()

@@ -15,14 +15,16 @@ from moesim.validation.deepep import routing_counts, validate_deepep
 # Errors measured at seed 0 (see the README's validation section); a model change that moves
 # them must update this table and say why.
 MEASURED_ERROR = {
-    ("intranode", 8, "dispatch"): 0.065,
-    ("intranode", 8, "combine"): 0.033,
-    ("internode", 16, "dispatch"): 0.163,
-    ("internode", 16, "combine"): 0.165,
-    ("internode", 32, "dispatch"): 0.098,
-    ("internode", 32, "combine"): 0.118,
-    ("internode", 64, "dispatch"): 0.074,
-    ("internode", 64, "combine"): 0.096,
+    # per-link sharing for the isolated phases (issue 17; the fluid window at tolerance 0.02
+    # gave +6.5, +3.3, +16.3, +16.5, +9.8, +11.8, +7.4, +9.6%)
+    ("intranode", 8, "dispatch"): 0.062,
+    ("intranode", 8, "combine"): 0.030,
+    ("internode", 16, "dispatch"): 0.159,
+    ("internode", 16, "combine"): 0.160,
+    ("internode", 32, "dispatch"): 0.099,
+    ("internode", 32, "combine"): 0.119,
+    ("internode", 64, "dispatch"): 0.069,
+    ("internode", 64, "combine"): 0.091,
 }
 
 

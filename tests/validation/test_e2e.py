@@ -26,16 +26,18 @@ from moesim.validation.e2e import CASES, SCENARIOS, validate_e2e
 # per-kernel host overheads of an eager step, or the synchronisation of 48 one-layer virtual
 # stages; DeepSeek-V3's published 180K GPU hours per trillion tokens is over-predicted by 40%
 # (its MTP module and the two DualPipe copies' gradient exchange are not modelled either).
+# Issue 17: isolated transfers by per-link sharing (within 0.5% of the exact fluid model; the
+# fluid window at 0.1 was up to 16% off at 256 GPUs) moved these by at most 1.4 points.
 RECORDED_ERROR = {
-    ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm"): 0.506,
+    ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm"): 0.507,
     ("sglang-deepseek-v3-prefill-4x8xh100", "h100-sxm-aiconfigurator"): -0.002,
     # issue 19: the same case through the serving path (128 clients, 4096-token prompts, one
     # output token each) gives the same figures
-    ("sglang-deepseek-v3-prefill-serve-4x8xh100", "h100-sxm"): 0.506,
+    ("sglang-deepseek-v3-prefill-serve-4x8xh100", "h100-sxm"): 0.507,
     ("sglang-deepseek-v3-prefill-serve-4x8xh100", "h100-sxm-aiconfigurator"): -0.002,
-    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm"): 2.521,
-    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm-aiconfigurator"): 2.138,
-    ("deepseek-v3-train-2048xh800", "h800"): 0.396,
+    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm"): 2.531,
+    ("nemo-qwen3-30b-a3b-train-16xh100", "h100-sxm-aiconfigurator"): 2.146,
+    ("deepseek-v3-train-2048xh800", "h800"): 0.410,
     # issue 19: vLLM's nightly latency test (Mixtral-8x7B TP2, batch 8, 32 in / 128 out) is
     # under-predicted: moesim's decode step is the model's kernels only, not the engine's
     # per-step host work (scheduling, sampling, input preparation), a near-fixed few ms per
