@@ -17,8 +17,9 @@ from moesim.validation.deepep import routing_counts, validate_deepep
 MEASURED_ERROR = {
     # per-link sharing for the isolated phases (issue 17; the fluid window at tolerance 0.02
     # gave +6.5, +3.3, +16.3, +16.5, +9.8, +11.8, +7.4, +9.6%)
-    ("intranode", 8, "dispatch"): 0.062,
-    ("intranode", 8, "combine"): 0.030,
+    # (EP8's 32,768-token routing draw runs compiled from issue 17 on: another sample)
+    ("intranode", 8, "dispatch"): 0.066,
+    ("intranode", 8, "combine"): 0.034,
     ("internode", 16, "dispatch"): 0.159,
     ("internode", 16, "combine"): 0.160,
     ("internode", 32, "dispatch"): 0.099,
