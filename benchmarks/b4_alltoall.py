@@ -21,6 +21,7 @@ import numpy as np
 import simpy
 
 from moesim.comm.alltoall import ALL_TO_ALL, Exchange
+from moesim.config.scenario import Engine
 from moesim.hardware.catalog import load_profile
 from moesim.hardware.topology import Topology
 from moesim.timing.network import FlowNetwork
@@ -66,7 +67,8 @@ def _time(ex: Exchange, algorithm: str, nodes: int) -> dict[str, object]:
     t0 = time.perf_counter()
     topo = Topology(load_profile("h100-sxm"), nodes)
     env = simpy.Environment()
-    net = FlowNetwork(env, topo, 0.1)
+    eng = Engine()  # a scenario's defaults: isolated transfers by per-link sharing
+    net = FlowNetwork(env, topo, eng.flow_tolerance, eng.isolated_transfers == "sharing")
     done = np.full(n, np.nan)
     net.transfer(flows, ex.rank_gpu, lambda g, t: done.__setitem__(g, t))
     env.run()
