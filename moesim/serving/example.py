@@ -37,27 +37,19 @@ def chat_requests(count: int = COUNT, seed: int = SEED) -> str:
     rng = np.random.default_rng(seed)
     arrival = poisson_arrivals(RATE_PER_S, count, rng)
     arrival -= arrival[0]
-    # lengths() takes the arithmetic mean: exp(log-mean + log-std^2 / 2)
-    prompt = lengths(
-        "lognormal",
-        round(float(np.exp(PROMPT_LOG_MEAN + PROMPT_LOG_STD**2 / 2))),
-        1,
-        PROMPT_MAX,
-        PROMPT_LOG_STD,
-        count,
-        rng,
-    )
-    output = lengths(
-        "lognormal",
-        round(float(np.exp(OUTPUT_LOG_MEAN + OUTPUT_LOG_STD**2 / 2))),
-        1,
-        OUTPUT_MAX,
-        OUTPUT_LOG_STD,
-        count,
-        rng,
-    )
+    prompt = _lognormal(PROMPT_LOG_MEAN, PROMPT_LOG_STD, PROMPT_MAX, count, rng)
+    output = _lognormal(OUTPUT_LOG_MEAN, OUTPUT_LOG_STD, OUTPUT_MAX, count, rng)
     rows = [f"{t:.6f},{p},{o}" for t, p, o in zip(arrival, prompt, output, strict=True)]
     return "arrival_s,input_tokens,output_tokens\n" + "\n".join(rows) + "\n"
+
+
+def _lognormal(
+    log_mean: float, log_std: float, most: int, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Token lengths with these log moments, clipped to [1, most] (:func:`lengths` takes the
+    arithmetic mean, ``exp(log_mean + log_std^2 / 2)``)."""
+    mean = round(float(np.exp(log_mean + log_std**2 / 2)))
+    return lengths("lognormal", mean, 1, most, log_std, count, rng)
 
 
 def main() -> None:
