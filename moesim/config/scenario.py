@@ -571,6 +571,13 @@ class Engine(_Section):
         "8- to 64-GPU all-to-alls, 7% and 16% at 256 GPUs; see moesim.timing.network). "
         "Transfers on shared links, and isolated ones with isolated_transfers fluid.",
     )
+    lockstep: bool = Field(
+        True,
+        description="Run inference steps that are a fixed sequence per GPU (no two-batch "
+        "overlap, tensor or pipeline parallelism, offload, migration; every link one GPU's) "
+        "on arrays instead of SimPy events: the same results within float rounding, several "
+        "times faster (moesim.timing.lockstep). false: always the SimPy walk.",
+    )
     micro_batch_samples: int = Field(
         2,
         ge=1,

@@ -89,19 +89,44 @@ class Collector:
         """
         self.phase_s[step, layer, gpu, PHASE_INDEX[phase]] += end - start
         if step < self.timeline_steps and end > start:
-            args = {"step": step, "layer": layer} | ({"micro_batch": mb} if mb else {})
-            self.events.append(
-                {
-                    "name": phase,
-                    "cat": "comm" if phase in COMM_PHASES else "compute",
-                    "ph": "X",
-                    "ts": start * 1e6,
-                    "dur": (end - start) * 1e6,
-                    "pid": gpu // self.gpn,
-                    "tid": gpu + mb * self.phase_s.shape[2],
-                    "args": args,
-                }
-            )
+            self.on_timeline(step, layer, gpu, phase, start, end, mb)
+
+    def on_phases(
+        self,
+        step: int,
+        layer: int,
+        gpus: np.ndarray | None,
+        phase: str,
+        start: np.ndarray,
+        end: np.ndarray,
+    ) -> None:
+        """:meth:`on_phase` for several GPUs at once (``gpus`` None: every GPU; ``start``,
+        ``end``: one per GPU)."""
+        where = slice(None) if gpus is None else gpus
+        self.phase_s[step, layer, where, PHASE_INDEX[phase]] += end - start
+        if step < self.timeline_steps:
+            ids = range(self.phase_s.shape[2]) if gpus is None else gpus.tolist()
+            for g, a, b in zip(ids, start.tolist(), end.tolist(), strict=True):
+                if b > a:
+                    self.on_timeline(step, layer, g, phase, a, b, 0)
+
+    def on_timeline(
+        self, step: int, layer: int, gpu: int, phase: str, start: float, end: float, mb: int
+    ) -> None:
+        """One span of the timeline (see :meth:`on_phase`)."""
+        args = {"step": step, "layer": layer} | ({"micro_batch": mb} if mb else {})
+        self.events.append(
+            {
+                "name": phase,
+                "cat": "comm" if phase in COMM_PHASES else "compute",
+                "ph": "X",
+                "ts": start * 1e6,
+                "dur": (end - start) * 1e6,
+                "pid": gpu // self.gpn,
+                "tid": gpu + mb * self.phase_s.shape[2],
+                "args": args,
+            }
+        )
 
     def on_routing(
         self,
@@ -161,6 +186,10 @@ class Collector:
     def on_wait(self, step: int, gpu: int, seconds: float) -> None:
         """A GPU waited ``seconds`` at a collective for its slowest peer."""
         self.wait_s[step, gpu] += seconds
+
+    def on_waits(self, step: int, gpus: np.ndarray, seconds: np.ndarray) -> None:
+        """:meth:`on_wait` for several GPUs at once."""
+        self.wait_s[step, gpus] += seconds
 
     def on_flows(
         self,

@@ -32,6 +32,7 @@ from moesim.routing.stage import RoutingStage, StepRouting
 from moesim.timing import gradsync
 from moesim.timing.costs import OpCostModel
 from moesim.timing.gpu import GPU, SharedSMStream
+from moesim.timing.lockstep import LockstepSteps
 from moesim.timing.network import FlowNetwork
 from moesim.timing.offload import OffloadTiming
 from moesim.timing.plan import FlowBuilder, Layout, StepPlan, gpu_slot_tokens, make_plan
@@ -113,7 +114,7 @@ class EngineSpec:
         )
 
 
-class Engine(TrainingSteps):
+class Engine(TrainingSteps, LockstepSteps):
     """Runs a scenario's steps through the SimPy model.
 
     Args:
@@ -168,7 +169,12 @@ class Engine(TrainingSteps):
         self._params: dict[tuple[int, int, int, bool], simpy.Event] = {}  # ZeRO-3 gathers
 
     def run(self, progress: ProgressFn | None = None) -> None:
-        """Simulate every step; ``progress(done, total)`` is called after each."""
+        """Simulate every step; ``progress(done, total)`` is called after each. Steps that
+        are a fixed sequence per GPU run on arrays (:mod:`moesim.timing.lockstep`) unless
+        ``engine.lockstep`` is off."""
+        if self.r.scenario.engine.lockstep and self.lockstep_applies():
+            self.run_lockstep(progress)
+            return
         self.env.process(self._driver(progress))
         self.env.run()
 

@@ -174,6 +174,40 @@ class FlowNetwork:
         )
         self._reschedule()
 
+    def isolated_done(
+        self, flows: Flows, members: np.ndarray, now: float, finish: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``[gpus]`` the time each GPU's flows of an isolated transfer started at ``now``
+        have all arrived (``now`` for GPUs without flows): what :meth:`transfer` signals,
+        without timers; records its link use. For the lockstep walk
+        (:mod:`moesim.timing.lockstep`), on networks whose links each belong to one GPU.
+
+        Raises:
+            ValueError: the flows cross a shared link (not an isolated transfer).
+        """
+        done = np.full(self.topology.gpus, float(now))
+        flows, routed = self._route(flows)
+        if routed is None:
+            return done
+        paths, lat, private = routed
+        if not private:
+            raise ValueError("the lockstep walk needs isolated transfers")
+        nbytes = flows.nbytes.astype(np.float64)
+        load = self.link_load(flows, paths)
+        paths = self.topology.fluid_paths(paths)
+        if finish is None:
+            (finish,) = self._schedule([paths], [nbytes], [self.window(load, lat)])
+        arrive = now + finish + lat
+        np.maximum.at(done, flows.src, arrive)
+        np.maximum.at(done, flows.dst, arrive)
+        taking_part = np.zeros(done.size, dtype=bool)
+        taking_part[members] = True
+        taking_part[flows.src] = taking_part[flows.dst] = True
+        used = np.nonzero(load)[0]
+        end = float(done[taking_part].max())
+        self.records.append(LinkRecord(float(now), end, used, load[used]))
+        return done
+
     def _route(self, flows: Flows) -> tuple[Flows, tuple[np.ndarray, np.ndarray, bool] | None]:
         """The flows that cross a link, with their paths, latencies and privacy (None when
         no flow is left). A GPU's copy to itself with no port to cross (a mesh) is free."""

@@ -40,13 +40,15 @@ def link_sharing_numpy(
     size = np.asarray(nbytes, dtype=np.float64)[flow_of]
     order = np.lexsort((size, link_of))  # by link, then by size
     link, size, flow = link_of[order], size[order], flow_of[order]
-    first = np.r_[True, link[1:] != link[:-1]]
+    first = np.ones(link.size, dtype=bool)
+    first[1:] = link[1:] != link[:-1]
     start = np.nonzero(first)[0]
     group = np.cumsum(first) - 1
-    count = np.diff(np.r_[start, link.size])[group]
+    count = np.diff(np.append(start, link.size))[group]
     pos = np.arange(link.size) - start[group]
     total = np.cumsum(size)
-    before = total - size - np.r_[0.0, total][start][group]  # smaller flows' bytes on the link
+    base = np.concatenate(([0.0], total))[start]  # bytes of the links before
+    before = total - size - base[group]  # the smaller flows' bytes on the link
     through = (before + size * (count - pos)) / capacity[link]
     finish = np.zeros(len(nbytes))
     np.maximum.at(finish, flow, through)
