@@ -72,7 +72,9 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
     summary["links"] = links_summary(links, s.workload.steps)
     if engine.offload is not None:
         summary["offload"] = offload_summary(r, col, engine.offload.stats(s.workload.steps))
-    return RunResult(r, summary, layers_table(col), col.events, col, counter(), links)
+    # SimPy events, or the lockstep walk's per-GPU resumptions
+    events = counter() + (engine.lockstep_events if isinstance(engine, Engine) else 0)
+    return RunResult(r, summary, layers_table(col), col.events, col, events, links)
 
 
 def _count_events(engine: Engine | PipelineEngine) -> Any:

@@ -21,7 +21,8 @@ class RunResult:
         layers: The ``layers.parquet`` table.
         timeline: Chrome-trace events of the first steps.
         collector: The raw arrays.
-        events_processed: SimPy events processed (for benchmarks).
+        events_processed: SimPy events processed, or the per-GPU resumptions of the lockstep
+            walk (:mod:`moesim.timing.lockstep`), for benchmarks.
         links: The ``links.parquet`` table (:mod:`moesim.metrics.links`).
     """
 

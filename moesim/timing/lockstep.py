@@ -78,6 +78,10 @@ class LockstepSteps:
             and every_link_owned
         )
 
+    lockstep_events = 0
+    """Per-GPU resumptions the lockstep walk computed (what the SimPy walk would process as
+    events: a GPU resuming after its compute or a collective), for benchmarks."""
+
     def run_lockstep(self, progress: ProgressFn | None = None) -> None:
         """Simulate every step on arrays (:meth:`lockstep_applies` must hold)."""
         world = self.spec.world
@@ -161,6 +165,7 @@ class LockstepSteps:
             t = t + d
         if wait:
             clock.now = clock.now + (clock.free - clock.now)
+            self.lockstep_events += clock.now.size
 
     def _lockstep_all_to_all(
         self,
@@ -188,6 +193,7 @@ class LockstepSteps:
             self.col.on_waits(step, members, started - arrive[members])
             self.col.on_phases(step, layer, members, phase, arrive[members], resume)
             clock.now[members] = resume
+            self.lockstep_events += members.size
 
 
 class _Clock:
