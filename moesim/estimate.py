@@ -7,11 +7,12 @@ that shrinks it.
 The wall time is a rough model, not a promise: ``per_gpu_layer_s`` per GPU, layer, step and
 micro-batch (the compute and bookkeeping events), plus per collective phase of ``f`` flows the
 smaller of ``PER_FLOW_S * f**1.25`` (small phases: the max-min rate rounds grow a little faster
-than the flows) and ``PER_LARGE_PHASE_S * f**0.5`` (large ones, where the compiled solver's
-scan and the batching window keep the rounds few and cheap). The constants come from the
-benchmarks in ``benchmarks/results.json`` on a 2-core machine (B1: Mixtral decode on 8 GPUs,
-200 steps, 3.7 s; B2: DeepSeek-V3 prefill on 64 GPUs, 6.2 s; B3: DeepSeek-V3 decode on 256
-GPUs, about 14 s a step); they are good to a factor of about 3.
+than the flows) and ``PER_LARGE_PHASE_S * f**0.5`` (large ones: an isolated phase is one
+sort per link, a shared one a few compiled rate rounds). The constants come from the
+benchmarks in ``benchmarks/results.json`` on a 2-core machine (2026-12-03: B1, Mixtral decode
+on 8 GPUs, 200 steps, 2.9-3.6 s, estimated 6.8 s; B2, DeepSeek-V3 prefill on 64 GPUs, 3.2 s,
+estimated 1.0 s; B3, DeepSeek-V3 decode on 256 GPUs, 20 steps, 76-83 s, estimated 84 s); they
+are good to a factor of about 3.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 PER_GPU_LAYER_S = 80e-6
 PER_FLOW_S = 1.4e-6
-PER_LARGE_PHASE_S = 4e-4
+PER_LARGE_PHASE_S = 1e-4
 WARN_S = 180.0
 """Runs estimated to take longer than this get a warning first (seconds)."""
 PHASES = 11

@@ -34,12 +34,13 @@ def test_the_work_of_a_small_decode_by_hand(write_scenario) -> None:
 
 def test_a_large_phase_costs_by_the_square_root_of_its_flows() -> None:
     # DeepSeek-V3 decode on 32 nodes of 8, EP256: 65,536 flows a phase, past the point where
-    # small phases' power law would overstate it (B3 measures about 0.1 s a phase).
+    # small phases' power law would overstate it (B3 measures about 0.03 s a phase and layer:
+    # the phase's network work and, spread over the phases, its routing draw).
     work = estimate(load_scenario(SCENARIOS / "deepseek-v3-decode-256xh800.yaml"))
     assert work.flows_per_phase == 256 * 256
     per_phase = (work.seconds - PER_GPU_LAYER_S * work.gpu_layer_steps) / work.collective_phases
     assert per_phase == pytest.approx(PER_LARGE_PHASE_S * 256)
-    assert 0.03 < per_phase < 0.3
+    assert 0.01 < per_phase < 0.1
 
 
 def test_a_run_too_big_for_memory_is_refused(write_scenario, monkeypatch) -> None:
