@@ -134,6 +134,7 @@ class Topology:
         self.implied[self._implied] = True
         self._ends = links.ends
         self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._nic_table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # --- construction helpers -------------------------------------------------------------
     def _build_fabric(self, links: _Links, kind: str, oversub: float) -> None:
@@ -190,6 +191,20 @@ class Topology:
             )
         return self._table
 
+    def nic_pair_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`pair_table` for paths through the NICs even inside a node (pure-RDMA
+        kernels), computed once."""
+        if self._nic_table is None:
+            g = np.arange(self.gpus)
+            paths = self._nic_paths(np.repeat(g, self.gpus), np.tile(g, self.gpus))
+            shape = (self.gpus, self.gpus)
+            self._nic_table = (
+                paths.reshape(*shape, self.MAX_HOPS),
+                self.path_latency(paths).reshape(shape),
+                self._owned(paths).all(axis=1).reshape(shape),
+            )
+        return self._nic_table
+
     def paths(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         """``[n, MAX_HOPS]`` int64 link ids of each src -> dst path, -1 padded.
 
@@ -230,6 +245,9 @@ class Topology:
         """Paths, ``[n]`` latencies and privacy (:meth:`private`) of flows ``src -> dst``;
         ``via_nic`` sends even same-node flows through the NICs (pure-RDMA kernels)."""
         if via_nic:
+            if self.gpus <= DENSE_LIMIT:
+                table, lat, owned = self.nic_pair_table()
+                return table[src, dst], lat[src, dst], bool(owned[src, dst].all())
             paths = self._nic_paths(np.asarray(src), np.asarray(dst))
             return paths, self.path_latency(paths), bool(self._owned(paths).all())
         paths = self.paths(src, dst)
