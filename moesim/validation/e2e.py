@@ -101,16 +101,18 @@ CASES = (
     Case(
         "vllm-mixtral-8x7b-latency-tp2-h200.yaml",
         1_921.1,
-        "end-to-end latency of a batch of 8 requests (32 input, 128 output tokens), mean, ms",
-        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on H200 "
+        "end-to-end ms (mean)",
+        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on H200: a batch of 8 "
+        "requests of 32 input and 128 output tokens "
         "(buildkite.com/vllm/performance-benchmark/builds/9513)",
         serving_e2e_mean_ms,
     ),
     Case(
         "vllm-mixtral-8x7b-latency-tp2-a100.yaml",
         3_643.84,
-        "end-to-end latency of a batch of 8 requests (32 input, 128 output tokens), mean, ms",
-        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on A100-SXM4-80GB "
+        "end-to-end ms (mean)",
+        "vLLM nightly performance benchmark, latency_mixtral8x7B_tp2 on A100-SXM4-80GB: a "
+        "batch of 8 requests of 32 input and 128 output tokens "
         "(buildkite.com/vllm/performance-benchmark/builds/9523)",
         serving_e2e_mean_ms,
     ),
