@@ -150,16 +150,15 @@ class FlowNetwork:
             del self._transfers[tid]
             return
         paths, lat, private = routed
-        nbytes = flows.nbytes.astype(np.float64)
-        n = nbytes.size
         t.load = self.link_load(flows, paths)
-        paths = self.topology.fluid_paths(paths)  # loads keep the implied links, rates do not
         if private:
             # Nothing else can touch these links while the transfer runs: schedule it whole.
-            if finish is None:
-                (finish,) = self._schedule([paths], [nbytes], [self.window(t.load, lat)])
+            finish = self._isolated_finish(flows, paths, lat, t.load, finish)
             self._complete(tid, flows.src, flows.dst, now + finish + lat)
             return
+        nbytes = flows.nbytes.astype(np.float64)
+        n = nbytes.size
+        paths = self.topology.fluid_paths(paths)  # loads keep the implied links, rates do not
         window = self.window(t.load, lat)
         self._advance(now)
         self._append(
@@ -174,9 +173,7 @@ class FlowNetwork:
         )
         self._reschedule()
 
-    def isolated_done(
-        self, flows: Flows, members: np.ndarray, now: float, finish: np.ndarray | None = None
-    ) -> np.ndarray:
+    def isolated_done(self, flows: Flows, members: np.ndarray, now: float) -> np.ndarray:
         """``[gpus]`` the time each GPU's flows of an isolated transfer started at ``now``
         have all arrived (``now`` for GPUs without flows): what :meth:`transfer` signals,
         without timers; records its link use. For the lockstep walk
@@ -192,12 +189,8 @@ class FlowNetwork:
         paths, lat, private = routed
         if not private:
             raise ValueError("the lockstep walk needs isolated transfers")
-        nbytes = flows.nbytes.astype(np.float64)
         load = self.link_load(flows, paths)
-        paths = self.topology.fluid_paths(paths)
-        if finish is None:
-            (finish,) = self._schedule([paths], [nbytes], [self.window(load, lat)])
-        arrive = now + finish + lat
+        arrive = now + self._isolated_finish(flows, paths, lat, load) + lat
         np.maximum.at(done, flows.src, arrive)
         np.maximum.at(done, flows.dst, arrive)
         taking_part = np.zeros(done.size, dtype=bool)
@@ -207,6 +200,24 @@ class FlowNetwork:
         end = float(done[taking_part].max())
         self.records.append(LinkRecord(float(now), end, used, load[used]))
         return done
+
+    def _isolated_finish(
+        self,
+        flows: Flows,
+        paths: np.ndarray,
+        lat: np.ndarray,
+        load: np.ndarray,
+        finish: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Seconds after its start at which each flow of an isolated transfer (routed
+        ``paths``, bytes per link ``load``) is through: ``finish`` when precomputed
+        (:meth:`plan_isolated`), else :meth:`_schedule` on its fluid paths."""
+        if finish is not None:
+            return finish
+        fluid = self.topology.fluid_paths(paths)  # loads keep the implied links, rates do not
+        nbytes = flows.nbytes.astype(np.float64)
+        (finish,) = self._schedule([fluid], [nbytes], [self.window(load, lat)])
+        return finish
 
     def _route(self, flows: Flows) -> tuple[Flows, tuple[np.ndarray, np.ndarray, bool] | None]:
         """The flows that cross a link, with their paths, latencies and privacy (None when
