@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.config.loading import ResolvedScenario
-from moesim.config.pools import pools, prefill_pool
+from moesim.config.pools import pools
 from moesim.errors import ConfigError
 from moesim.serving import requests as req
 from moesim.serving.costs import LayerModelCosts, kv_bytes_per_token, kv_tokens
@@ -46,8 +46,7 @@ class ServingResult:
         requests: One row per request: arrival, first token, finish (seconds), prompt and
             output tokens, preemptions, and TTFT, TPOT, end-to-end latency.
         steps: One row per engine step: instance, kind, start, end, tokens, batch, requests
-            decoding, KV tokens
-            in use.
+            decoding, KV tokens in use.
     """
 
     resolved: ResolvedScenario
@@ -207,9 +206,9 @@ def serving_summary(
     start = float(counted.arrival_s.min())
     end = float(done.finish_s.max()) if len(done) else start
     window = max(end - start, 1e-12)
-    pre = prefill_pool(r)
-    nodes = s.cluster.nodes + (0 if pre is None else pre.scenario.cluster.nodes)
-    gpus = r.world + (0 if pre is None else pre.world)
+    pool = sv.prefill  # (its GPUs fill its nodes: checked when the scenario was loaded)
+    nodes = s.cluster.nodes + (0 if pool is None else pool.nodes)
+    gpus = r.world + (0 if pool is None else pool.parallelism.world)
     ok = np.ones(len(done), dtype=bool)
     if sv.slo_ttft_s is not None:
         ok &= done.ttft_s.to_numpy() <= sv.slo_ttft_s
