@@ -134,23 +134,38 @@ def resolved_yaml(r: ResolvedScenario) -> str:
 
 def write_run_dir(result: RunResult, out_root: str | Path | None = None) -> Path:
     """Write every file of the run folder; returns the final folder."""
-    r = result.resolved
-    root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
 
     def fill(tmp: Path) -> None:
-        (tmp / "scenario.yaml").write_text(resolved_yaml(r), encoding="utf-8")
-        (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.layers.to_parquet(tmp / "layers.parquet", index=False)
         if result.links is not None:
             result.links.to_parquet(tmp / "links.parquet", index=False)
         trace = {"traceEvents": _trace_metadata(result) + result.timeline, "displayTimeUnit": "ms"}
         (tmp / "timeline.json").write_text(jsonout.dumps(trace), encoding="utf-8")
-        if r.scenario.output.report:
+        if result.resolved.scenario.output.report:
             from moesim.results.report import write_report
 
             write_report(result, tmp / "report.html")
 
-    return write_folder(root / r.scenario.name, f"seed{r.scenario.seed}", fill)
+    return write_scenario_run(result.resolved, result.summary, fill, out_root)
+
+
+def write_scenario_run(
+    r: ResolvedScenario,
+    summary: dict[str, Any],
+    fill: Callable[[Path], None],
+    out_root: str | Path | None = None,
+) -> Path:
+    """Write a run folder ``<out_root>/<scenario>/<run-id>/`` (``out_root`` defaults to the
+    scenario's ``output.dir``) atomically: ``scenario.yaml`` and ``summary.json``, then what
+    ``fill`` writes into the folder for its kind of run; returns the final folder."""
+    root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
+
+    def write(tmp: Path) -> None:
+        (tmp / "scenario.yaml").write_text(resolved_yaml(r), encoding="utf-8")
+        (tmp / "summary.json").write_text(summary_json(summary), encoding="utf-8")
+        fill(tmp)
+
+    return write_folder(root / r.scenario.name, f"seed{r.scenario.seed}", write)
 
 
 def _trace_metadata(result: RunResult) -> list[dict[str, Any]]:

@@ -78,17 +78,12 @@ def serving_report(result: ServingResult) -> str:
 def write_serving_run(result: ServingResult, out_root: str | Path | None = None) -> Path:
     """Write ``<out_root>/<scenario>/<run-id>/`` atomically: ``scenario.yaml``,
     ``summary.json``, ``requests.parquet``, ``steps.parquet`` and ``report.html``."""
-    from moesim.results.writer import resolved_yaml, summary_json, write_folder
-
-    r = result.resolved
-    root = Path(out_root if out_root is not None else r.scenario.output.dir).expanduser()
+    from moesim.results.writer import write_scenario_run
 
     def fill(tmp: Path) -> None:
-        (tmp / "scenario.yaml").write_text(resolved_yaml(r), encoding="utf-8")
-        (tmp / "summary.json").write_text(summary_json(result.summary), encoding="utf-8")
         result.requests.to_parquet(tmp / "requests.parquet", index=False)
         result.steps.to_parquet(tmp / "steps.parquet", index=False)
-        if r.scenario.output.report:
+        if result.resolved.scenario.output.report:
             (tmp / "report.html").write_text(serving_report(result), encoding="utf-8")
 
-    return write_folder(root / r.scenario.name, f"seed{r.scenario.seed}", fill)
+    return write_scenario_run(result.resolved, result.summary, fill, out_root)
