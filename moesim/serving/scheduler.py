@@ -20,16 +20,16 @@ each) with prompt chunks, those in progress first:
   cache does not have preempts the latest-admitted running request (its pages freed, it goes
   back to the head of the queue to prefill prompt and output so far again: recompute).
 - **Disaggregation**: a prefill instance hands each request whose prompt is done to a decode
-  instance (round-robin); its KV cache crosses the network first (:class:`KVLink`): it lives
-  on one DP-attention rank of the prefill instance (requests go to ranks in turn), and the
-  transfers leaving one rank share its NIC equally (a fluid model: each transfer's rate is the
-  NIC's over the transfers in flight, recomputed as they start and end), then pay the
+  instance (round-robin); its KV cache crosses the network first (:mod:`moesim.serving.kvlink`):
+  it lives on one DP-attention rank of the prefill instance (requests go to ranks in turn), and
+  the transfers leaving one rank share its NIC equally (a fluid model: each transfer's rate is
+  the NIC's over the transfers in flight, recomputed as they start and end), then pay the
   network's latency. While the prefill instance runs a step, its own all-to-alls take their
   share of every rank's NIC (the step's inter-node bytes per GPU over the NIC's rate and the
-  step's seconds, from the layer model: ``StepCosts.prefill_nic_share``) and the transfers
-  share what is left: they fill the gaps between the step's dispatch and combine bursts, on
-  average, and do not slow the step itself. The decode instance admits the request when its
-  cache has room for it (its own NICs' receiving side is not modelled).
+  step's seconds, from the layer model: ``StepCosts.prefill_nic_share``) and the transfers share
+  what is left: they fill the gaps between the step's dispatch and combine bursts, on average,
+  and do not slow the step itself. The decode instance admits the request when its cache has
+  room for it (its own NICs' receiving side is not modelled).
 
 Step durations come from a ``StepCosts`` (:mod:`moesim.serving.costs` prices them with the
 layer model). Everything is deterministic: ties in time are broken by event order.
@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from moesim.serving.kvlink import KVLink, NICs
 
 
 class StepCosts(Protocol):
@@ -65,23 +66,6 @@ class StepCosts(Protocol):
     def prefill_nic_share(self, tokens: int, sequences: int) -> float:
         """Share of each GPU's NIC a prefill step's own all-to-alls take (0 to 1)."""
         ...
-
-
-@dataclass(frozen=True)
-class KVLink:
-    """How prefilled KV caches reach the decode instances.
-
-    Attributes:
-        bytes_per_token: KV-cache bytes of one token (all layers).
-        nic_bytes_per_s: What one GPU's NIC sends per second.
-        latency_s: Network latency of a transfer.
-        ranks: DP-attention ranks (NICs) of a prefill instance.
-    """
-
-    bytes_per_token: float
-    nic_bytes_per_s: float
-    latency_s: float
-    ranks: int
 
 
 @dataclass(frozen=True)
@@ -274,7 +258,7 @@ def serve(
             )
 
     ready: dict[int, _Instance] = {}  # instances to (re)start once this instant is done
-    nics = _NICs(link, push) if link is not None else None
+    nics: NICs[_Req] | None = NICs(link, push) if link is not None else None
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -321,7 +305,7 @@ def serve(
                             push(now, "handoff", r)
                         else:
                             assert nics is not None
-                            nics.send(inst.index, r, now)
+                            nics.send(inst.index, r, r.prompt, now)
             ready[inst.index] = inst
             if not colocated:
                 for other in dec:
@@ -470,68 +454,3 @@ def _preempt(inst: _Instance, r: _Req, trace: Trace) -> None:
     r.preempted += 1
     trace.preemptions[r.rid] += 1
     inst.waiting.appendleft(r)
-
-
-class _NICs:
-    """The sending NICs of the prefill instances' ranks, each shared equally by the KV
-    transfers leaving it, less what the instance's own step takes (see the module
-    docstring)."""
-
-    def __init__(self, link: KVLink, push: Callable[[float, str, object], None]) -> None:
-        self.link, self.push = link, push
-        self.flows: dict[tuple[int, int], dict[_Req, float]] = {}  # bytes left per transfer
-        self.since: dict[tuple[int, int], float] = {}
-        self.version: dict[tuple[int, int], int] = {}
-        self.busy: dict[int, float] = {}  # share of its NICs an instance's step takes
-        self.sent = 0  # requests handed to NICs, for the rank each leaves from
-
-    def capacity(self, key: tuple[int, int]) -> float:
-        """Bytes per second the transfers leaving ``key``'s NIC share now."""
-        return self.link.nic_bytes_per_s * (1.0 - self.busy.get(key[0], 0.0))
-
-    def set_busy(self, instance: int, share: float, now: float) -> None:
-        """The instance's step starts (``share`` of each NIC) or ends (0)."""
-        if self.busy.get(instance, 0.0) == share:
-            return
-        keys = [k for k in self.flows if k[0] == instance]
-        for k in keys:
-            self._advance(k, now)
-        self.busy[instance] = share
-        for k in keys:
-            self._schedule(k, now)
-
-    def send(self, instance: int, r: _Req, now: float) -> None:
-        key = (instance, self.sent % self.link.ranks)
-        self.sent += 1
-        self._advance(key, now)
-        self.flows.setdefault(key, {})[r] = r.prompt * self.link.bytes_per_token
-        self._schedule(key, now)
-
-    def arrived(self, payload: tuple[object, ...], now: float) -> list[tuple[_Req, float]]:
-        key, version = payload
-        assert isinstance(key, tuple)
-        if self.version.get(key) != version:  # the NIC's transfers changed since
-            return []
-        self._advance(key, now)
-        flows = self.flows[key]
-        done = [r for r, left in flows.items() if left <= 1e-6 * self.link.bytes_per_token]
-        for r in done:
-            del flows[r]
-        self._schedule(key, now)
-        return [(r, now + self.link.latency_s) for r in done]
-
-    def _advance(self, key: tuple[int, int], now: float) -> None:
-        flows = self.flows.get(key)
-        if flows:
-            sent = self.capacity(key) / len(flows) * (now - self.since[key])
-            for r in flows:
-                flows[r] -= sent
-        self.since[key] = now
-
-    def _schedule(self, key: tuple[int, int], now: float) -> None:
-        self.version[key] = self.version.get(key, 0) + 1
-        flows, cap = self.flows.get(key), self.capacity(key)
-        if flows and cap > 0:  # (a NIC its step takes whole waits for the step's end)
-            first = min(flows.values())
-            at = now + max(first, 0.0) * len(flows) / cap
-            self.push(at, "nic", (key, self.version[key]))
