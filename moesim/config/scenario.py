@@ -5,93 +5,25 @@ sections choose their variant with ``type:``; the names are checked against the 
 registries when a scenario is resolved (:func:`moesim.config.loading.name_errors`), so a new
 policy needs no change here.
 
-Layout of the GPUs of a scenario: ``world = pp * dp * ep * tp``, in Megatron-Core's order
-(``tp-ep-dp-pp``: tensor parallelism fastest, then expert, then data parallelism, then pipeline
-stages). GPU ``g`` belongs to pipeline stage ``g // (dp * ep * tp)``, data-parallel replica
-``(g // (ep * tp)) % dp``, expert-parallel rank ``(g // tp) % ep`` and tensor-parallel rank
-``g % tp``; consecutive GPUs fill a node first, so a stage's GPUs share nodes and the
-stages' activations cross between nodes. Each EP rank (a TP group of ``tp`` GPUs) runs
-attention for ``batch_size / ep`` sequences; experts are spread over the ``ep`` ranks and each
-expert is sliced ``tp`` ways (expert tensor parallelism equal to tp).
+The GPUs' layout is described in :mod:`moesim.config.sections`; the serving sections are in
+:mod:`moesim.config.serving`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from moesim.config.sections import (
+    AllToAll,
+    Cluster,
+    Overlap,
+    Parallelism,
+)
+from moesim.config.sections import Section as _Section
+from moesim.config.serving import Serving
 from moesim.dtypes import DType
-
-MAX_NODES = 4096
-"""Most nodes a scenario may describe (32,768 GPUs of 8)."""
-MAX_GPUS = 32_768
-"""Most GPUs in any one parallel dimension."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class Cluster(_Section):
-    """How many nodes of the hardware profile."""
-
-    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Nodes in the cluster.")
-
-
-class Parallelism(_Section):
-    """Parallel layout; world size = pp * dp * ep * tp.
-
-    As Megatron-Core derives them: the dense (attention) data-parallel group of a stage is its
-    ``ep * dp`` GPUs of one TP position, expert data parallelism is ``dp`` and expert tensor
-    parallelism equals ``tp``.
-    """
-
-    ep: int = Field(1, ge=1, le=MAX_GPUS, description="Expert-parallel ranks per replica.")
-    tp: int = Field(
-        1, ge=1, le=64, description="Tensor-parallel GPUs per EP rank (attention and experts)."
-    )
-    dp: int = Field(1, ge=1, le=MAX_GPUS, description="Independent data-parallel replicas.")
-    pp: int = Field(
-        1, ge=1, le=256, description="Pipeline stages (training): each holds a run of layers."
-    )
-    vpp: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Virtual stages per pipeline stage (interleaved 1F1B): the layers are cut "
-        "into pp * vpp chunks, chunk c on stage c % pp.",
-    )
-    pp_layout: list[int] | None = Field(
-        None,
-        min_length=2,
-        max_length=4096,
-        description="Layers of each chunk in model order (pp * vpp entries, or pp for "
-        "DualPipe), summing to the model's layers. Default: as even as possible, the first "
-        "and last chunks (embedding, output layer) taking the shortfall.",
-    )
-
-    @property
-    def stage_world(self) -> int:
-        """GPUs of one pipeline stage."""
-        return self.dp * self.ep * self.tp
-
-    @property
-    def world(self) -> int:
-        """GPUs in the scenario."""
-        return self.pp * self.stage_world
-
-    @model_validator(mode="after")
-    def _layout(self) -> Parallelism:
-        if self.vpp > 1 and self.pp < 2:
-            raise ValueError("vpp > 1 needs pp > 1")
-        if self.pp_layout is not None and min(self.pp_layout) < 1:
-            raise ValueError("pp_layout entries must be >= 1 layer")
-        return self
-
-    def rank_nodes(self, gpus_per_node: int) -> list[int]:
-        """Node of each EP rank, counted from the first node of its replica."""
-        return [(rank * self.tp) // gpus_per_node for rank in range(self.ep)]
 
 
 class Workload(_Section):
@@ -293,16 +225,6 @@ class Placement(_Section):
     )
 
 
-class AllToAll(_Section):
-    """The dispatch/combine communication algorithm."""
-
-    type: str = Field(
-        "direct",
-        description="All-to-all algorithm (registry name): direct, pxn, hierarchical, "
-        "low_latency, allgather.",
-    )
-
-
 class Offload(_Section):
     """Expert offload: experts in host memory, an HBM cache of some of them per GPU."""
 
@@ -353,31 +275,6 @@ class Gating(_Section):
     )
 
 
-class Overlap(_Section):
-    """Overlapping communication with computation."""
-
-    shared_experts: bool = Field(
-        False,
-        description="Compute the shared experts on the compute stream while the dispatch "
-        "all-to-all is in flight (forward), instead of after the routed experts.",
-    )
-    comm_sms: Literal["in_flight", "persistent"] = Field(
-        "in_flight",
-        description="in_flight: communication kernels take gpu.comm_sms SMs from overlapping "
-        "compute only while they run; persistent: they hold them for the whole step (DeepEP "
-        "normal kernels in training and prefill), so compute always runs on the rest.",
-    )
-    micro_batches: int = Field(
-        1,
-        ge=1,
-        le=2,
-        description="2: two-batch overlap (DeepSeek-V3 / SGLang TBO). Each step's sequences "
-        "split into two micro-batches with their own routing counts, capacity and "
-        "collectives; both walk the layers at once on one compute stream, so one's "
-        "all-to-all runs while the other computes.",
-    )
-
-
 class Optimizer(_Section):
     """Data-parallel gradient synchronisation and the optimizer step (training; see
     :mod:`moesim.timing.gradsync`)."""
@@ -419,121 +316,6 @@ class Pipeline(_Section):
         "interleaved: 1F1B over vpp virtual stages per GPU (Megatron); dualpipe: DeepSeek's "
         "bidirectional schedule (each stage holds two chunks, one micro-batch's forward "
         "overlapped with another's backward).",
-    )
-
-
-class Lengths(_Section):
-    """Token lengths of generated requests (see :mod:`moesim.serving.requests`)."""
-
-    dist: Literal["fixed", "uniform", "lognormal"] = Field("fixed", description="Distribution.")
-    mean: int = Field(ge=1, le=2**22, description="Mean tokens.")
-    min: int = Field(1, ge=1, le=2**22, description="Fewest tokens (uniform, lognormal).")
-    max: int = Field(2**17, ge=1, le=2**22, description="Most tokens (uniform, lognormal).")
-    sigma: float = Field(0.5, gt=0, le=4, description="Lognormal shape.")
-
-
-class ServeRequests(_Section):
-    """Where requests come from."""
-
-    arrival: Literal["poisson", "concurrency", "trace"] = Field(
-        "poisson",
-        description="poisson: at rate_per_s; concurrency: clients that each send their next "
-        "request when the last finishes; trace: the trace file's times (a ShareGPT JSON has "
-        "none: Poisson at rate_per_s).",
-    )
-    rate_per_s: float | None = Field(None, gt=0, le=1e6, description="Requests per second.")
-    clients: int | None = Field(None, ge=1, le=1_000_000, description="Concurrent clients.")
-    trace: str | None = Field(
-        None,
-        max_length=4096,
-        description="A file of requests: moesim's, BurstGPT's or Azure's CSV, Mooncake's "
-        "JSONL, or a ShareGPT JSON (see moesim.serving.requests).",
-    )
-    speedup: float = Field(
-        1.0,
-        gt=0,
-        le=1e6,
-        description="Replay the trace's arrivals this many times faster (its times divided "
-        "by it), as load is scaled in trace-driven benchmarks.",
-    )
-    count: int = Field(1000, ge=1, le=10_000_000, description="Requests to serve.")
-    duration_s: float | None = Field(
-        None,
-        gt=0,
-        le=1e7,
-        description="Serve the requests that arrive in the first duration_s seconds (count "
-        "is then the most drawn or read); poisson or trace arrivals.",
-    )
-    warmup: int = Field(0, ge=0, description="First requests left out of the metrics.")
-    input_len: Lengths = Lengths(mean=1024)
-    output_len: Lengths = Lengths(mean=256)
-
-    @model_validator(mode="after")
-    def _source(self) -> ServeRequests:
-        if self.arrival == "poisson" and self.rate_per_s is None:
-            raise ValueError("arrival poisson needs rate_per_s")
-        if self.arrival == "concurrency" and self.clients is None:
-            raise ValueError("arrival concurrency needs clients")
-        if self.arrival == "trace" and self.trace is None:
-            raise ValueError("arrival trace needs trace (a file)")
-        if self.duration_s is not None and self.arrival == "concurrency":
-            raise ValueError(
-                "duration_s needs poisson or trace arrivals (clients send as requests finish: "
-                "give count)"
-            )
-        if self.speedup != 1.0 and self.arrival != "trace":
-            raise ValueError("speedup scales a trace's arrivals: it needs arrival trace")
-        if self.warmup >= self.count:
-            raise ValueError(f"warmup ({self.warmup}) must be below count ({self.count})")
-        return self
-
-
-class PrefillPool(_Section):
-    """The prefill instances of a disaggregated deployment (the scenario's own cluster and
-    parallelism are its decode instances)."""
-
-    nodes: int = Field(ge=1, le=MAX_NODES, description="Nodes of prefill instances.")
-    hardware: str | None = Field(
-        None,
-        max_length=256,
-        description="Hardware profile of the prefill nodes (a name or a YAML file; default: "
-        "the scenario's), e.g. compute-rich GPUs for prompts and others for decoding.",
-    )
-    parallelism: Parallelism = Parallelism()
-    all_to_all: AllToAll | None = Field(None, description="Default: the scenario's.")
-    overlap: Overlap | None = Field(None, description="Default: the scenario's.")
-    cuda_graphs: bool = Field(False, description="Prefill kernels from CUDA graphs.")
-
-
-class Serving(_Section):
-    """Serving requests (``workload.mode: serve``; :mod:`moesim.serving`)."""
-
-    requests: ServeRequests
-    max_prefill_tokens: int = Field(
-        16384,
-        ge=1,
-        le=2**22,
-        description="Tokens per step: prompt tokens of a prefill step (chunked prefill); with "
-        "mixed batching, decode tokens (one per request) and prompt tokens together.",
-    )
-    kv_block_tokens: int = Field(64, ge=1, le=4096, description="Tokens per KV-cache page.")
-    batching: Literal["alternate", "mixed"] = Field(
-        "alternate",
-        description="alternate: a step prefills or decodes, prefill first (SGLang's default); "
-        "mixed: every step decodes the running requests and fills the rest of "
-        "max_prefill_tokens with prompt chunks (vLLM's default, Sarathi-Serve).",
-    )
-    tokens_per_step: float = Field(
-        1.0,
-        ge=1.0,
-        le=16.0,
-        description="Mean tokens a request gains per decode step (MTP / speculative "
-        "decoding acceptance; 1: none).",
-    )
-    slo_ttft_s: float | None = Field(None, gt=0, description="Goodput: time to first token.")
-    slo_tpot_s: float | None = Field(None, gt=0, description="Goodput: time per output token.")
-    prefill: PrefillPool | None = Field(
-        None, description="Disaggregated prefill instances (None: co-located serving)."
     )
 
 
