@@ -27,7 +27,7 @@ import numpy as np
 from moesim.config.scenario import Routing
 from moesim.models.spec import ModelSpec
 from moesim.registry import Registry
-from moesim.routing._acklam import _A, _B, _C, _D
+from moesim.routing._acklam import half_normal_from_depth
 from moesim.routing.batch import TokenBatch
 
 
@@ -219,9 +219,9 @@ def group_limited_topk(
     distribution (:func:`group_limited_topk_scored` is that reference; tests compare the two).
 
     From :data:`GROUP_COMPILED_MIN_TOKENS` tokens on, a compiled kernel draws the same
-    order statistics token by token (:mod:`moesim.routing._group_jit`: every group's ``m``
-    gaps drawn, ties to the lower index): the same distribution from a different use of the
-    random stream, so the two give different samples for one seed.
+    order statistics token by token with random numbers of its own, seeded from ``rng``
+    (:mod:`moesim.routing._group_jit`): the same distribution, so the two give different
+    samples for one seed.
 
     Returns:
         ``[n, top_k]`` int16 expert ids, best first.
@@ -234,16 +234,9 @@ def group_limited_topk(
     if n >= GROUP_COMPILED_MIN_TOKENS:
         from moesim.routing._group_jit import group_limited_draw
 
+        seed = int(rng.integers(0, 2**63))  # the draw's streams start from the seed's
         top2 = group_score != "max" and per >= 2
-        for start in range(0, n, chunk):
-            c = min(chunk, n - start)
-            first = rng.standard_exponential((c, n_group, head), dtype=np.float32)
-            rest = rng.standard_exponential((c, topk_group, m - head), dtype=np.float32)
-            within = rng.random((c, top_k))
-            out[start : start + c] = group_limited_draw(
-                first, rest, spacing, within, per, top_k, top2
-            )
-        return out
+        return group_limited_draw(seed, n, n_group, per, top_k, topk_group, top2)
     for start in range(0, n, chunk):
         c = min(chunk, n - start)
         # depth[t, g, i]: -log of the i-th best of group g's `per` uniforms (increasing in i);
@@ -255,7 +248,7 @@ def group_limited_topk(
         if group_score == "max" or per < 2:
             gscore = -depth[:, :, 0]
         else:
-            gscore = _half_normal_from_depth(depth[:, :, 0]) + _half_normal_from_depth(
+            gscore = half_normal_from_depth(depth[:, :, 0]) + half_normal_from_depth(
                 depth[:, :, 1]
             )
         if topk_group < n_group:
@@ -286,29 +279,6 @@ def _experts_within(first: np.ndarray, per: int, rng: np.random.Generator) -> np
         lambda rows, dup: first[rows][dup] + rng.integers(0, per, size=int(dup.sum())),
         "could not draw distinct experts inside the groups",
     )
-
-
-def _half_normal_from_depth(depth: np.ndarray) -> np.ndarray:
-    """The half-normal value at uniform quantile ``exp(-depth)``: ``-ppf((1 - u) / 2)``."""
-    return -_normal_ppf_lower(-np.expm1(-depth.astype(np.float64)) / 2.0)
-
-
-def _normal_ppf_lower(p: np.ndarray) -> np.ndarray:
-    """Standard normal quantile for ``0 < p <= 0.5`` (Acklam's algorithm)."""
-    low = p < 0.02425
-    q = np.sqrt(-2.0 * np.log(np.where(low, np.maximum(p, 1e-300), 0.02425)))
-    tail = _poly(_C, q) / (_poly(_D, q) * q + 1.0)
-    r0 = np.where(low, 0.3, p) - 0.5
-    r = r0 * r0
-    mid = _poly(_A, r) * r0 / (_poly(_B, r) * r + 1.0)
-    return np.where(low, tail, mid)
-
-
-def _poly(coef: tuple[float, ...], x: np.ndarray) -> np.ndarray:
-    acc = np.full_like(x, coef[0])
-    for c in coef[1:]:
-        acc = acc * x + c
-    return acc
 
 
 def group_limited_topk_scored(

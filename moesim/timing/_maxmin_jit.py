@@ -128,45 +128,6 @@ def fluid_schedule(
 
 
 @njit(cache=True)
-def link_sharing(
-    capacity: np.ndarray, flow_of: np.ndarray, link_of: np.ndarray, nbytes: np.ndarray
-) -> np.ndarray:
-    """Per-link processor sharing, compiled: the rule of
-    :func:`moesim.timing.sharing.link_sharing_numpy` (each link's flows by size, the bytes of
-    the smaller ones summed in that order; the two round differently, within 1e-12)."""
-    n_links, nnz = capacity.size, flow_of.size
-    ptr = np.zeros(n_links + 1, np.int64)
-    for e in range(nnz):
-        ptr[link_of[e] + 1] += 1
-    for i in range(n_links):
-        ptr[i + 1] += ptr[i]
-    fill = ptr[:-1].copy()
-    flows = np.empty(nnz, np.int64)  # flow of each entry, grouped by link
-    sizes = np.empty(nnz)
-    for e in range(nnz):
-        i = fill[link_of[e]]
-        flows[i] = flow_of[e]
-        sizes[i] = nbytes[flow_of[e]]
-        fill[link_of[e]] += 1
-    finish = np.zeros(nbytes.size)
-    for link in range(n_links):
-        a, b = ptr[link], ptr[link + 1]
-        k = b - a
-        if k == 0:
-            continue
-        order = np.argsort(sizes[a:b])
-        acc = 0.0
-        for i in range(k):
-            f = flows[a + order[i]]
-            s = sizes[a + order[i]]
-            t = (acc + s * (k - i)) / capacity[link]
-            acc += s
-            if t > finish[f]:
-                finish[f] = t
-    return finish
-
-
-@njit(cache=True)
 def _csr(
     flow_of: np.ndarray, link_of: np.ndarray, n_flows: int, n_links: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

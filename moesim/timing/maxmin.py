@@ -67,9 +67,26 @@ def compiled_schedule() -> Any:
 
 def compiled_sharing() -> Any:
     """The compiled per-link processor sharing of one isolated transfer
-    (:func:`moesim.timing._maxmin_jit.link_sharing`), or None without numba."""
-    jit = _jit()
+    (:func:`moesim.timing._sharing_jit.link_sharing`), or None without numba."""
+    jit = _sharing_jit()
     return None if jit is None else jit.link_sharing
+
+
+def compiled_phase() -> Any:
+    """A whole isolated phase by per-link processor sharing, compiled
+    (:func:`moesim.timing._sharing_jit.isolated_phase`), or None without numba."""
+    jit = _sharing_jit()
+    return None if jit is None else jit.isolated_phase
+
+
+@functools.cache
+def _sharing_jit() -> Any:
+    """:mod:`moesim.timing._sharing_jit`, imported on first use, or None without numba."""
+    try:
+        from moesim.timing import _sharing_jit
+    except ImportError:
+        return None
+    return _sharing_jit
 
 
 def _compiled() -> Any:

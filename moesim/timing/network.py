@@ -34,15 +34,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import simpy
 
 from moesim.comm.alltoall import Flows
-from moesim.hardware.topology import Topology
+from moesim.hardware.topology import DENSE_LIMIT, Topology
 from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.maxmin import (
     COMPILED_MIN_GPUS,
+    compiled_phase,
     compiled_schedule,
     compiled_sharing,
     max_min_rates,
@@ -182,24 +184,58 @@ class FlowNetwork:
         Raises:
             ValueError: the flows cross a shared link (not an isolated transfer).
         """
-        done = np.full(self.topology.gpus, float(now))
-        flows, routed = self._route(flows)
-        if routed is None:
-            return done
-        paths, lat, private = routed
-        if not private:
-            raise ValueError("the lockstep walk needs isolated transfers")
-        load = self.link_load(flows, paths)
-        arrive = now + self._isolated_finish(flows, paths, lat, load) + lat
-        np.maximum.at(done, flows.src, arrive)
-        np.maximum.at(done, flows.dst, arrive)
-        taking_part = np.zeros(done.size, dtype=bool)
+        phase = compiled_phase() if self.sharing and self.compiled else None
+        if phase is not None:
+            done, taking_part, load = self._compiled_phase(phase, flows, float(now))
+            if not taking_part.any():
+                return done
+        else:
+            done = np.full(self.topology.gpus, float(now))
+            flows, routed = self._route(flows)
+            if routed is None:
+                return done
+            paths, lat, private = routed
+            if not private:
+                raise ValueError("the lockstep walk needs isolated transfers")
+            load = self.link_load(flows, paths)
+            arrive = now + self._isolated_finish(flows, paths, lat, load) + lat
+            np.maximum.at(done, flows.src, arrive)
+            np.maximum.at(done, flows.dst, arrive)
+            taking_part = np.zeros(done.size, dtype=bool)
+            taking_part[flows.src] = taking_part[flows.dst] = True
         taking_part[members] = True
-        taking_part[flows.src] = taking_part[flows.dst] = True
         used = np.nonzero(load)[0]
         end = float(done[taking_part].max())
         self.records.append(LinkRecord(float(now), end, used, load[used]))
         return done
+
+    def _compiled_phase(
+        self, phase: Any, flows: Flows, now: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`moesim.timing._sharing_jit.isolated_phase` of ``flows``: paths from the
+        cluster's pair table where it has one, else routed here (one row of paths)."""
+        topo = self.topology
+        src = np.asarray(flows.src, dtype=np.int64)
+        dst = np.asarray(flows.dst, dtype=np.int64)
+        if topo.gpus <= DENSE_LIMIT:
+            table, lat, _ = topo.nic_pair_table() if flows.via_nic else topo.pair_table()
+            at = np.stack([src, dst])
+        else:
+            paths, lat_n, _ = topo.route(src, dst, flows.via_nic)
+            table, lat = paths[None], lat_n[None]
+            at = np.stack([np.zeros_like(src), np.arange(src.size)])
+        return phase(
+            table,
+            lat,
+            at,
+            src,
+            dst,
+            np.asarray(flows.nbytes, dtype=np.float64),
+            topo.capacity,
+            topo.implied,
+            now,
+            topo.gpus,
+        )
 
     def _isolated_finish(
         self,

@@ -5,7 +5,9 @@ scheduled here link by link: every link is shared equally by the flows on it tha
 finished, as if it were alone (processor sharing), so a flow of ``b`` bytes on a link of
 capacity ``C`` whose flows carry ``b_1 .. b_n`` bytes is through it at
 ``sum_i min(b_i, b) / C``; the flow is done when it is through every link of its path (the
-latest of those times). One pass over the flows of each link, sorted by size.
+latest of those times). One pass over the flows of each link, sorted by size (compiled:
+:mod:`moesim.timing._sharing_jit`, which also runs a whole phase of the lockstep walk in one
+call).
 
 This is not the max-min fluid model (:mod:`moesim.timing.network` with ``tolerance`` 0): a
 flow that another link slows takes less than its equal share here, and its link-mates do not
@@ -45,10 +47,14 @@ def link_sharing_numpy(
     start = np.nonzero(first)[0]
     group = np.cumsum(first) - 1
     count = np.diff(np.append(start, link.size))[group]
-    pos = np.arange(link.size) - start[group]
     total = np.cumsum(size)
     base = np.concatenate(([0.0], total))[start]  # bytes of the links before
-    before = total - size - base[group]  # the smaller flows' bytes on the link
+    # a run of equal sizes on a link: every flow of it as its first (ties in any order)
+    run = first.copy()
+    run[1:] |= size[1:] != size[:-1]
+    head = np.maximum.accumulate(np.where(run, np.arange(link.size), 0))
+    pos = head - start[group]
+    before = (total - size - base[group])[head]  # the smaller flows' bytes on the link
     through = (before + size * (count - pos)) / capacity[link]
     finish = np.zeros(len(nbytes))
     np.maximum.at(finish, flow, through)

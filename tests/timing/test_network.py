@@ -298,7 +298,7 @@ def test_link_sharing_by_hand_and_compiled_as_numpy() -> None:
     20 bytes share link 1. On link 0 the 10-byte flow is through at 2 s (both at 5 B/s), the
     other at 4 s; on link 1 the 20-byte flow at 4 s, the 30-byte one at 5 s: it is done at
     5 s, the latest of its links."""
-    from moesim.timing._maxmin_jit import link_sharing
+    from moesim.timing._sharing_jit import link_sharing
     from moesim.timing.sharing import link_sharing_numpy
 
     cap = np.array([10.0, 10.0])
@@ -311,6 +311,34 @@ def test_link_sharing_by_hand_and_compiled_as_numpy() -> None:
     link_of = np.stack([rng.integers(0, 32, n), rng.integers(32, links, n)], axis=1).ravel()
     sizes = rng.integers(1, 50, n) * 7168.0
     cap = np.full(links, 5e10)
-    a = link_sharing_numpy(cap, flow_of, link_of, sizes)
-    b = link_sharing(cap, flow_of, link_of, sizes)
-    assert np.allclose(a, b, rtol=1e-12, atol=0)
+    # whole sizes (each link's histogram), then sizes of no common unit (sorted per link)
+    for nbytes in (sizes, sizes * 1.37 + 0.25):
+        a = link_sharing_numpy(cap, flow_of, link_of, nbytes)
+        b = link_sharing(cap, flow_of, link_of, nbytes)
+        assert np.allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "via_nic", "scale"), [(32, True, 1.0), (8, False, 1.0), (8, True, 1.37)]
+)
+def test_compiled_phase_is_the_step_by_step_one(nodes: int, via_nic: bool, scale: float) -> None:
+    """The lockstep walk's one-call phase (moesim.timing._sharing_jit.isolated_phase: each
+    link's histogram of sizes, or sorting where sizes have no common unit) gives what routing,
+    loading and sharing step by step give, with the same link record."""
+    topo = Topology(load_profile("h800"), nodes)
+    n = topo.gpus
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(4.0, size=(n, n))
+    s, d = np.nonzero(counts)
+    flows = Flows(s, d, counts[s, d] * 7392.0 * scale, via_nic=via_nic)
+    members = np.arange(n)
+    out = []
+    for compiled in (True, False):
+        net = FlowNetwork(simpy.Environment(), topo, 0.1, sharing=True)
+        net.compiled = compiled
+        out.append((net.isolated_done(flows, members, 0.5), net.records[0]))
+    (fast, rec_fast), (slow, rec_slow) = out
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=0)
+    assert rec_fast.end == pytest.approx(rec_slow.end, rel=1e-12)
+    assert (rec_fast.links == rec_slow.links).all()
+    np.testing.assert_allclose(rec_fast.nbytes, rec_slow.nbytes, rtol=1e-12)
