@@ -206,11 +206,10 @@ def patterns(
         group of each pick, best pick first), and Vose's alias table over them (``prob``,
         ``alias``) for drawing one with a uniform.
     """
-    _, ranks = _exact(0x5EED, PATTERN_SAMPLES, groups, per, top_k, kept, top2, True)
-    code = np.zeros(ranks.shape[0], np.int64)
-    for p in range(top_k - 1, -1, -1):
-        code = code * kept + ranks[:, p]
-    codes, counts = np.unique(code, return_counts=True)
+    _, code = _exact(0x5EED, PATTERN_SAMPLES, groups, per, top_k, kept, top2, True)
+    counts = np.bincount(code, minlength=kept**top_k)
+    codes = np.flatnonzero(counts)
+    counts = counts[codes]
     rows = np.empty((codes.size, top_k), np.uint8)
     rest = codes.copy()
     for p in range(top_k):
@@ -304,12 +303,13 @@ def _exact(
     top_k: int,
     kept_n: int,
     top2: bool,
-    with_ranks: bool,
+    with_codes: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`exact_draw`, and with ``with_ranks`` each pick's pattern entry (the score rank
-    of its group among the kept ones)."""
+    """:func:`exact_draw`, and with ``with_codes`` each token's pattern as a number: the
+    score rank (among the kept groups) of the group of pick ``p`` is its ``p``-th digit in
+    base ``kept_n``."""
     out = np.empty((n, top_k), np.int16)
-    ranks = np.empty((n if with_ranks else 0, top_k), np.uint8)
+    codes = np.zeros(n if with_codes else 0, np.int64)
     size = (n + _BLOCKS - 1) // _BLOCKS
     base = _mix(np.uint64(seed))
     m = min(top_k, per)  # only a group's best top_k can be picked
@@ -375,6 +375,6 @@ def _exact(
                     pos[best, r] = pos[best, r - 1]
                 pos[best, q] = e
                 out[t, p] = order[best] * per + e
-                if with_ranks:
-                    ranks[t, p] = krank[best]
-    return out, ranks
+                if with_codes:
+                    codes[t] += krank[best] * kept_n**p
+    return out, codes
