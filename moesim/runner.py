@@ -74,7 +74,7 @@ def simulate(r: ResolvedScenario, progress: ProgressFn | None = None) -> RunResu
         summary["offload"] = offload_summary(r, col, engine.offload.stats(s.workload.steps))
     # SimPy events, or the lockstep walk's per-GPU resumptions
     events = counter() + (engine.lockstep_events if isinstance(engine, Engine) else 0)
-    return RunResult(r, summary, layers_table(col), col.events, col, events, links)
+    return RunResult(r, summary, layers_table(col), col, events, links)
 
 
 def _count_events(engine: Engine | PipelineEngine) -> Any:

@@ -19,8 +19,10 @@ same amounts back, so callers reverse each flow (:meth:`Flows.reversed`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -118,11 +120,36 @@ def algorithm(
     return deco
 
 
+COMPILED_MIN_ENTRIES = 64 * 64
+"""Count matrices from this size on are read by a compiled loop (a 256-GPU decode phase's
+65,280 flows: ~0.2 ms instead of ~1 ms); smaller ones by numpy, which needs no numba."""
+
+
+@functools.cache
+def _jit() -> Any:
+    """:mod:`moesim.comm._pairs_jit`, imported on first use, or None without numba."""
+    try:
+        from moesim.comm import _pairs_jit
+    except ImportError:
+        return None
+    return _pairs_jit
+
+
 def _pairs(
     counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float, own: bool = False
 ) -> Flows:
     """Flows for the non-zero entries of a ``[src, dst]`` count matrix; a GPU's entry to
-    itself only when ``own`` (a copy kernel that moves its own tokens like a peer's)."""
+    itself only when ``own`` (a copy kernel that moves its own tokens like a peer's).
+    Compiled from :data:`COMPILED_MIN_ENTRIES` entries on (the same flows)."""
+    if counts.size >= COMPILED_MIN_ENTRIES and (jit := _jit()) is not None:
+        src, dst, nbytes = jit.pairs(
+            np.ascontiguousarray(counts),
+            np.asarray(src_gpu, dtype=np.int64),
+            np.asarray(dst_gpu, dtype=np.int64),
+            float(tb),
+            own,
+        )
+        return Flows(src=src, dst=dst, nbytes=nbytes)
     s, d = np.nonzero(counts)
     if not own:
         off = src_gpu[s] != dst_gpu[d]

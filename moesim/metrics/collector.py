@@ -7,6 +7,7 @@ counts and communication bytes. Chrome-trace events are kept for the first
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,7 +75,7 @@ class Collector:
         self.bytes_intra = np.zeros(steps)
         self.bytes_inter = np.zeros(steps)
         self.dp_bytes = np.zeros((steps, 2))  # data-parallel bytes: intra-node, inter-node
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Any] = []  # Chrome-trace events, or spans of several GPUs at once
         self.gpn = gpus_per_node
         self.timeline_steps = timeline_steps
         self.tokens_per_step = np.zeros(steps, dtype=np.int64)
@@ -104,29 +105,43 @@ class Collector:
         ``end``: one per GPU)."""
         where = slice(None) if gpus is None else gpus
         self.phase_s[step, layer, where, PHASE_INDEX[phase]] += end - start
-        if step < self.timeline_steps:
-            ids = range(self.phase_s.shape[2]) if gpus is None else gpus.tolist()
-            for g, a, b in zip(ids, start.tolist(), end.tolist(), strict=True):
-                if b > a:
-                    self.on_timeline(step, layer, g, phase, a, b, 0)
+        if step < self.timeline_steps:  # as events when the timeline is read (:meth:`timeline`)
+            ids = np.arange(self.phase_s.shape[2]) if gpus is None else np.asarray(gpus)
+            start, end = np.broadcast_to(start, ids.shape), np.broadcast_to(end, ids.shape)
+            self.events.append(_Spans(step, layer, phase, ids.copy(), start.copy(), end.copy()))
 
     def on_timeline(
         self, step: int, layer: int, gpu: int, phase: str, start: float, end: float, mb: int
     ) -> None:
         """One span of the timeline (see :meth:`on_phase`)."""
+        self.events.append(self._event(step, layer, gpu, phase, start, end, mb))
+
+    def _event(
+        self, step: int, layer: int, gpu: int, phase: str, start: float, end: float, mb: int
+    ) -> dict[str, Any]:
         args = {"step": step, "layer": layer} | ({"micro_batch": mb} if mb else {})
-        self.events.append(
-            {
-                "name": phase,
-                "cat": "comm" if phase in COMM_PHASES else "compute",
-                "ph": "X",
-                "ts": start * 1e6,
-                "dur": (end - start) * 1e6,
-                "pid": gpu // self.gpn,
-                "tid": gpu + mb * self.phase_s.shape[2],
-                "args": args,
-            }
-        )
+        return {
+            "name": phase,
+            "cat": "comm" if phase in COMM_PHASES else "compute",
+            "ph": "X",
+            "ts": start * 1e6,
+            "dur": (end - start) * 1e6,
+            "pid": gpu // self.gpn,
+            "tid": gpu + mb * self.phase_s.shape[2],
+            "args": args,
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """The recorded timeline as Chrome-trace events, in the order recorded."""
+        out: list[dict[str, Any]] = []
+        for e in self.events:
+            if not isinstance(e, _Spans):
+                out.append(e)
+                continue
+            for g, a, b in zip(e.gpus.tolist(), e.start.tolist(), e.end.tolist(), strict=True):
+                if b > a:
+                    out.append(self._event(e.step, e.layer, g, e.phase, a, b, 0))
+        return out
 
     def on_routing(
         self,
@@ -204,9 +219,11 @@ class Collector:
         """Bytes put on the network by one phase (a GPU's copies to itself are not);
         ``data_parallel``: a gradient reduction or weight gather, also counted apart."""
         moved = src != dst
-        src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
-        inter = src // gpn != dst // gpn
-        out, within = float(nbytes[inter].sum()), float(nbytes[~inter].sum())
+        if not moved.all():
+            src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
+        total = float(nbytes.sum())
+        out = float(nbytes[src // gpn != dst // gpn].sum())
+        within = total - out
         self.bytes_inter[step] += out
         self.bytes_intra[step] += within
         if data_parallel:
@@ -230,3 +247,16 @@ class Collector:
         if sm_contention is not None:
             self.sm_contention_s[step] = sm_contention
         self.tokens_per_step[step] = tokens
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """Spans of one phase on several GPUs (:meth:`Collector.on_phases`), kept as arrays until
+    the timeline is read."""
+
+    step: int
+    layer: int
+    phase: str
+    gpus: np.ndarray
+    start: np.ndarray
+    end: np.ndarray

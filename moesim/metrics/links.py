@@ -37,18 +37,27 @@ def links_table(topology: Topology, records: list[LinkRecord]) -> pd.DataFrame:
     start = np.repeat([r.start for r in records], sizes)
     end = np.repeat([r.end for r in records], sizes)
     span = np.maximum(end - start, 1e-15)
-    names = np.asarray(topology.link_names)
     return pd.DataFrame(
         {
             "phase": np.repeat(np.arange(len(records), dtype=np.int32), sizes),
             "start_s": start,
             "end_s": end,
-            "link": pd.Categorical(names[links]),
-            "kind": pd.Categorical(topology.link_kind[links]),
+            "link": _categorical(np.asarray(topology.link_names), links),
+            "kind": _categorical(np.asarray(topology.link_kind), links),
             "bytes": nbytes,
             "utilisation": nbytes / (topology.capacity[links] * span),
         }
     )
+
+
+def _categorical(names: np.ndarray, ids: np.ndarray) -> pd.Categorical:
+    """``pd.Categorical(names[ids])`` (the names used, sorted, as categories) from codes,
+    without building a string per row."""
+    used = np.unique(ids)
+    categories, code_of_name = np.unique(names[used], return_inverse=True)
+    code = np.full(names.size, -1, dtype=np.int32)
+    code[used] = code_of_name
+    return pd.Categorical.from_codes(code[ids], categories=categories)
 
 
 def links_summary(table: pd.DataFrame, steps: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,6 @@ class RunResult:
         resolved: The scenario that ran.
         summary: The ``summary.json`` content.
         layers: The ``layers.parquet`` table.
-        timeline: Chrome-trace events of the first steps.
         collector: The raw arrays.
         events_processed: SimPy events processed, or the per-GPU resumptions of the lockstep
             walk (:mod:`moesim.timing.lockstep`), for benchmarks.
@@ -29,10 +29,14 @@ class RunResult:
     resolved: ResolvedScenario
     summary: dict[str, Any]
     layers: pd.DataFrame
-    timeline: list[dict[str, Any]]
     collector: Collector
     events_processed: int
     links: pd.DataFrame | None = None
+
+    @functools.cached_property
+    def timeline(self) -> list[dict[str, Any]]:
+        """Chrome-trace events of the first steps (built when first read)."""
+        return self.collector.timeline()
 
     def headline(self) -> pd.DataFrame:
         """The report's headline block as a table: ``label``, ``value``, ``detail``."""

@@ -13,9 +13,12 @@ link by link. The smaller flows' bytes are sums of whole numbers, exact in both.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 _EXACT = 2.0**53  # sizes below this are whole numbers exactly when they look like it
+_CHUNKS = 4  # flows are split into this many chunks for the threads (fixed: the same sums)
+PARALLEL_MIN_FLOWS = 8192
+"""Phases of this many flows or more run their passes in parallel chunks."""
 
 
 @njit(cache=True)
@@ -171,7 +174,6 @@ def link_sharing(
 def isolated_phase(
     table: np.ndarray,
     latency: np.ndarray,
-    at: np.ndarray,
     src: np.ndarray,
     dst: np.ndarray,
     nbytes: np.ndarray,
@@ -179,95 +181,234 @@ def isolated_phase(
     implied: np.ndarray,
     now: float,
     gpus: int,
+    rows: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An isolated transfer started at ``now``, by per-link processor sharing, in one pass
     (:meth:`moesim.timing.network.FlowNetwork.isolated_done`).
 
     Args:
-        table: ``[a, b, hops]`` link ids of flow ``f``'s path at ``[at[0, f], at[1, f]]``
-            (-1 padded): the cluster's pair table indexed by GPUs, or one row of paths.
+        table: ``[a, b, hops]`` link ids of each flow's path (-1 padded): the cluster's pair
+            table, at ``[src, dst]``, or with ``rows`` one row of the flows' paths, at
+            ``[0, flow]``.
         latency: ``[a, b]`` path latencies, seconds, indexed alike.
-        at: ``[2, n]`` each flow's indices into ``table`` and ``latency``.
         src / dst: ``[n]`` the flows' GPUs.
         nbytes: ``[n]`` bytes (float64).
         capacity: ``[links]`` bytes per second.
         implied: ``[links]`` links that never bind (their bytes are counted, not shared).
         now: Start time.
         gpus: GPUs in the cluster.
+        rows: How ``table`` is indexed (above).
 
     Returns:
         ``done`` (``[gpus]`` when each GPU's flows have all arrived: ``now + finish +
         latency`` at the latest, ``now`` for a GPU without flows), ``ends`` (``[gpus]``
         sends or receives a flow that crosses a link) and ``load`` (``[links]`` bytes).
     """
-    n, hops, n_links = src.size, table.shape[2], capacity.size
+    n, n_links = src.size, capacity.size
+    a0, a1 = (np.zeros(n, np.int64), np.arange(n)) if rows else (src, dst)  # table indices
+    chunks = _CHUNKS if n >= PARALLEL_MIN_FLOWS else 1
+    size = (n + chunks - 1) // chunks
     key, unit = _units(nbytes)
     keys = key.max() + 1 if key.size else 0
-    if keys and keys * n_links <= 4 * n * hops + 65536:
-        finish, routed, load = _phase_by_histogram(
-            table, at, nbytes, capacity, implied, key, unit, keys
-        )
-    else:
-        load = np.zeros(n_links)
+    if keys and keys * n_links <= 4 * n * table.shape[2] + 65536:
+        loads = np.zeros((chunks, n_links))
+        hists = np.zeros((chunks, n_links * keys), np.int32)
+        counts = np.zeros((chunks, n_links), np.int64)
         routed = np.zeros(n, np.bool_)
-        flow_of = np.empty(n * hops, np.int64)
-        link_of = np.empty(n * hops, np.int64)
-        nnz = 0
-        for f in range(n):
-            for h in range(hops):
-                link = table[at[0, f], at[1, f], h]
-                if link >= 0:
-                    routed[f] = True
-                    load[link] += nbytes[f]
-                    if not implied[link]:
-                        flow_of[nnz] = f
-                        link_of[nnz] = link
-                        nnz += 1
-        finish = _by_sort(capacity, flow_of[:nnz], link_of[:nnz], nbytes)
-    done = np.full(gpus, now)
+        args = (table, a0, a1, nbytes, implied, key, keys)
+        if chunks > 1:
+            _count_chunks(size, *args, loads, hists, counts, routed)
+        else:
+            _count_chunk(0, n, *args, loads[0], hists[0], counts[0], routed)
+        load = loads[0].copy()  # (whole numbers of bytes: the chunks' sums add up exactly)
+        hist = hists[0].astype(np.int64)
+        count = counts[0].copy()
+        for c in range(1, chunks):
+            load += loads[c]
+            hist += hists[c]
+            count += counts[c]
+        through = _through(capacity, hist, count, unit, keys)
+        finish = np.zeros(n)
+        if chunks > 1:
+            _finish_chunks(size, table, a0, a1, implied, key, keys, through, finish)
+        else:
+            _finish_chunk(0, n, table, a0, a1, implied, key, keys, through, finish)
+    else:
+        finish, routed, load = _phase_by_sort(table, a0, a1, nbytes, capacity, implied)
+    done = np.full((chunks, gpus), now)
+    args2 = (a0, a1, src, dst, routed, finish, latency, now)
+    if chunks > 1:
+        _arrive_chunks(size, *args2, done)
+    else:
+        _arrive_chunk(0, n, *args2, done[0])
     ends = np.zeros(gpus, np.bool_)
     for f in range(n):
         if routed[f]:
-            arrive = now + finish[f] + latency[at[0, f], at[1, f]]
-            done[src[f]] = max(done[src[f]], arrive)
-            done[dst[f]] = max(done[dst[f]], arrive)
             ends[src[f]] = ends[dst[f]] = True
-    return done, ends, load
+    latest = done[0].copy()
+    for c in range(1, chunks):
+        for g in range(gpus):
+            latest[g] = max(latest[g], done[c, g])
+    return latest, ends, load
 
 
+# Each pass over the flows runs on chunks of them, in parallel from PARALLEL_MIN_FLOWS flows
+# (a parallel region costs ~15 us to start: more than a small phase's whole pass).
 @njit(cache=True)
-def _phase_by_histogram(
+def _count_chunk(
+    lo: int,
+    hi: int,
     table: np.ndarray,
-    at: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
     nbytes: np.ndarray,
-    capacity: np.ndarray,
     implied: np.ndarray,
     key: np.ndarray,
-    unit: int,
     keys: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`isolated_phase`'s finish times (``[n]``), flows that cross a link and bytes
-    per link, by the links' histograms of sizes (:func:`_by_histogram`) read straight from
-    the path table."""
-    n, hops, n_links = at.shape[1], table.shape[2], capacity.size
-    load = np.zeros(n_links)
-    routed = np.zeros(n, np.bool_)
-    hist = np.zeros(n_links * keys, np.int64)
-    count = np.zeros(n_links, np.int64)
-    for f in range(n):
-        for h in range(hops):
-            link = table[at[0, f], at[1, f], h]
+    load: np.ndarray,
+    hist: np.ndarray,
+    count: np.ndarray,
+    routed: np.ndarray,
+) -> None:
+    """Flows ``lo`` to ``hi``: bytes per link, and each link's histogram of sizes."""
+    for f in range(lo, hi):
+        for h in range(table.shape[2]):
+            link = table[a0[f], a1[f], h]
             if link >= 0:
                 routed[f] = True
                 load[link] += nbytes[f]
                 if not implied[link]:
                     hist[link * keys + key[f]] += 1
                     count[link] += 1
-    through = _through(capacity, hist, count, unit, keys)
-    finish = np.zeros(n)
-    for f in range(n):
-        for h in range(hops):
-            link = table[at[0, f], at[1, f], h]
+
+
+@njit(cache=True, parallel=True)
+def _count_chunks(
+    size: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    implied: np.ndarray,
+    key: np.ndarray,
+    keys: int,
+    loads: np.ndarray,
+    hists: np.ndarray,
+    counts: np.ndarray,
+    routed: np.ndarray,
+) -> None:
+    n = a0.size
+    for c in prange(loads.shape[0]):
+        lo, hi = c * size, min(n, (c + 1) * size)
+        args = (table, a0, a1, nbytes, implied, key, keys)
+        _count_chunk(lo, hi, *args, loads[c], hists[c], counts[c], routed)
+
+
+@njit(cache=True)
+def _finish_chunk(
+    lo: int,
+    hi: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    implied: np.ndarray,
+    key: np.ndarray,
+    keys: int,
+    through: np.ndarray,
+    finish: np.ndarray,
+) -> None:
+    """Flows ``lo`` to ``hi``: the latest time each is through a link of its path."""
+    for f in range(lo, hi):
+        for h in range(table.shape[2]):
+            link = table[a0[f], a1[f], h]
             if link >= 0 and not implied[link]:
                 finish[f] = max(finish[f], through[link * keys + key[f]])
-    return finish, routed, load
+
+
+@njit(cache=True, parallel=True)
+def _finish_chunks(
+    size: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    implied: np.ndarray,
+    key: np.ndarray,
+    keys: int,
+    through: np.ndarray,
+    finish: np.ndarray,
+) -> None:
+    n = a0.size
+    for c in prange(_CHUNKS):
+        lo, hi = c * size, min(n, (c + 1) * size)
+        _finish_chunk(lo, hi, table, a0, a1, implied, key, keys, through, finish)
+
+
+@njit(cache=True)
+def _arrive_chunk(
+    lo: int,
+    hi: int,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    routed: np.ndarray,
+    finish: np.ndarray,
+    latency: np.ndarray,
+    now: float,
+    done: np.ndarray,
+) -> None:
+    """Flows ``lo`` to ``hi``: the latest arrival at each GPU."""
+    for f in range(lo, hi):
+        if routed[f]:
+            arrive = now + finish[f] + latency[a0[f], a1[f]]
+            done[src[f]] = max(done[src[f]], arrive)
+            done[dst[f]] = max(done[dst[f]], arrive)
+
+
+@njit(cache=True, parallel=True)
+def _arrive_chunks(
+    size: int,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    routed: np.ndarray,
+    finish: np.ndarray,
+    latency: np.ndarray,
+    now: float,
+    done: np.ndarray,
+) -> None:
+    n = a0.size
+    for c in prange(done.shape[0]):
+        lo, hi = c * size, min(n, (c + 1) * size)
+        _arrive_chunk(lo, hi, a0, a1, src, dst, routed, finish, latency, now, done[c])
+
+
+@njit(cache=True)
+def _phase_by_sort(
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    capacity: np.ndarray,
+    implied: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`isolated_phase`'s finish times (``[n]``), flows that cross a link and bytes
+    per link, sorting each link's flows (:func:`_by_sort`)."""
+    n, hops, n_links = a0.size, table.shape[2], capacity.size
+    load = np.zeros(n_links)
+    routed = np.zeros(n, np.bool_)
+    flow_of = np.empty(n * hops, np.int64)
+    link_of = np.empty(n * hops, np.int64)
+    nnz = 0
+    for f in range(n):
+        for h in range(hops):
+            link = table[a0[f], a1[f], h]
+            if link >= 0:
+                routed[f] = True
+                load[link] += nbytes[f]
+                if not implied[link]:
+                    flow_of[nnz] = f
+                    link_of[nnz] = link
+                    nnz += 1
+    return _by_sort(capacity, flow_of[:nnz], link_of[:nnz], nbytes), routed, load

@@ -217,24 +217,15 @@ class FlowNetwork:
         topo = self.topology
         src = np.asarray(flows.src, dtype=np.int64)
         dst = np.asarray(flows.dst, dtype=np.int64)
-        if topo.gpus <= DENSE_LIMIT:
+        rows = topo.gpus > DENSE_LIMIT
+        if not rows:
             table, lat, _ = topo.nic_pair_table() if flows.via_nic else topo.pair_table()
-            at = np.stack([src, dst])
         else:
             paths, lat_n, _ = topo.route(src, dst, flows.via_nic)
             table, lat = paths[None], lat_n[None]
-            at = np.stack([np.zeros_like(src), np.arange(src.size)])
+        nbytes = np.asarray(flows.nbytes, dtype=np.float64)
         return phase(
-            table,
-            lat,
-            at,
-            src,
-            dst,
-            np.asarray(flows.nbytes, dtype=np.float64),
-            topo.capacity,
-            topo.implied,
-            now,
-            topo.gpus,
+            table, lat, src, dst, nbytes, topo.capacity, topo.implied, now, topo.gpus, rows
         )
 
     def _isolated_finish(
@@ -252,7 +243,8 @@ class FlowNetwork:
             return finish
         fluid = self.topology.fluid_paths(paths)  # loads keep the implied links, rates do not
         nbytes = flows.nbytes.astype(np.float64)
-        (finish,) = self._schedule([fluid], [nbytes], [self.window(load, lat)])
+        window = 0.0 if self.sharing else self.window(load, lat)  # (sharing needs none)
+        (finish,) = self._schedule([fluid], [nbytes], [window])
         return finish
 
     def _route(self, flows: Flows) -> tuple[Flows, tuple[np.ndarray, np.ndarray, bool] | None]:
