@@ -28,8 +28,12 @@ class RunLike(Protocol):
     resolved: Any
     summary: dict[str, Any]
     layers: pd.DataFrame
-    timeline: list[dict[str, Any]]
     links: pd.DataFrame | None
+
+    @property
+    def timeline(self) -> list[dict[str, Any]]:
+        """Chrome-trace events of the first steps."""
+        ...
 
     def breakdown(self) -> pd.DataFrame:
         """Seconds per layer by phase."""
