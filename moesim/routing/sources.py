@@ -248,9 +248,7 @@ def group_limited_topk(
         if group_score == "max" or per < 2:
             gscore = -depth[:, :, 0]
         else:
-            gscore = half_normal_from_depth(depth[:, :, 0]) + half_normal_from_depth(
-                depth[:, :, 1]
-            )
+            gscore = half_normal_from_depth(depth[:, :, 0]) + half_normal_from_depth(depth[:, :, 1])
         if topk_group < n_group:
             keep = np.argpartition(-gscore, topk_group - 1, axis=1)[:, :topk_group]
             depth = np.take_along_axis(depth, keep[:, :, None], axis=1)
