@@ -37,6 +37,12 @@ class ReplicaChooser(Protocol):
         """
         ...
 
+    def slot_table(self) -> np.ndarray | None:
+        """``[moe_layers, experts]`` int32 the slot of every assignment of a layer and expert,
+        where it depends on nothing else (one replica each), else None: then the counting
+        pass looks slots up as it goes instead of reading :meth:`slots`."""
+        ...
+
 
 ChooserFactory = Callable[[Placement, int, np.ndarray], ReplicaChooser]
 REPLICA_CHOICES: Registry[ChooserFactory] = Registry("replica choice")
@@ -53,6 +59,10 @@ class TableChooser:
     def __init__(self, choice: np.ndarray, count: np.ndarray) -> None:
         self.choice, self.count = choice.astype(np.int32), count.astype(np.int64)
         self.single = bool((count == 1).all())
+
+    def slot_table(self) -> np.ndarray | None:
+        """See :class:`ReplicaChooser`: the single replica's slot of each (layer, expert)."""
+        return np.ascontiguousarray(self.choice[:, :, 0, 0]) if self.single else None
 
     def slots(self, layers: np.ndarray, experts: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
         """Slot per assignment (see :class:`ReplicaChooser`)."""
@@ -125,6 +135,10 @@ class LeastLoaded:
             # a rank's share is split evenly between its copies of the expert
             out[e, : cnt[e]] = (share / per_holder)[np.searchsorted(holders, ranks_of)]
         return out
+
+    def slot_table(self) -> None:
+        """Shares change with each step's loads: slots are chosen per assignment."""
+        return None
 
     def slots(self, layers: np.ndarray, experts: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
         """Slot per assignment (see :class:`ReplicaChooser`)."""

@@ -25,11 +25,16 @@ def count_routed(
     rank_node: np.ndarray,
     n_nodes: int,
     n_experts: int,
+    table: np.ndarray,
+    layers: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts of ``[layers, ranks, tokens, k]`` assignments.
 
     Args:
-        slot: Physical slot of each assignment (in its layer's ``slot_rank.size`` slots).
+        slot: Physical slot of each assignment (in its layer's ``slot_rank.size`` slots), or
+            empty: then ``table`` (``[moe_layers x experts]`` flat) holds the slot of each
+            (MoE layer, expert), looked up at ``layers[l] x experts + expert`` (what
+            :meth:`moesim.policies.replicas.TableChooser.slots` reads with one replica).
         keep: Whether it survived capacity (not read when ``all_kept``).
         experts: Logical expert of each assignment; counted where ``valid``.
         valid: Whether the gate gave the slot an expert at all.
@@ -41,13 +46,14 @@ def count_routed(
         destination) rank and per slot, tokens per destination rank and node (once per token),
         valid assignments per expert.
     """
-    layers, ranks, tokens, k = slot.shape
-    assignments = np.zeros((layers, ranks, ranks), np.int64)
-    slot_tokens = np.zeros((layers, slot_rank.size), np.int64)
-    rank_copies = np.zeros((layers, ranks, ranks), np.int64)
-    node_copies = np.zeros((layers, ranks, n_nodes), np.int64)
-    expert_routed = np.zeros((layers, n_experts), np.int64)
-    for li in prange(layers):
+    n_layers, ranks, tokens, k = experts.shape
+    by_table = slot.size == 0
+    assignments = np.zeros((n_layers, ranks, ranks), np.int64)
+    slot_tokens = np.zeros((n_layers, slot_rank.size), np.int64)
+    rank_copies = np.zeros((n_layers, ranks, ranks), np.int64)
+    node_copies = np.zeros((n_layers, ranks, n_nodes), np.int64)
+    expert_routed = np.zeros((n_layers, n_experts), np.int64)
+    for li in prange(n_layers):
         dr = np.empty(k, np.int64)
         dn = np.empty(k, np.int64)
         for r in range(ranks):
@@ -58,7 +64,10 @@ def count_routed(
                     if not all_kept and not keep[li, r, t, j]:
                         dr[j] = -1
                         continue
-                    s = slot[li, r, t, j]
+                    if by_table:
+                        s = table[layers[li] * n_experts + experts[li, r, t, j]]
+                    else:
+                        s = slot[li, r, t, j]
                     d = slot_rank[s]
                     dr[j] = d
                     dn[j] = rank_node[d]

@@ -96,10 +96,14 @@ def _count_compiled(
     slot_rank: np.ndarray,
     rank_node: np.ndarray,
     n_experts: int,
+    table: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Counted:
-    """:func:`count_routed_numpy` in one compiled pass (the same integers)."""
+    """:func:`count_routed_numpy` in one compiled pass (the same integers); with ``table``
+    (the chooser's :meth:`~moesim.policies.replicas.ReplicaChooser.slot_table` and the
+    chunk's layers) it looks each slot up instead of reading ``slot``."""
     from moesim.routing._count_jit import count_routed
 
+    lookup, layers = (np.zeros(1, np.int32), np.zeros(1, np.int64)) if table is None else table
     return count_routed(
         np.ascontiguousarray(slot),
         np.ones((1, 1, 1, 1), dtype=bool) if keep is None else np.ascontiguousarray(keep),
@@ -110,6 +114,8 @@ def _count_compiled(
         rank_node.astype(np.int64),
         int(rank_node.max()) + 1,
         n_experts,
+        lookup.ravel(),
+        layers.astype(np.int64),
     )
 
 
@@ -188,11 +194,15 @@ def count_layers(
     n_layers, ranks, tokens, _ = draw.experts.shape
     cap = rule.capacity(tokens, ranks)
     experts, keep, valid = apply_capacity(draw, rule, cap, rng)
-    slot = chooser.slots(layers, experts, keep)
-    count = _count_compiled if slot.size >= COMPILED_MIN_ASSIGNMENTS else count_routed_numpy
-    assignments, slot_tokens, rank_copies, node_copies, expert_routed = count(
-        slot, keep, experts, valid, placement.slot_rank, rank_node, rule.num_experts
-    )
+    args = (keep, experts, valid, placement.slot_rank, rank_node, rule.num_experts)
+    table = chooser.slot_table() if experts.size >= COMPILED_MIN_ASSIGNMENTS else None
+    if table is not None:  # slots looked up as the compiled pass counts
+        counted = _count_compiled(np.empty((0, 0, 0, 0), np.int32), *args, (table, layers))
+    else:
+        slot = chooser.slots(layers, experts, keep)
+        count = _count_compiled if slot.size >= COMPILED_MIN_ASSIGNMENTS else count_routed_numpy
+        counted = count(slot, *args)
+    assignments, slot_tokens, rank_copies, node_copies, expert_routed = counted
     dropped, dropped_by_bin = _drops(valid, keep, pos_bin, bins)
     counts = LayerCounts(
         assignments=assignments,

@@ -263,3 +263,31 @@ def test_counts_match_counting_by_hand(compiled: bool) -> None:
                 want[3][li, r, n] += 1
         for g, w in zip(got, want, strict=True):
             assert np.array_equal(g, w)
+
+
+def test_compiled_count_looks_slots_up_as_reading_them() -> None:
+    """With one replica per expert the compiled pass looks each slot up in the chooser's
+    table (moesim.policies.replicas.TableChooser.slot_table) instead of reading the slots
+    array: the same counts, for a chunk of later layers too."""
+    from moesim.policies.placement import Placement
+    from moesim.policies.replicas import REPLICA_CHOICES
+    from moesim.routing.dispatch import _count_compiled
+
+    rng = np.random.default_rng(5)
+    moe_layers, experts, ranks, tokens, k = 5, 16, 4, 40, 3
+    phy2log = np.stack([rng.permutation(experts) for _ in range(moe_layers)])
+    placement = Placement(phy2log=phy2log, ranks=ranks)
+    rank_node = np.array([0, 0, 1, 1])
+    chooser = REPLICA_CHOICES.get("round_robin")(placement, experts, rank_node)
+    table = chooser.slot_table()
+    assert table is not None and table.shape == (moe_layers, experts)
+    layers = np.array([2, 4])
+    expert = rng.integers(0, experts, size=(layers.size, ranks, tokens, k))
+    valid = np.ones(expert.shape, dtype=bool)
+    keep = rng.random(expert.shape) < 0.8
+    for kept in (keep, None):
+        args = (kept, expert, valid, placement.slot_rank, rank_node, experts)
+        read = _count_compiled(chooser.slots(layers, expert, kept), *args)
+        looked_up = _count_compiled(np.empty((0, 0, 0, 0), np.int32), *args, (table, layers))
+        for a, b in zip(read, looked_up, strict=True):
+            assert np.array_equal(a, b)
