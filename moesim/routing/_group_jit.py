@@ -32,13 +32,9 @@ import numpy as np
 from numba import njit, prange
 
 from moesim.routing._acklam import _A, _B, _C, _D, half_normal_from_depth
+from moesim.routing._streams import BLOCKS, GAMMA, mix, start, uniform
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 _TWO53 = 2.0**53
-_INV53 = 1.0 / _TWO53
-_BLOCKS = 64  # tokens are split into this many blocks for the threads
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,39 +76,17 @@ HALF_NORMAL = _half_normal_table()
 
 
 @njit(cache=True)
-def _mix(z: np.uint64) -> np.uint64:
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(cache=True)
-def _start(base: np.uint64, token: int) -> np.uint64:
-    """The stream of token ``token`` of a draw whose streams start from ``base``."""
-    return _mix(base ^ (np.uint64(token) * _GAMMA))
-
-
-# The stream's state is passed in and handed back: a compiled call with an array argument
-# costs as much as the arithmetic here.
-@njit(cache=True)
-def _uniform(s: np.uint64) -> tuple[np.uint64, float]:
-    """SplitMix64's next state, and a uniform on ``[0, 1)`` of 53 of its random bits."""
-    s = s + _GAMMA
-    return s, np.int64(_mix(s) >> np.uint64(11)) * _INV53
-
-
-@njit(cache=True)
 def _exponential(s: np.uint64) -> tuple[np.uint64, float]:
     """The next state, and a standard exponential by the ziggurat."""
     while True:
-        s = s + _GAMMA
-        z = _mix(s)
+        s = s + GAMMA
+        z = mix(s)
         i = int(z & np.uint64(255))
         r = np.int64(z >> np.uint64(11))
         x = r * _WE[i]
         if r < _KE[i]:
             return s, x
-        s, u = _uniform(s)
+        s, u = uniform(s)
         if i == 0:
             return s, _R - math.log1p(-u)
         if _FE[i] + (_FE[i - 1] - _FE[i]) * u < math.exp(-x):
@@ -162,7 +136,7 @@ def half_normal_table_error(depths: np.ndarray) -> np.ndarray:
 @njit(cache=True)
 def exponentials(seed: int, n: int) -> np.ndarray:
     """``[n]`` standard exponentials of one stream (tests)."""
-    s = _mix(np.uint64(seed))
+    s = mix(np.uint64(seed))
     out = np.empty(n)
     for i in range(n):
         s, out[i] = _exponential(s)
@@ -262,14 +236,14 @@ def _by_pattern(
     the bits of one integer)."""
     top_k, n_rows = rows.shape[1], rows.shape[0]
     out = np.empty((n, top_k), np.int16)
-    size = (n + _BLOCKS - 1) // _BLOCKS
-    base = _mix(np.uint64(seed))
-    for b in prange(_BLOCKS):
+    size = (n + BLOCKS - 1) // BLOCKS
+    base = mix(np.uint64(seed))
+    for b in prange(BLOCKS):
         perm = np.empty(groups, np.int64)
         taken = np.empty(kept, np.int64)  # a kept group's taken experts, as bits
         for t in range(b * size, min(n, (b + 1) * size)):
-            s = _start(base, t)
-            s, u = _uniform(s)
+            s = start(base, t)
+            s, u = uniform(s)
             u *= n_rows
             i = min(int(u), n_rows - 1)
             if u - i >= prob[i]:
@@ -277,14 +251,14 @@ def _by_pattern(
             for g in range(groups):
                 perm[g] = g
             for r in range(kept):  # the kept groups by score rank: a uniform ordered draw
-                s, u = _uniform(s)
+                s, u = uniform(s)
                 j = min(r + int(u * (groups - r)), groups - 1)
                 perm[r], perm[j] = perm[j], perm[r]
                 taken[r] = 0
             for p in range(top_k):
                 r = rows[i, p]
                 while True:  # a uniform expert of the group, again while taken
-                    s, u = _uniform(s)
+                    s, u = uniform(s)
                     e = min(int(u * per), per - 1)
                     bit = np.int64(1) << np.int64(e)
                     if not taken[r] & bit:
@@ -310,11 +284,11 @@ def _exact(
     base ``kept_n``."""
     out = np.empty((n, top_k), np.int16)
     codes = np.zeros(n if with_codes else 0, np.int64)
-    size = (n + _BLOCKS - 1) // _BLOCKS
-    base = _mix(np.uint64(seed))
+    size = (n + BLOCKS - 1) // BLOCKS
+    base = mix(np.uint64(seed))
     m = min(top_k, per)  # only a group's best top_k can be picked
     h = min(2, m)  # order statistics every group needs for its score
-    for b in prange(_BLOCKS):
+    for b in prange(BLOCKS):
         gap = np.empty(m)  # depth i - depth i-1 = E / (per - i)
         for i in range(m):
             gap[i] = 1.0 / (per - i)
@@ -327,7 +301,7 @@ def _exact(
         head = np.empty(kept_n)  # each kept group's next depth (inf past its m-th)
         pos = np.empty((kept_n, m), np.int64)  # taken positions per kept group, ascending
         for t in range(b * size, min(n, (b + 1) * size)):
-            s = _start(base, t)
+            s = start(base, t)
             for g in range(groups):
                 acc = 0.0
                 for i in range(h):  # depth i: -log of the group's i-th best uniform score
@@ -365,7 +339,7 @@ def _exact(
                     head[best] = depth[best, taken + 1]
                 # a uniform expert among the group's untaken ones: the e-th free index, past
                 # the taken ones at or below it (kept ascending in pos[best, :taken])
-                s, u = _uniform(s)
+                s, u = uniform(s)
                 e = min(int(u * (per - taken)), per - taken - 1)
                 q = 0
                 while q < taken and pos[best, q] <= e:

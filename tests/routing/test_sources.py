@@ -120,3 +120,35 @@ def test_group_limited_compiled_parts() -> None:
         numba.set_num_threads(threads)
     assert (gj.group_limited_draw(7, 20_000, 8, 32, 8, 4, True) == one).all()
     assert (gj.exact_draw(7, 5_000, 8, 32, 8, 4, True) != one[:5_000]).any()  # another draw
+
+
+def test_uniform_distinct_compiled_draw() -> None:
+    """The compiled uniform draw (large uniform chunks of distinct_topk): distinct experts per
+    token, each expert as likely in every slot, pairs of experts as likely as any other pair,
+    and the same draw whatever the threads."""
+    import numba
+
+    from moesim.routing._streams import uniform_distinct
+
+    n, k, e = 200_000, 8, 64
+    x = uniform_distinct(11, n, k, e).astype(np.int64)
+    assert x.dtype == np.int64 and x.min() >= 0 and x.max() < e
+    assert (np.sort(x, axis=1)[:, 1:] != np.sort(x, axis=1)[:, :-1]).all()
+    for j in (0, k - 1):  # the first and the last slot, uniform
+        freq = np.bincount(x[:, j], minlength=e) / n
+        assert np.abs(freq - 1 / e).max() < 5 * np.sqrt(1 / e / n)
+    pair = np.zeros((e, e))  # co-occurrence of experts 0..3 with every other, within a token
+    for a in range(4):
+        has = (x == a).any(axis=1)
+        pair[a] = np.bincount(x[has].ravel(), minlength=e)
+        pair[a, a] = np.nan
+    p = k * (k - 1) / (e * (e - 1))  # P(two given experts both picked)
+    expect = n * p
+    assert np.nanmax(np.abs(pair[:4] - expect)) < 5 * np.sqrt(expect)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = uniform_distinct(11, 10_000, k, e)
+    finally:
+        numba.set_num_threads(threads)
+    assert (uniform_distinct(11, 10_000, k, e) == one).all()
