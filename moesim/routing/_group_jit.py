@@ -10,22 +10,20 @@ look-up almost always), a group's half-normal scores from a table of Acklam's qu
 (:data:`HALF_NORMAL`, interpolated), and a kept group's depths past its two best are drawn
 only when the merge reaches them. Ties (of depths or group scores) go to the lower index.
 
-**By patterns** (:func:`group_limited_draw`, the default): groups are exchangeable, and so
-are the experts of a group, so a token's draw factors into three independent parts: which
-groups it keeps, ordered by group score (a uniform ordered draw of ``topk_group`` of the
-``n_group`` groups); its *pattern*, the score rank (among the kept groups) of the group of
-each of its picks, best pick first, whose law does not depend on the groups' labels; and
-which experts of a group it takes (uniform, without replacement). Only the pattern's law has
-no closed form: it is tabulated once per configuration from :data:`PATTERN_SAMPLES` exact
-draws (a fixed seed; DeepSeek-V3's 8 groups, 4 kept, top-8: 9,513 patterns) and drawn with
-an alias table. A token then costs 13 random numbers and no transcendental function: a
-256-GPU decode layer's 32,768 tokens take ~1 ms instead of ~10 ms exactly. Against the scored
-reference, the same tests as the exact draw (``tests/routing/test_sources.py``).
+**By patterns** (:func:`by_pattern`, the default: :mod:`moesim.routing.patterns`): groups
+are exchangeable, and so are the experts of a group, so a token's draw factors into three
+independent parts: which groups it keeps, ordered by group score (a uniform ordered draw of
+``topk_group`` of the ``n_group`` groups); its *pattern*, the score rank (among the kept
+groups) of the group of each of its picks, best pick first, whose law does not depend on the
+groups' labels; and which experts of a group it takes (uniform, without replacement). Only
+the pattern's law has no closed form: it is tabulated per configuration from exact draws
+(:mod:`moesim.routing.patterns`; DeepSeek-V3's 8 groups, 4 kept, top-8: 9,513 patterns) and
+drawn with an alias table. A token then costs 13 random numbers and no transcendental
+function: a 256-GPU decode layer's 32,768 tokens take ~1 ms instead of ~10 ms exactly.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -162,67 +160,18 @@ def exact_draw(
     return experts
 
 
-PATTERN_SAMPLES = 1 << 22
-"""Exact draws from which a configuration's patterns are tabulated (~1.5 s on two cores)."""
-PATTERN_MAX = 1 << 20
-"""Configurations with more possible patterns (``topk_group ** top_k``) draw exactly."""
-
-
-@functools.cache
-def patterns(
-    groups: int, per: int, top_k: int, kept: int, top2: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A configuration's patterns and their frequencies in :data:`PATTERN_SAMPLES` exact
-    draws (a fixed seed: the same table in every process).
-
-    Returns:
-        ``rows`` (``[patterns, top_k]`` uint8: the score rank, among the kept groups, of the
-        group of each pick, best pick first), and Vose's alias table over them (``prob``,
-        ``alias``) for drawing one with a uniform.
-    """
-    _, code = _exact(0x5EED, PATTERN_SAMPLES, groups, per, top_k, kept, top2, True)
-    counts = np.bincount(code, minlength=kept**top_k)
-    codes = np.flatnonzero(counts)
-    counts = counts[codes]
-    rows = np.empty((codes.size, top_k), np.uint8)
-    rest = codes.copy()
-    for p in range(top_k):
-        rows[:, p] = rest % kept
-        rest //= kept
-    prob, alias = _alias(counts / counts.sum())
-    return rows, prob, alias
-
-
-def _alias(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vose's alias table of the distribution ``p``: draw ``i`` uniform in ``[0, n)``, keep
-    it with probability ``prob[i]``, else take ``alias[i]``."""
-    n = p.size
-    scaled = p * n
-    prob, alias = np.ones(n), np.arange(n)
-    small = [i for i in range(n) if scaled[i] < 1.0]
-    large = [i for i in range(n) if scaled[i] >= 1.0]
-    while small and large:
-        s, g = small.pop(), large.pop()
-        prob[s], alias[s] = scaled[s], g
-        scaled[g] -= 1.0 - scaled[s]
-        (small if scaled[g] < 1.0 else large).append(g)
-    return prob, alias
-
-
-def group_limited_draw(
+def pattern_codes(
     seed: int, n: int, groups: int, per: int, top_k: int, kept: int, top2: bool
 ) -> np.ndarray:
-    """``[n, top_k]`` int16 experts, best first, of ``n`` tokens: by patterns (see the module
-    docstring) where the configuration has at most :data:`PATTERN_MAX` of them and keeps
-    fewer groups than it has, else :func:`exact_draw`. Arguments as :func:`exact_draw`."""
-    if kept >= groups or kept**top_k > PATTERN_MAX or per > 64:
-        return exact_draw(seed, n, groups, per, top_k, kept, top2)
-    rows, prob, alias = patterns(groups, per, top_k, kept, top2)
-    return _by_pattern(seed, n, groups, per, kept, rows, prob, alias)
+    """``[n]`` the patterns of ``n`` exact draws as numbers: the score rank (among the kept
+    groups) of the group of pick ``p`` is the ``p``-th digit in base ``kept``. Arguments as
+    :func:`exact_draw`."""
+    _, codes = _exact(seed, n, groups, per, top_k, kept, top2, True)
+    return codes
 
 
 @njit(cache=True, parallel=True)
-def _by_pattern(
+def by_pattern(
     seed: int,
     n: int,
     groups: int,
@@ -232,8 +181,9 @@ def _by_pattern(
     prob: np.ndarray,
     alias: np.ndarray,
 ) -> np.ndarray:
-    """:func:`group_limited_draw` by patterns (``per`` <= 64: a group's taken experts are
-    the bits of one integer)."""
+    """``[n, top_k]`` int16 experts, best first, of ``n`` tokens by patterns (``rows``, drawn
+    with the alias table ``prob`` / ``alias``: :mod:`moesim.routing.patterns`); ``per`` <= 64
+    (a group's taken experts are the bits of one integer)."""
     top_k, n_rows = rows.shape[1], rows.shape[0]
     out = np.empty((n, top_k), np.int16)
     size = (n + BLOCKS - 1) // BLOCKS

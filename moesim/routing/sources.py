@@ -231,9 +231,10 @@ def group_limited_topk(
     distribution (:func:`group_limited_topk_scored` is that reference; tests compare the two).
 
     From :data:`GROUP_COMPILED_MIN_TOKENS` tokens on, a compiled kernel draws the same
-    order statistics token by token with random numbers of its own, seeded from ``rng``
-    (:mod:`moesim.routing._group_jit`): the same distribution, so the two give different
-    samples for one seed.
+    order statistics with random numbers of its own, seeded from ``rng``, factored by
+    exchangeability into kept groups, a tabulated pattern and experts inside the groups
+    (:mod:`moesim.routing.patterns`, :mod:`moesim.routing._group_jit`): the same
+    distribution, so the two give different samples for one seed.
 
     Returns:
         ``[n, top_k]`` int16 expert ids, best first.
@@ -244,7 +245,7 @@ def group_limited_topk(
     out = np.empty((n, top_k), dtype=np.int16)
     spacing = (1.0 / (per - np.arange(m))).astype(np.float32)  # gaps: E_i / (per - i)
     if n >= GROUP_COMPILED_MIN_TOKENS:
-        from moesim.routing._group_jit import group_limited_draw
+        from moesim.routing.patterns import group_limited_draw
 
         seed = int(rng.integers(0, 2**63))  # the draw's streams start from the seed's
         top2 = group_score != "max" and per >= 2

@@ -57,13 +57,13 @@ def test_group_limited_order_statistics_draw_matches_scoring_every_expert(
 ) -> None:
     """The numpy draw, the compiled exact one and the one by patterns (which keeps fewer
     groups than there are: the others run exactly) against scoring every expert."""
-    from moesim.routing import _group_jit, sources
+    from moesim.routing import patterns, sources
     from moesim.routing.sources import group_limited_topk, group_limited_topk_scored
 
     # the compiled kernels run from GROUP_COMPILED_MIN_TOKENS tokens on: lower it here
     monkeypatch.setattr(sources, "GROUP_COMPILED_MIN_TOKENS", 1 << 30 if how == "numpy" else 1)
     if how == "exact":
-        monkeypatch.setattr(_group_jit, "PATTERN_MAX", 0)
+        monkeypatch.setattr(patterns, "MAX_PATTERNS", 0)
 
     n, experts, k = 40_000, 256, 8
     per = experts // n_group
@@ -101,6 +101,7 @@ def test_group_limited_compiled_parts() -> None:
     import numba
 
     from moesim.routing import _group_jit as gj
+    from moesim.routing.patterns import group_limited_draw
 
     rng = np.random.default_rng(0)
     depths = np.concatenate(
@@ -115,10 +116,10 @@ def test_group_limited_compiled_parts() -> None:
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = gj.group_limited_draw(7, 20_000, 8, 32, 8, 4, True)
+        one = group_limited_draw(7, 20_000, 8, 32, 8, 4, True)
     finally:
         numba.set_num_threads(threads)
-    assert (gj.group_limited_draw(7, 20_000, 8, 32, 8, 4, True) == one).all()
+    assert (group_limited_draw(7, 20_000, 8, 32, 8, 4, True) == one).all()
     assert (gj.exact_draw(7, 5_000, 8, 32, 8, 4, True) != one[:5_000]).any()  # another draw
 
 
@@ -152,3 +153,17 @@ def test_uniform_distinct_compiled_draw() -> None:
     finally:
         numba.set_num_threads(threads)
     assert (uniform_distinct(11, 10_000, k, e) == one).all()
+
+
+def test_shipped_pattern_tables_are_what_tabulating_gives() -> None:
+    """The pattern tables shipped for the presets (python -m moesim.routing.patterns) hold
+    what tabulating the exact draws gives now, and every pattern keeps the group-limited
+    rule (each pick's group one of the kept ones; a kept group's picks at most top_k)."""
+    from moesim.routing import patterns
+
+    for cfg in patterns.SHIPPED:
+        with np.load(patterns.table_path(cfg)) as f:
+            rows, counts = f["rows"], f["counts"]
+        fresh_rows, fresh_counts = patterns.tabulate(cfg)
+        assert np.array_equal(rows, fresh_rows) and np.array_equal(counts, fresh_counts)
+        assert counts.sum() == patterns.SAMPLES and rows.max() < cfg[3]
