@@ -25,7 +25,7 @@ from moesim.routing.sources import (
     next_choices_by_score,
 )
 
-CHUNK_ASSIGNMENTS = 1 << 22
+CHUNK_ASSIGNMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
