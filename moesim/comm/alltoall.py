@@ -90,11 +90,14 @@ class AllToAll:
             its bytes move: ``nccl_launch`` (NCCL), ``deepep_notify`` (DeepEP normal kernels'
             notify/layout handshake with its host synchronisation), or none (DeepEP's
             low-latency kernels, CUDA-graph compatible).
+        reads_copies: Its flows read the exchange's deduplicated counts (``copies``,
+            ``node_copies``); the routing stage counts them only then.
     """
 
     flows: AllToAllFn
     holds_sms: bool = True
     fixed: str | None = "nccl_launch"
+    reads_copies: bool = True
 
     def dispatch(self, ex: Exchange, token_bytes: float) -> Flows:
         """Tokens to their experts."""
@@ -109,12 +112,12 @@ ALL_TO_ALL: Registry[AllToAll] = Registry("all-to-all")
 
 
 def algorithm(
-    name: str, holds_sms: bool = True, fixed: str | None = "nccl_launch"
+    name: str, holds_sms: bool = True, fixed: str | None = "nccl_launch", reads_copies: bool = True
 ) -> Callable[[AllToAllFn], AllToAllFn]:
     """Decorator: register a flows function as the all-to-all ``name`` with its traits."""
 
     def deco(fn: AllToAllFn) -> AllToAllFn:
-        ALL_TO_ALL.register(name)(AllToAll(fn, holds_sms, fixed))
+        ALL_TO_ALL.register(name)(AllToAll(fn, holds_sms, fixed, reads_copies))
         return fn
 
     return deco
@@ -172,7 +175,7 @@ def allgather(ex: Exchange, token_bytes: float) -> Flows:
     return _pairs(everyone, ex.rank_gpu, ex.rank_gpu, token_bytes)
 
 
-@algorithm("low_latency", holds_sms=False, fixed=None)
+@algorithm("low_latency", holds_sms=False, fixed=None, reads_copies=False)
 def low_latency(ex: Exchange, token_bytes: float) -> Flows:
     """Per-expert RDMA messages between every pair of ranks, over the NICs."""
     f = _pairs(ex.assignments, ex.rank_gpu, ex.rank_gpu, token_bytes)

@@ -27,6 +27,7 @@ def count_routed(
     n_experts: int,
     table: np.ndarray,
     layers: np.ndarray,
+    copies: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts of ``[layers, ranks, tokens, k]`` assignments.
 
@@ -39,6 +40,9 @@ def count_routed(
         experts: Logical expert of each assignment; counted where ``valid``.
         valid: Whether the gate gave the slot an expert at all.
         slot_rank: ``[slots]`` rank of each slot; ``rank_node``: ``[ranks]`` node of each rank.
+        copies: Count the tokens per destination rank and node (else those two come back
+            ``[L, 0, 0]``: an all-to-all that does not read them skips the pass over every
+            pair of a token's slots).
 
     Returns:
         ``(assignments [L, R, R], slot_tokens [L, slots], rank_copies [L, R, R],
@@ -50,8 +54,8 @@ def count_routed(
     by_table = slot.size == 0
     assignments = np.zeros((n_layers, ranks, ranks), np.int64)
     slot_tokens = np.zeros((n_layers, slot_rank.size), np.int64)
-    rank_copies = np.zeros((n_layers, ranks, ranks), np.int64)
-    node_copies = np.zeros((n_layers, ranks, n_nodes), np.int64)
+    rank_copies = np.zeros((n_layers, ranks if copies else 0, ranks if copies else 0), np.int64)
+    node_copies = np.zeros((n_layers, ranks if copies else 0, n_nodes if copies else 0), np.int64)
     expert_routed = np.zeros((n_layers, n_experts), np.int64)
     for li in prange(n_layers):
         dr = np.empty(k, np.int64)
@@ -73,7 +77,7 @@ def count_routed(
                     dn[j] = rank_node[d]
                     assignments[li, r, d] += 1
                     slot_tokens[li, s] += 1
-                for j in range(k):
+                for j in range(k if copies else 0):
                     if dr[j] < 0:
                         continue
                     new_rank = True

@@ -97,6 +97,7 @@ def _count_compiled(
     rank_node: np.ndarray,
     n_experts: int,
     table: tuple[np.ndarray, np.ndarray] | None = None,
+    copies: bool = True,
 ) -> Counted:
     """:func:`count_routed_numpy` in one compiled pass (the same integers); with ``table``
     (the chooser's :meth:`~moesim.policies.replicas.ReplicaChooser.slot_table` and the
@@ -116,6 +117,7 @@ def _count_compiled(
         n_experts,
         lookup.ravel(),
         layers.astype(np.int64),
+        copies,
     )
 
 
@@ -127,10 +129,12 @@ def count_routed_numpy(
     slot_rank: np.ndarray,
     rank_node: np.ndarray,
     n_experts: int,
+    copies: bool = True,
 ) -> Counted:
     """Counts of ``[layers, ranks, tokens, k]`` assignments: ``(assignments [L, R, R],
     slot_tokens [L, slots], rank_copies [L, R, R], node_copies [L, R, nodes],
-    expert_routed [L, E])`` (see :func:`moesim.routing._count_jit.count_routed`)."""
+    expert_routed [L, E])`` (see :func:`moesim.routing._count_jit.count_routed`; without
+    ``copies`` the two copies arrays are ``[L, 0, 0]``)."""
     n_layers, ranks = slot.shape[:2]
     slots = slot_rank.size
     if keep is None:
@@ -147,11 +151,12 @@ def count_routed_numpy(
     pair = (np.arange(n_layers * ranks, dtype=np.int64) * ranks).reshape(n_layers, ranks, 1, 1)
     pair = pair + dest_rank
     assignments = np.bincount(pair[dest_rank >= 0], minlength=n_layers * ranks * ranks)
+    none = np.zeros((n_layers, 0, 0), dtype=np.int64)
     return (
         assignments.reshape(n_layers, ranks, ranks),
         slot_tokens.reshape(n_layers, slots),
-        _distinct_counts(dest_rank, ranks),
-        _distinct_counts(dest_node, int(rank_node.max()) + 1),
+        _distinct_counts(dest_rank, ranks) if copies else none,
+        _distinct_counts(dest_node, int(rank_node.max()) + 1) if copies else none,
         expert_routed.reshape(n_layers, n_experts),
     )
 
@@ -176,6 +181,7 @@ def count_layers(
     rng: np.random.Generator | None = None,
     pos_bin: np.ndarray | None = None,
     bins: int = 1,
+    copies: bool = True,
 ) -> LayerCounts:
     """Apply capacity (and rerouting), choose replicas and count.
 
@@ -190,6 +196,9 @@ def count_layers(
         rng: Generator of the ``random`` drop policy.
         pos_bin: ``[ranks, tokens]`` position bin of each token (for drops by position).
         bins: Position bins.
+        copies: Count tokens per destination rank and node (``rank_copies``,
+            ``node_copies``; ``[L, 0, 0]`` without: for an all-to-all that does not read them,
+            :attr:`moesim.comm.alltoall.AllToAll.reads_copies`).
     """
     n_layers, ranks, tokens, _ = draw.experts.shape
     cap = rule.capacity(tokens, ranks)
@@ -197,11 +206,12 @@ def count_layers(
     args = (keep, experts, valid, placement.slot_rank, rank_node, rule.num_experts)
     table = chooser.slot_table() if experts.size >= COMPILED_MIN_ASSIGNMENTS else None
     if table is not None:  # slots looked up as the compiled pass counts
-        counted = _count_compiled(np.empty((0, 0, 0, 0), np.int32), *args, (table, layers))
+        empty = np.empty((0, 0, 0, 0), np.int32)
+        counted = _count_compiled(empty, *args, (table, layers), copies)
+    elif experts.size >= COMPILED_MIN_ASSIGNMENTS:
+        counted = _count_compiled(chooser.slots(layers, experts, keep), *args, None, copies)
     else:
-        slot = chooser.slots(layers, experts, keep)
-        count = _count_compiled if slot.size >= COMPILED_MIN_ASSIGNMENTS else count_routed_numpy
-        counted = count(slot, *args)
+        counted = count_routed_numpy(chooser.slots(layers, experts, keep), *args, copies)
     assignments, slot_tokens, rank_copies, node_copies, expert_routed = counted
     dropped, dropped_by_bin = _drops(valid, keep, pos_bin, bins)
     counts = LayerCounts(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from moesim.comm.alltoall import ALL_TO_ALL
 from moesim.config.scenario import Scenario
 from moesim.models.spec import ModelSpec, slots_per_rank
 from moesim.policies.gating import GATINGS, GateContext
@@ -71,6 +72,8 @@ class RoutingStage:
             scenario.routing, model, rng
         )
         self.rank_node = np.array(par.rank_nodes(gpus_per_node))
+        # tokens per destination rank and node, counted where the all-to-all reads them
+        self.copies = ALL_TO_ALL.get(scenario.policies.all_to_all.type).reads_copies
         pcfg = scenario.policies.placement
         experts = model.moe.num_experts
         self.slots_per_rank = slots_per_rank(experts, pcfg.redundant_experts, par.ep)
@@ -254,6 +257,7 @@ class RoutingStage:
                         self.rng,
                         None if pos_bin is None else pos_bin[:, cols],
                         self.bins,
+                        self.copies,
                     )
                 )
         return [_concat(p) for p in parts], np.array(aux)

@@ -291,3 +291,26 @@ def test_compiled_count_looks_slots_up_as_reading_them() -> None:
         looked_up = _count_compiled(np.empty((0, 0, 0, 0), np.int32), *args, (table, layers))
         for a, b in zip(read, looked_up, strict=True):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_counts_without_copies_leave_the_others_alone(compiled: bool) -> None:
+    """An all-to-all that does not read the deduplicated counts (DeepEP's low-latency kernels)
+    has them skipped: ``[L, 0, 0]``, the other counts the same."""
+    from moesim.comm.alltoall import ALL_TO_ALL
+    from moesim.routing.dispatch import _count_compiled, count_routed_numpy
+
+    assert not ALL_TO_ALL.get("low_latency").reads_copies
+    assert ALL_TO_ALL.get("hierarchical").reads_copies and ALL_TO_ALL.get("direct").reads_copies
+    rng = np.random.default_rng(6)
+    slot = rng.integers(0, 12, size=(2, 4, 30, 3))
+    expert = rng.integers(0, 12, size=slot.shape)
+    valid = np.ones(slot.shape, dtype=bool)
+    args = (None, expert, valid, np.arange(12) // 3, np.array([0, 0, 1, 1]), 12)
+    if compiled:
+        full, lean = _count_compiled(slot, *args), _count_compiled(slot, *args, None, False)
+    else:
+        full, lean = count_routed_numpy(slot, *args), count_routed_numpy(slot, *args, False)
+    for i in (0, 1, 4):
+        assert np.array_equal(full[i], lean[i])
+    assert lean[2].shape == lean[3].shape == (2, 0, 0)
