@@ -7,6 +7,7 @@ counts and communication bytes. Chrome-trace events are kept for the first
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -218,19 +219,20 @@ class Collector:
     ) -> None:
         """Bytes put on the network by one phase (a GPU's copies to itself are not);
         ``data_parallel``: a gradient reduction or weight gather, also counted apart."""
-        moved = src != dst
-        if not moved.all():
+        gpus = self.bytes_out.shape[2]
+        if src.size >= COMPILED_MIN_FLOWS and (jit := _flows_jit()) is not None:
+            sent, out, within = jit.flow_totals(src, dst, nbytes.astype(np.float64), gpn, gpus)
+        else:
+            moved = src != dst
             src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
-        total = float(nbytes.sum())
-        out = float(nbytes[src // gpn != dst // gpn].sum())
-        within = total - out
+            inter = src // gpn != dst // gpn
+            out, within = float(nbytes[inter].sum()), float(nbytes[~inter].sum())
+            sent = np.bincount(src, weights=nbytes, minlength=gpus)
         self.bytes_inter[step] += out
         self.bytes_intra[step] += within
         if data_parallel:
             self.dp_bytes[step] += (within, out)
-        self.bytes_out[step, layer] += np.bincount(
-            src, weights=nbytes, minlength=self.bytes_out.shape[2]
-        )
+        self.bytes_out[step, layer] += sent
 
     def on_step(
         self,
@@ -247,6 +249,21 @@ class Collector:
         if sm_contention is not None:
             self.sm_contention_s[step] = sm_contention
         self.tokens_per_step[step] = tokens
+
+
+COMPILED_MIN_FLOWS = 4096
+"""Phases of this many flows have their bytes counted by a compiled pass (numba, loaded by
+then for the network)."""
+
+
+@functools.cache
+def _flows_jit() -> Any:
+    """:mod:`moesim.metrics._flows_jit`, imported on first use, or None without numba."""
+    try:
+        from moesim.metrics import _flows_jit
+    except ImportError:
+        return None
+    return _flows_jit
 
 
 @dataclass(frozen=True)

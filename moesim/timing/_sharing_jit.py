@@ -59,11 +59,9 @@ def _by_histogram(
     sizes in ``unit`` bytes): the flows of one size on a link are through it together."""
     n_links = capacity.size
     hist = np.zeros(n_links * keys, np.int64)
-    count = np.zeros(n_links, np.int64)
     for e in range(flow_of.size):
         hist[link_of[e] * keys + key[flow_of[e]]] += 1
-        count[link_of[e]] += 1
-    through = _through(capacity, hist, count, unit, keys)
+    through = _through(capacity, hist, unit, keys)
     finish = np.zeros(key.size)
     for e in range(flow_of.size):
         f = flow_of[e]
@@ -74,13 +72,14 @@ def _by_histogram(
 
 
 @njit(cache=True)
-def _through(
-    capacity: np.ndarray, hist: np.ndarray, count: np.ndarray, unit: int, keys: int
-) -> np.ndarray:
-    """``[links x keys]`` when a link's flows of each size (``hist``: how many, ``count``:
-    flows per link) are through it."""
+def _through(capacity: np.ndarray, hist: np.ndarray, unit: int, keys: int) -> np.ndarray:
+    """``[links x keys]`` when a link's flows of each size (``hist``: how many) are through
+    it."""
     through = np.empty(capacity.size * keys)
+    count = np.zeros(capacity.size, np.int64)
     for link in range(capacity.size):
+        for r in range(keys):
+            count[link] += hist[link * keys + r]
         if count[link] == 0:
             continue
         acc = 0.0  # bytes of the smaller flows (whole numbers: exact)
@@ -213,21 +212,18 @@ def isolated_phase(
     if keys and keys * n_links <= 4 * n * table.shape[2] + 65536:
         loads = np.zeros((chunks, n_links))
         hists = np.zeros((chunks, n_links * keys), np.int32)
-        counts = np.zeros((chunks, n_links), np.int64)
         routed = np.zeros(n, np.bool_)
         args = (table, a0, a1, nbytes, implied, key, keys)
         if chunks > 1:
-            _count_chunks(size, *args, loads, hists, counts, routed)
+            _count_chunks(size, *args, loads, hists, routed)
         else:
-            _count_chunk(0, n, *args, loads[0], hists[0], counts[0], routed)
+            _count_chunk(0, n, *args, loads[0], hists[0], routed)
         load = loads[0].copy()  # (whole numbers of bytes: the chunks' sums add up exactly)
         hist = hists[0].astype(np.int64)
-        count = counts[0].copy()
         for c in range(1, chunks):
             load += loads[c]
             hist += hists[c]
-            count += counts[c]
-        through = _through(capacity, hist, count, unit, keys)
+        through = _through(capacity, hist, unit, keys)
         finish = np.zeros(n)
         if chunks > 1:
             _finish_chunks(size, table, a0, a1, implied, key, keys, through, finish)
@@ -236,19 +232,17 @@ def isolated_phase(
     else:
         finish, routed, load = _phase_by_sort(table, a0, a1, nbytes, capacity, implied)
     done = np.full((chunks, gpus), now)
+    ended = np.zeros((chunks, gpus), np.bool_)
     args2 = (a0, a1, src, dst, routed, finish, latency, now)
     if chunks > 1:
-        _arrive_chunks(size, *args2, done)
+        _arrive_chunks(size, *args2, done, ended)
     else:
-        _arrive_chunk(0, n, *args2, done[0])
-    ends = np.zeros(gpus, np.bool_)
-    for f in range(n):
-        if routed[f]:
-            ends[src[f]] = ends[dst[f]] = True
-    latest = done[0].copy()
+        _arrive_chunk(0, n, *args2, done[0], ended[0])
+    latest, ends = done[0].copy(), ended[0].copy()
     for c in range(1, chunks):
         for g in range(gpus):
             latest[g] = max(latest[g], done[c, g])
+            ends[g] |= ended[c, g]
     return latest, ends, load
 
 
@@ -267,7 +261,6 @@ def _count_chunk(
     keys: int,
     load: np.ndarray,
     hist: np.ndarray,
-    count: np.ndarray,
     routed: np.ndarray,
 ) -> None:
     """Flows ``lo`` to ``hi``: bytes per link, and each link's histogram of sizes."""
@@ -279,7 +272,6 @@ def _count_chunk(
                 load[link] += nbytes[f]
                 if not implied[link]:
                     hist[link * keys + key[f]] += 1
-                    count[link] += 1
 
 
 @njit(cache=True, parallel=True)
@@ -294,14 +286,13 @@ def _count_chunks(
     keys: int,
     loads: np.ndarray,
     hists: np.ndarray,
-    counts: np.ndarray,
     routed: np.ndarray,
 ) -> None:
     n = a0.size
     for c in prange(loads.shape[0]):
         lo, hi = c * size, min(n, (c + 1) * size)
         args = (table, a0, a1, nbytes, implied, key, keys)
-        _count_chunk(lo, hi, *args, loads[c], hists[c], counts[c], routed)
+        _count_chunk(lo, hi, *args, loads[c], hists[c], routed)
 
 
 @njit(cache=True)
@@ -356,13 +347,15 @@ def _arrive_chunk(
     latency: np.ndarray,
     now: float,
     done: np.ndarray,
+    ends: np.ndarray,
 ) -> None:
-    """Flows ``lo`` to ``hi``: the latest arrival at each GPU."""
+    """Flows ``lo`` to ``hi``: the latest arrival at each GPU, and the GPUs they end at."""
     for f in range(lo, hi):
         if routed[f]:
             arrive = now + finish[f] + latency[a0[f], a1[f]]
             done[src[f]] = max(done[src[f]], arrive)
             done[dst[f]] = max(done[dst[f]], arrive)
+            ends[src[f]] = ends[dst[f]] = True
 
 
 @njit(cache=True, parallel=True)
@@ -377,11 +370,12 @@ def _arrive_chunks(
     latency: np.ndarray,
     now: float,
     done: np.ndarray,
+    ends: np.ndarray,
 ) -> None:
     n = a0.size
     for c in prange(done.shape[0]):
         lo, hi = c * size, min(n, (c + 1) * size)
-        _arrive_chunk(lo, hi, a0, a1, src, dst, routed, finish, latency, now, done[c])
+        _arrive_chunk(lo, hi, a0, a1, src, dst, routed, finish, latency, now, done[c], ends[c])
 
 
 @njit(cache=True)
