@@ -172,7 +172,7 @@ def pattern_codes(
 
 @njit(cache=True, parallel=True)
 def by_pattern(
-    seed: int,
+    seeds: np.ndarray,
     n: int,
     groups: int,
     per: int,
@@ -181,14 +181,16 @@ def by_pattern(
     prob: np.ndarray,
     alias: np.ndarray,
 ) -> np.ndarray:
-    """``[n, top_k]`` int16 experts, best first, of ``n`` tokens by patterns (``rows``, drawn
-    with the alias table ``prob`` / ``alias``: :mod:`moesim.routing.patterns`); ``per`` <= 64
-    (a group's taken experts are the bits of one integer)."""
+    """``[layers, n, top_k]`` int16 experts, best first, of ``n`` tokens in each of
+    ``layers`` draws (``seeds``: one each) by patterns (``rows``, drawn with the alias table
+    ``prob`` / ``alias``: :mod:`moesim.routing.patterns`); ``per`` <= 64 (a group's taken
+    experts are the bits of one integer)."""
     top_k, n_rows = rows.shape[1], rows.shape[0]
-    out = np.empty((n, top_k), np.int16)
+    out = np.empty((seeds.size, n, top_k), np.int16)
     size = (n + BLOCKS - 1) // BLOCKS
-    base = mix(np.uint64(seed))
-    for b in prange(BLOCKS):
+    for lb in prange(seeds.size * BLOCKS):
+        layer, b = lb // BLOCKS, lb % BLOCKS
+        base = mix(np.uint64(seeds[layer]))
         perm = np.empty(groups, np.int64)
         taken = np.empty(kept, np.int64)  # a kept group's taken experts, as bits
         for t in range(b * size, min(n, (b + 1) * size)):
@@ -214,7 +216,7 @@ def by_pattern(
                     if not taken[r] & bit:
                         taken[r] |= bit
                         break
-                out[t, p] = perm[r] * per + e
+                out[layer, t, p] = perm[r] * per + e
     return out
 
 

@@ -82,18 +82,18 @@ def _alias(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def group_limited_draw(
-    seed: int, n: int, groups: int, per: int, top_k: int, kept: int, top2: bool
+    seeds: np.ndarray, n: int, groups: int, per: int, top_k: int, kept: int, top2: bool
 ) -> np.ndarray:
-    """``[n, top_k]`` int16 experts, best first, of ``n`` tokens: by patterns where the
-    configuration keeps fewer groups than it has, has at most :data:`MAX_PATTERNS` patterns
-    and at most 64 experts a group; else exactly (:func:`moesim.routing._group_jit.exact_draw`,
-    whose arguments these are)."""
+    """``[draws, n, top_k]`` int16 experts, best first, of ``n`` tokens in each of the draws
+    (``seeds``: one each): by patterns where the configuration keeps fewer groups than it
+    has, has at most :data:`MAX_PATTERNS` patterns and at most 64 experts a group; else
+    exactly (:func:`moesim.routing._group_jit.exact_draw`, whose other arguments these are)."""
     from moesim.routing._group_jit import by_pattern, exact_draw
 
     if kept >= groups or kept**top_k > MAX_PATTERNS or per > 64:
-        return exact_draw(seed, n, groups, per, top_k, kept, top2)
+        return np.stack([exact_draw(int(s), n, groups, per, top_k, kept, top2) for s in seeds])
     rows, prob, alias = patterns((groups, per, top_k, kept, top2))
-    return by_pattern(seed, n, groups, per, kept, rows, prob, alias)
+    return by_pattern(np.asarray(seeds, dtype=np.int64), n, groups, per, kept, rows, prob, alias)
 
 
 def main() -> None:

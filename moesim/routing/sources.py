@@ -245,11 +245,7 @@ def group_limited_topk(
     out = np.empty((n, top_k), dtype=np.int16)
     spacing = (1.0 / (per - np.arange(m))).astype(np.float32)  # gaps: E_i / (per - i)
     if n >= GROUP_COMPILED_MIN_TOKENS:
-        from moesim.routing.patterns import group_limited_draw
-
-        seed = int(rng.integers(0, 2**63))  # the draw's streams start from the seed's
-        top2 = group_score != "max" and per >= 2
-        return group_limited_draw(seed, n, n_group, per, top_k, topk_group, top2)
+        return group_limited_layers(1, n, experts, top_k, n_group, topk_group, rng, group_score)[0]
     for start in range(0, n, chunk):
         c = min(chunk, n - start)
         # depth[t, g, i]: -log of the i-th best of group g's `per` uniforms (increasing in i);
@@ -279,6 +275,34 @@ def group_limited_topk(
         group = np.take_along_axis(keep, pick // m, axis=1)
         out[start : start + c] = _experts_within(group.astype(np.int64) * per, per, rng)
     return out
+
+
+def group_limited_layers(
+    layers: int,
+    n: int,
+    experts: int,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    rng: np.random.Generator,
+    group_score: str = "top2_sum",
+) -> np.ndarray:
+    """``[layers, n, top_k]``: :func:`group_limited_topk` for each of ``layers`` layers, the
+    draws of :data:`GROUP_COMPILED_MIN_TOKENS` tokens or more in one compiled call (a seed
+    each from ``rng``, as one call a layer would take)."""
+    if n < GROUP_COMPILED_MIN_TOKENS:
+        return np.stack(
+            [
+                group_limited_topk(n, experts, top_k, n_group, topk_group, rng, group_score)
+                for _ in range(layers)
+            ]
+        )
+    from moesim.routing.patterns import group_limited_draw
+
+    seeds = np.array([rng.integers(0, 2**63) for _ in range(layers)], dtype=np.int64)
+    per = experts // n_group
+    top2 = group_score != "max" and per >= 2
+    return group_limited_draw(seeds, n, n_group, per, top_k, topk_group, top2)
 
 
 def _experts_within(first: np.ndarray, per: int, rng: np.random.Generator) -> np.ndarray:
@@ -426,13 +450,8 @@ class SyntheticSource:
         n = batch.ranks * batch.tokens_per_rank
         if self.generator == "group_limited":
             moe = self.model.moe
-            experts = np.stack(
-                [
-                    group_limited_topk(
-                        n, moe.num_experts, moe.top_k, moe.n_group, moe.topk_group, rng
-                    )
-                    for _ in layers
-                ]
+            experts = group_limited_layers(
+                len(layers), n, moe.num_experts, moe.top_k, moe.n_group, moe.topk_group, rng
             )
         else:
             experts = distinct_topk(pop, n, self.top_k, rng)

@@ -116,10 +116,11 @@ def test_group_limited_compiled_parts() -> None:
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = group_limited_draw(7, 20_000, 8, 32, 8, 4, True)
+        one = group_limited_draw(np.array([7]), 20_000, 8, 32, 8, 4, True)[0]
     finally:
         numba.set_num_threads(threads)
-    assert (group_limited_draw(7, 20_000, 8, 32, 8, 4, True) == one).all()
+    two = group_limited_draw(np.array([5, 7]), 20_000, 8, 32, 8, 4, True)  # a draw per seed
+    assert (two[1] == one).all() and (two[0] != one).any()
     assert (gj.exact_draw(7, 5_000, 8, 32, 8, 4, True) != one[:5_000]).any()  # another draw
 
 
