@@ -13,19 +13,14 @@ def pairs(
     """``src``, ``dst`` and bytes of the non-zero entries of ``counts`` in row-major order,
     without a GPU's entry to itself unless ``own`` (:func:`moesim.comm.alltoall._pairs`)."""
     rows, cols = counts.shape
+    src = np.empty(rows * cols, np.int64)
+    dst = np.empty(rows * cols, np.int64)
+    nbytes = np.empty(rows * cols)
     n = 0
     for s in range(rows):
         for d in range(cols):
             if counts[s, d] != 0 and (own or src_gpu[s] != dst_gpu[d]):
+                src[n], dst[n] = src_gpu[s], dst_gpu[d]
+                nbytes[n] = counts[s, d] * tb
                 n += 1
-    src = np.empty(n, np.int64)
-    dst = np.empty(n, np.int64)
-    nbytes = np.empty(n)
-    i = 0
-    for s in range(rows):
-        for d in range(cols):
-            if counts[s, d] != 0 and (own or src_gpu[s] != dst_gpu[d]):
-                src[i], dst[i] = src_gpu[s], dst_gpu[d]
-                nbytes[i] = counts[s, d] * tb
-                i += 1
-    return src, dst, nbytes
+    return src[:n], dst[:n], nbytes[:n]

@@ -45,8 +45,10 @@ class Flows:
     via_nic: bool = False
 
     def reversed(self, scale: float = 1.0) -> Flows:
-        """The same flows in the opposite direction, bytes times ``scale``."""
-        return Flows(src=self.dst, dst=self.src, nbytes=self.nbytes * scale, via_nic=self.via_nic)
+        """The same flows in the opposite direction, bytes times ``scale`` (the arrays are
+        shared: flows are not changed in place)."""
+        nbytes = self.nbytes if scale == 1.0 else self.nbytes * scale
+        return Flows(src=self.dst, dst=self.src, nbytes=nbytes, via_nic=self.via_nic)
 
 
 @dataclass(frozen=True)

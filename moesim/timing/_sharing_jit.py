@@ -29,21 +29,26 @@ def _gcd(a: int, b: int) -> int:
 
 
 @njit(cache=True)
-def _units(nbytes: np.ndarray) -> tuple[np.ndarray, int]:
-    """Each size in units of the sizes' greatest common divisor, and that unit, when every
-    size is a whole number of bytes (else an empty array)."""
+def _unit(nbytes: np.ndarray) -> tuple[int, int]:
+    """The sizes' greatest common divisor and the largest size in that unit, when every size
+    is a whole number of bytes (``(0, 0)`` when all are 0); ``(-1, 0)`` else."""
     unit = 0
     for f in range(nbytes.size):
         b = nbytes[f]
         if b < 0 or b >= _EXACT or b != np.floor(b):
-            return np.empty(0, np.int64), 0
+            return -1, 0
         if unit == 0 or int(b) % unit:
             unit = _gcd(int(b), unit)
-    key = np.zeros(nbytes.size, np.int64)
-    if unit > 0:
-        for f in range(nbytes.size):
-            key[f] = int(nbytes[f] / unit + 0.5)  # exact: whole quotients
-    return key, unit
+    top = 0
+    for f in range(nbytes.size):
+        top = max(top, _key(nbytes[f], unit))
+    return unit, top
+
+
+@njit(cache=True)
+def _key(b: float, unit: int) -> int:
+    """A whole size ``b`` in ``unit`` bytes (exact: a whole quotient)."""
+    return int(b / unit + 0.5) if unit > 0 else 0
 
 
 @njit(cache=True)
@@ -126,11 +131,12 @@ def _finish(
 ) -> np.ndarray:
     """``[flows]`` the latest time each flow is through a link of its path (0 for none): by
     histograms where the sizes are few whole multiples of one unit, else by sorting."""
-    key, unit = _units(nbytes)
-    if key.size:
-        keys = key.max() + 1
-        if keys * capacity.size <= 4 * flow_of.size + 65536:
-            return _by_histogram(capacity, flow_of, link_of, key, unit, keys)
+    unit, top = _unit(nbytes)
+    if unit >= 0 and (top + 1) * capacity.size <= 4 * flow_of.size + 65536:
+        key = np.empty(nbytes.size, np.int64)
+        for f in range(nbytes.size):
+            key[f] = _key(nbytes[f], unit)
+        return _by_histogram(capacity, flow_of, link_of, key, unit, top + 1)
     return _by_sort(capacity, flow_of, link_of, nbytes)
 
 
@@ -207,33 +213,33 @@ def isolated_phase(
     a0, a1 = (np.zeros(n, np.int64), np.arange(n)) if rows else (src, dst)  # table indices
     chunks = _CHUNKS if n >= PARALLEL_MIN_FLOWS else 1
     size = (n + chunks - 1) // chunks
-    key, unit = _units(nbytes)
-    keys = key.max() + 1 if key.size else 0
-    if keys and keys * n_links <= 4 * n * table.shape[2] + 65536:
-        loads = np.zeros((chunks, n_links))
-        hists = np.zeros((chunks, n_links * keys), np.int32)
-        routed = np.zeros(n, np.bool_)
-        args = (table, a0, a1, nbytes, implied, key, keys)
-        if chunks > 1:
-            _count_chunks(size, *args, loads, hists, routed)
-        else:
-            _count_chunk(0, n, *args, loads[0], hists[0], routed)
-        load = loads[0].copy()  # (whole numbers of bytes: the chunks' sums add up exactly)
-        hist = hists[0].astype(np.int64)
-        for c in range(1, chunks):
-            load += loads[c]
-            hist += hists[c]
-        through = _through(capacity, hist, unit, keys)
-        finish = np.zeros(n)
-        if chunks > 1:
-            _finish_chunks(size, table, a0, a1, implied, key, keys, through, finish)
-        else:
-            _finish_chunk(0, n, table, a0, a1, implied, key, keys, through, finish)
-    else:
-        finish, routed, load = _phase_by_sort(table, a0, a1, nbytes, capacity, implied)
     done = np.full((chunks, gpus), now)
     ended = np.zeros((chunks, gpus), np.bool_)
-    args2 = (a0, a1, src, dst, routed, finish, latency, now)
+    unit, top = _unit(nbytes)
+    keys = top + 1
+    if unit < 0 or keys * n_links > 4 * n * table.shape[2] + 65536:
+        finish, routed, load = _phase_by_sort(table, a0, a1, nbytes, capacity, implied)
+        for f in range(n):
+            if routed[f]:
+                _arrive(now + finish[f] + latency[a0[f], a1[f]], src[f], dst[f], done[0], ended[0])
+        return done[0], ended[0], load
+    # by the links' histograms of sizes, read straight from the path table, with no array a
+    # flow long: the flows in chunks (in parallel from PARALLEL_MIN_FLOWS; their bytes are
+    # whole numbers, so the chunks' sums add up exactly: the same loads as one pass)
+    loads = np.zeros((chunks, n_links))
+    hists = np.zeros((chunks, n_links * keys), np.int32)
+    args = (table, a0, a1, nbytes, implied, unit, keys)
+    if chunks > 1:
+        _count_chunks(size, *args, loads, hists)
+    else:
+        _count_chunk(0, n, *args, loads[0], hists[0])
+    load = loads[0].copy()
+    hist = hists[0].astype(np.int64)
+    for c in range(1, chunks):
+        load += loads[c]
+        hist += hists[c]
+    through = _through(capacity, hist, unit, keys)
+    args2 = (*args, through, latency, src, dst, now)
     if chunks > 1:
         _arrive_chunks(size, *args2, done, ended)
     else:
@@ -246,136 +252,12 @@ def isolated_phase(
     return latest, ends, load
 
 
-# Each pass over the flows runs on chunks of them, in parallel from PARALLEL_MIN_FLOWS flows
-# (a parallel region costs ~15 us to start: more than a small phase's whole pass).
 @njit(cache=True)
-def _count_chunk(
-    lo: int,
-    hi: int,
-    table: np.ndarray,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    nbytes: np.ndarray,
-    implied: np.ndarray,
-    key: np.ndarray,
-    keys: int,
-    load: np.ndarray,
-    hist: np.ndarray,
-    routed: np.ndarray,
-) -> None:
-    """Flows ``lo`` to ``hi``: bytes per link, and each link's histogram of sizes."""
-    for f in range(lo, hi):
-        for h in range(table.shape[2]):
-            link = table[a0[f], a1[f], h]
-            if link >= 0:
-                routed[f] = True
-                load[link] += nbytes[f]
-                if not implied[link]:
-                    hist[link * keys + key[f]] += 1
-
-
-@njit(cache=True, parallel=True)
-def _count_chunks(
-    size: int,
-    table: np.ndarray,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    nbytes: np.ndarray,
-    implied: np.ndarray,
-    key: np.ndarray,
-    keys: int,
-    loads: np.ndarray,
-    hists: np.ndarray,
-    routed: np.ndarray,
-) -> None:
-    n = a0.size
-    for c in prange(loads.shape[0]):
-        lo, hi = c * size, min(n, (c + 1) * size)
-        args = (table, a0, a1, nbytes, implied, key, keys)
-        _count_chunk(lo, hi, *args, loads[c], hists[c], routed)
-
-
-@njit(cache=True)
-def _finish_chunk(
-    lo: int,
-    hi: int,
-    table: np.ndarray,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    implied: np.ndarray,
-    key: np.ndarray,
-    keys: int,
-    through: np.ndarray,
-    finish: np.ndarray,
-) -> None:
-    """Flows ``lo`` to ``hi``: the latest time each is through a link of its path."""
-    for f in range(lo, hi):
-        for h in range(table.shape[2]):
-            link = table[a0[f], a1[f], h]
-            if link >= 0 and not implied[link]:
-                finish[f] = max(finish[f], through[link * keys + key[f]])
-
-
-@njit(cache=True, parallel=True)
-def _finish_chunks(
-    size: int,
-    table: np.ndarray,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    implied: np.ndarray,
-    key: np.ndarray,
-    keys: int,
-    through: np.ndarray,
-    finish: np.ndarray,
-) -> None:
-    n = a0.size
-    for c in prange(_CHUNKS):
-        lo, hi = c * size, min(n, (c + 1) * size)
-        _finish_chunk(lo, hi, table, a0, a1, implied, key, keys, through, finish)
-
-
-@njit(cache=True)
-def _arrive_chunk(
-    lo: int,
-    hi: int,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    src: np.ndarray,
-    dst: np.ndarray,
-    routed: np.ndarray,
-    finish: np.ndarray,
-    latency: np.ndarray,
-    now: float,
-    done: np.ndarray,
-    ends: np.ndarray,
-) -> None:
-    """Flows ``lo`` to ``hi``: the latest arrival at each GPU, and the GPUs they end at."""
-    for f in range(lo, hi):
-        if routed[f]:
-            arrive = now + finish[f] + latency[a0[f], a1[f]]
-            done[src[f]] = max(done[src[f]], arrive)
-            done[dst[f]] = max(done[dst[f]], arrive)
-            ends[src[f]] = ends[dst[f]] = True
-
-
-@njit(cache=True, parallel=True)
-def _arrive_chunks(
-    size: int,
-    a0: np.ndarray,
-    a1: np.ndarray,
-    src: np.ndarray,
-    dst: np.ndarray,
-    routed: np.ndarray,
-    finish: np.ndarray,
-    latency: np.ndarray,
-    now: float,
-    done: np.ndarray,
-    ends: np.ndarray,
-) -> None:
-    n = a0.size
-    for c in prange(done.shape[0]):
-        lo, hi = c * size, min(n, (c + 1) * size)
-        _arrive_chunk(lo, hi, a0, a1, src, dst, routed, finish, latency, now, done[c], ends[c])
+def _arrive(at: float, s: int, d: int, done: np.ndarray, ends: np.ndarray) -> None:
+    """A flow from GPU ``s`` to ``d`` arrives ``at``."""
+    done[s] = max(done[s], at)
+    done[d] = max(done[d], at)
+    ends[s] = ends[d] = True
 
 
 @njit(cache=True)
@@ -406,3 +288,110 @@ def _phase_by_sort(
                     link_of[nnz] = link
                     nnz += 1
     return _by_sort(capacity, flow_of[:nnz], link_of[:nnz], nbytes), routed, load
+
+
+# The histogram path's two passes over the flows, a chunk at a time; in parallel from
+# PARALLEL_MIN_FLOWS flows (a parallel region costs ~15 us to start: more than a small
+# phase's whole pass).
+@njit(cache=True)
+def _count_chunk(
+    lo: int,
+    hi: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    load: np.ndarray,
+    hist: np.ndarray,
+) -> None:
+    """Flows ``lo`` to ``hi``: bytes per link, and each link's histogram of sizes."""
+    for f in range(lo, hi):
+        key = _key(nbytes[f], unit)
+        for h in range(table.shape[2]):
+            link = table[a0[f], a1[f], h]
+            if link >= 0:
+                load[link] += nbytes[f]
+                if not implied[link]:
+                    hist[link * keys + key] += 1
+
+
+@njit(cache=True, parallel=True)
+def _count_chunks(
+    size: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    loads: np.ndarray,
+    hists: np.ndarray,
+) -> None:
+    n = a0.size
+    for c in prange(loads.shape[0]):
+        lo, hi = c * size, min(n, (c + 1) * size)
+        _count_chunk(lo, hi, table, a0, a1, nbytes, implied, unit, keys, loads[c], hists[c])
+
+
+@njit(cache=True)
+def _arrive_chunk(
+    lo: int,
+    hi: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    through: np.ndarray,
+    latency: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    now: float,
+    done: np.ndarray,
+    ends: np.ndarray,
+) -> None:
+    """Flows ``lo`` to ``hi``: each is through its path at the latest of its links' times,
+    and arrives a path latency later."""
+    for f in range(lo, hi):
+        key = _key(nbytes[f], unit)
+        finish = 0.0
+        routed = False
+        for h in range(table.shape[2]):
+            link = table[a0[f], a1[f], h]
+            if link >= 0:
+                routed = True
+                if not implied[link]:
+                    finish = max(finish, through[link * keys + key])
+        if routed:
+            _arrive(now + finish + latency[a0[f], a1[f]], src[f], dst[f], done, ends)
+
+
+@njit(cache=True, parallel=True)
+def _arrive_chunks(
+    size: int,
+    table: np.ndarray,
+    a0: np.ndarray,
+    a1: np.ndarray,
+    nbytes: np.ndarray,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    through: np.ndarray,
+    latency: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    now: float,
+    done: np.ndarray,
+    ends: np.ndarray,
+) -> None:
+    n = a0.size
+    for c in prange(done.shape[0]):
+        lo, hi = c * size, min(n, (c + 1) * size)
+        args = (table, a0, a1, nbytes, implied, unit, keys, through, latency, src, dst, now)
+        _arrive_chunk(lo, hi, *args, done[c], ends[c])
