@@ -51,6 +51,18 @@ class Flows:
         return Flows(src=self.dst, dst=self.src, nbytes=nbytes, via_nic=self.via_nic)
 
 
+def moved_bytes(
+    src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gpn: int, gpus: int
+) -> tuple[np.ndarray, float, float]:
+    """``[gpus]`` bytes each GPU sends to another, and the bytes between nodes and within
+    nodes, of flows ``src -> dst`` (a GPU's copies to itself left out)."""
+    moved = src != dst
+    src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
+    inter = src // gpn != dst // gpn
+    sent = np.bincount(src, weights=nbytes, minlength=gpus)
+    return sent, float(nbytes[inter].sum()), float(nbytes[~inter].sum())
+
+
 @dataclass(frozen=True)
 class Exchange:
     """Who sends how many tokens to whom in one EP group.

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moesim.comm.alltoall import moved_bytes
+
 if TYPE_CHECKING:
     from moesim.routing.stage import StepRouting
 
@@ -221,17 +223,26 @@ class Collector:
         ``data_parallel``: a gradient reduction or weight gather, also counted apart."""
         gpus = self.bytes_out.shape[2]
         if src.size >= COMPILED_MIN_FLOWS and (jit := _flows_jit()) is not None:
-            sent, out, within = jit.flow_totals(src, dst, nbytes.astype(np.float64), gpn, gpus)
+            sent, inter, within = jit.flow_totals(src, dst, nbytes.astype(np.float64), gpn, gpus)
         else:
-            moved = src != dst
-            src, dst, nbytes = src[moved], dst[moved], nbytes[moved]
-            inter = src // gpn != dst // gpn
-            out, within = float(nbytes[inter].sum()), float(nbytes[~inter].sum())
-            sent = np.bincount(src, weights=nbytes, minlength=gpus)
-        self.bytes_inter[step] += out
+            sent, inter, within = moved_bytes(src, dst, nbytes, gpn, gpus)
+        self.on_moved(step, layer, sent, inter, within, data_parallel)
+
+    def on_moved(
+        self,
+        step: int,
+        layer: int,
+        sent: np.ndarray,
+        inter: float,
+        within: float,
+        data_parallel: bool = False,
+    ) -> None:
+        """:meth:`on_flows` from the phase's counts (:func:`moesim.comm.alltoall.moved_bytes`:
+        bytes each GPU sent, bytes between and within nodes)."""
+        self.bytes_inter[step] += inter
         self.bytes_intra[step] += within
         if data_parallel:
-            self.dp_bytes[step] += (within, out)
+            self.dp_bytes[step] += (within, inter)
         self.bytes_out[step, layer] += sent
 
     def on_step(

@@ -187,9 +187,10 @@ def isolated_phase(
     now: float,
     gpus: int,
     rows: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    gpn: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An isolated transfer started at ``now``, by per-link processor sharing, in one pass
-    (:meth:`moesim.timing.network.FlowNetwork.isolated_done`).
+    (:meth:`moesim.timing.network.FlowNetwork.isolated`).
 
     Args:
         table: ``[a, b, hops]`` link ids of each flow's path (-1 padded): the cluster's pair
@@ -203,11 +204,14 @@ def isolated_phase(
         now: Start time.
         gpus: GPUs in the cluster.
         rows: How ``table`` is indexed (above).
+        gpn: GPUs per node.
 
     Returns:
         ``done`` (``[gpus]`` when each GPU's flows have all arrived: ``now + finish +
         latency`` at the latest, ``now`` for a GPU without flows), ``ends`` (``[gpus]``
-        sends or receives a flow that crosses a link) and ``load`` (``[links]`` bytes).
+        sends or receives a flow that crosses a link), ``load`` (``[links]`` bytes),
+        ``sent`` (``[gpus]`` bytes each GPU sends to another) and ``moved`` (bytes between
+        nodes, bytes within nodes, a GPU's copies to itself left out).
     """
     n, n_links = src.size, capacity.size
     a0, a1 = (np.zeros(n, np.int64), np.arange(n)) if rows else (src, dst)  # table indices
@@ -215,6 +219,8 @@ def isolated_phase(
     size = (n + chunks - 1) // chunks
     done = np.full((chunks, gpus), now)
     ended = np.zeros((chunks, gpus), np.bool_)
+    sent = np.zeros((chunks, gpus))
+    moved = np.zeros((chunks, 2))
     unit, top = _unit(nbytes)
     keys = top + 1
     if unit < 0 or keys * n_links > 4 * n * table.shape[2] + 65536:
@@ -222,7 +228,8 @@ def isolated_phase(
         for f in range(n):
             if routed[f]:
                 _arrive(now + finish[f] + latency[a0[f], a1[f]], src[f], dst[f], done[0], ended[0])
-        return done[0], ended[0], load
+            _sent(src[f], dst[f], nbytes[f], gpn, sent[0], moved[0])
+        return done[0], ended[0], load, sent[0], moved[0]
     # by the links' histograms of sizes, read straight from the path table, with no array a
     # flow long: the flows in chunks (in parallel from PARALLEL_MIN_FLOWS; their bytes are
     # whole numbers, so the chunks' sums add up exactly: the same loads as one pass)
@@ -239,17 +246,19 @@ def isolated_phase(
         load += loads[c]
         hist += hists[c]
     through = _through(capacity, hist, unit, keys)
-    args2 = (*args, through, latency, src, dst, now)
+    args2 = (*args, through, latency, src, dst, now, gpn)
     if chunks > 1:
-        _arrive_chunks(size, *args2, done, ended)
+        _arrive_chunks(size, *args2, done, ended, sent, moved)
     else:
-        _arrive_chunk(0, n, *args2, done[0], ended[0])
+        _arrive_chunk(0, n, *args2, done[0], ended[0], sent[0], moved[0])
     latest, ends = done[0].copy(), ended[0].copy()
     for c in range(1, chunks):
         for g in range(gpus):
             latest[g] = max(latest[g], done[c, g])
             ends[g] |= ended[c, g]
-    return latest, ends, load
+        sent[0] += sent[c]  # (whole numbers: exact in any order)
+        moved[0] += moved[c]
+    return latest, ends, load, sent[0], moved[0]
 
 
 @njit(cache=True)
@@ -258,6 +267,14 @@ def _arrive(at: float, s: int, d: int, done: np.ndarray, ends: np.ndarray) -> No
     done[s] = max(done[s], at)
     done[d] = max(done[d], at)
     ends[s] = ends[d] = True
+
+
+@njit(cache=True)
+def _sent(s: int, d: int, b: float, gpn: int, sent: np.ndarray, moved: np.ndarray) -> None:
+    """A flow of ``b`` bytes from GPU ``s`` to ``d`` in the byte counts (not to itself)."""
+    if s != d:
+        sent[s] += b
+        moved[0 if s // gpn != d // gpn else 1] += b
 
 
 @njit(cache=True)
@@ -353,11 +370,14 @@ def _arrive_chunk(
     src: np.ndarray,
     dst: np.ndarray,
     now: float,
+    gpn: int,
     done: np.ndarray,
     ends: np.ndarray,
+    sent: np.ndarray,
+    moved: np.ndarray,
 ) -> None:
     """Flows ``lo`` to ``hi``: each is through its path at the latest of its links' times,
-    and arrives a path latency later."""
+    and arrives a path latency later; their bytes counted."""
     for f in range(lo, hi):
         key = _key(nbytes[f], unit)
         finish = 0.0
@@ -370,6 +390,7 @@ def _arrive_chunk(
                     finish = max(finish, through[link * keys + key])
         if routed:
             _arrive(now + finish + latency[a0[f], a1[f]], src[f], dst[f], done, ends)
+        _sent(src[f], dst[f], nbytes[f], gpn, sent, moved)
 
 
 @njit(cache=True, parallel=True)
@@ -387,11 +408,14 @@ def _arrive_chunks(
     src: np.ndarray,
     dst: np.ndarray,
     now: float,
+    gpn: int,
     done: np.ndarray,
     ends: np.ndarray,
+    sent: np.ndarray,
+    moved: np.ndarray,
 ) -> None:
     n = a0.size
     for c in prange(done.shape[0]):
         lo, hi = c * size, min(n, (c + 1) * size)
-        args = (table, a0, a1, nbytes, implied, unit, keys, through, latency, src, dst, now)
-        _arrive_chunk(lo, hi, *args, done[c], ends[c])
+        args = (table, a0, a1, nbytes, implied, unit, keys, through, latency, src, dst, now, gpn)
+        _arrive_chunk(lo, hi, *args, done[c], ends[c], sent[c], moved[c])

@@ -190,12 +190,11 @@ class LockstepSteps:
         fixed = self.spec.a2a_fixed_s
         for members, first in zip(groups, leaders, strict=True):
             flows = self._flows_of((0, layer, phase, first))  # scheduled as it starts
-            self.col.on_flows(
-                step, layer, flows.src, flows.dst, flows.nbytes, self.spec.gpus_per_node
-            )
             started = float(arrive[members].max())
             at = started + fixed if fixed > 0 else started
-            done = self.net.isolated_done(flows, members, at)[members]
+            out = self.net.isolated(flows, members, at)
+            self.col.on_moved(step, layer, out.sent, out.inter, out.within)
+            done = out.done[members]
             resume = np.where(done > at, at + (done - at), at)
             self.col.on_waits(step, members, started - arrive[members])
             self.col.on_phases(step, layer, members, phase, arrive[members], resume)

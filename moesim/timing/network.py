@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.comm.alltoall import Flows
+from moesim.comm.alltoall import Flows, moved_bytes
 from moesim.hardware.topology import DENSE_LIMIT, Topology
 from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.maxmin import (
@@ -72,6 +72,23 @@ class _Transfer:
 def _ends(src: np.ndarray, dst: np.ndarray, gpus: int) -> np.ndarray:
     """``[gpus]`` how many of the flows ``src -> dst`` each GPU sends or receives."""
     return np.bincount(src, minlength=gpus) + np.bincount(dst, minlength=gpus)
+
+
+@dataclass
+class Isolated:
+    """An isolated transfer (:meth:`FlowNetwork.isolated`): ``[gpus]`` when each GPU's flows
+    have all arrived (its start for GPUs without flows), ``[gpus]`` bytes each GPU sent to
+    another, and the bytes between nodes and within nodes (a GPU's copies to itself left
+    out: :func:`moesim.comm.alltoall.moved_bytes`)."""
+
+    done: np.ndarray
+    sent: np.ndarray
+    inter: float
+    within: float
+
+
+def _arrays(flows: Flows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return flows.src, flows.dst, flows.nbytes
 
 
 @dataclass
@@ -176,43 +193,45 @@ class FlowNetwork:
         )
         self._reschedule()
 
-    def isolated_done(self, flows: Flows, members: np.ndarray, now: float) -> np.ndarray:
-        """``[gpus]`` the time each GPU's flows of an isolated transfer started at ``now``
-        have all arrived (``now`` for GPUs without flows): what :meth:`transfer` signals,
-        without timers; records its link use. For the lockstep walk
-        (:mod:`moesim.timing.lockstep`), on networks whose links each belong to one GPU.
+    def isolated(self, flows: Flows, members: np.ndarray, now: float) -> Isolated:
+        """An isolated transfer started at ``now``, scheduled whole: when each GPU's flows
+        have all arrived (what :meth:`transfer` signals, without timers), and the bytes it
+        moved; records its link use. For the lockstep walk (:mod:`moesim.timing.lockstep`),
+        on networks whose links each belong to one GPU.
 
         Raises:
             ValueError: the flows cross a shared link (not an isolated transfer).
         """
+        gpus, gpn = self.topology.gpus, self.topology.gpn
         phase = compiled_phase() if self.sharing and self.compiled else None
         if phase is not None:
-            done, taking_part, load = self._compiled_phase(phase, flows, float(now))
+            done, taking_part, load, sent, (inter, within) = self._compiled_phase(
+                phase, flows, float(now)
+            )
+            out = Isolated(done, sent, float(inter), float(within))
             if not taking_part.any():
-                return done
+                return out
         else:
-            done = np.full(self.topology.gpus, float(now))
+            out = Isolated(np.full(gpus, float(now)), *moved_bytes(*_arrays(flows), gpn, gpus))
             flows, routed = self._route(flows)
             if routed is None:
-                return done
+                return out
             paths, lat, private = routed
             if not private:
                 raise ValueError("the lockstep walk needs isolated transfers")
             load = self.link_load(flows, paths)
             arrive = now + self._isolated_finish(flows, paths, lat, load) + lat
-            np.maximum.at(done, flows.src, arrive)
-            np.maximum.at(done, flows.dst, arrive)
-            taking_part = np.zeros(done.size, dtype=bool)
+            np.maximum.at(out.done, flows.src, arrive)
+            np.maximum.at(out.done, flows.dst, arrive)
+            taking_part = np.zeros(gpus, dtype=bool)
             taking_part[flows.src] = taking_part[flows.dst] = True
         taking_part[members] = True
         used = np.nonzero(load)[0]
-        end = float(done[taking_part].max())
+        end = float(out.done[taking_part].max())
         self.records.append(LinkRecord(float(now), end, used, load[used]))
-        return done
+        return out
 
-    def _compiled_phase(
-        self, phase: Any, flows: Flows, now: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _compiled_phase(self, phase: Any, flows: Flows, now: float) -> tuple[Any, ...]:
         """:func:`moesim.timing._sharing_jit.isolated_phase` of ``flows``: paths from the
         cluster's pair table where it has one, else routed here (one row of paths)."""
         topo = self.topology
@@ -225,8 +244,9 @@ class FlowNetwork:
             paths, lat_n, _ = topo.route(src, dst, flows.via_nic)
             table, lat = _compact(paths)[None], lat_n[None]
         nbytes = np.asarray(flows.nbytes, dtype=np.float64)
-        return phase(
-            table, lat, src, dst, nbytes, topo.capacity, topo.implied, now, topo.gpus, rows
+        cap, implied = topo.capacity, topo.implied
+        return tuple(
+            phase(table, lat, src, dst, nbytes, cap, implied, now, topo.gpus, rows, topo.gpn)
         )
 
     def _pair_table(self, via_nic: bool) -> tuple[np.ndarray, np.ndarray]:
