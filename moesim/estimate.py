@@ -4,15 +4,20 @@
 minutes, and refuse one whose arrays would not fit this machine's memory, naming the setting
 that shrinks it.
 
-The wall time is a rough model, not a promise: ``per_gpu_layer_s`` per GPU, layer, step and
-micro-batch (the compute and bookkeeping events), plus per collective phase of ``f`` flows the
-smaller of ``PER_FLOW_S * f**1.25`` (small phases: the max-min rate rounds grow a little faster
-than the flows) and ``PER_LARGE_PHASE_S * f**0.5`` (large ones: an isolated phase is one
-sort per link, a shared one a few compiled rate rounds). The constants come from the
-benchmarks in ``benchmarks/results.json`` on a 2-core machine (2026-12-03: B1, Mixtral decode
-on 8 GPUs, 200 steps, 2.9-3.6 s, estimated 6.8 s; B2, DeepSeek-V3 prefill on 64 GPUs, 3.2 s,
-estimated 1.0 s; B3, DeepSeek-V3 decode on 256 GPUs, 20 steps, 76-83 s, estimated 84 s); they
-are good to a factor of about 3.
+The wall time is a rough model, not a promise. Steps the lockstep walk runs
+(:mod:`moesim.timing.lockstep`: inference without overlap, TP, PP, offload or migration)
+cost ``PER_LOCKSTEP_WALK_S`` per GPU, layer and step, and per all-to-all phase of ``f``
+flows ``PHASE_S + PER_PHASE_FLOW_S * f`` (one compiled call: a phase's Python work, then its
+flows); other steps, on SimPy, ``PER_GPU_LAYER_S`` per GPU, layer, step and micro-batch,
+plus per phase the smaller of ``PER_FLOW_S * f**1.25`` (small phases: the max-min rate rounds
+grow a little faster than the flows) and ``PER_LARGE_PHASE_S * f**0.5`` (large ones). Every
+routed token-expert assignment costs ``PER_ASSIGNMENT_S`` (drawn and counted). The constants
+come from the benchmarks in ``benchmarks/results.json`` on a 2-core machine (2026-12-03,
+after issue 17's work: B1, Mixtral decode on 8 GPUs, 200 steps, 2.4 s, estimated 1.7 s; B2,
+DeepSeek-V3 prefill on 64 GPUs, 2.3 s, estimated 1.3 s; B3, DeepSeek-V3 decode on 256 GPUs,
+20 steps, 8-11 s, estimated 10.0 s; B5, the same on 1,024 GPUs, 5 steps, 23 s, estimated
+9.8 s: past 512 GPUs paths are routed per phase); they are good to a factor of about 2.5
+(numba's loading, half a second, is not counted).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ if TYPE_CHECKING:
 PER_GPU_LAYER_S = 80e-6
 PER_FLOW_S = 1.4e-6
 PER_LARGE_PHASE_S = 1e-4
+PER_LOCKSTEP_WALK_S = 6e-6
+PHASE_S = 1e-4
+PER_PHASE_FLOW_S = 3.2e-8
+PER_ASSIGNMENT_S = 1e-8
 WARN_S = 180.0
 """Runs estimated to take longer than this get a warning first (seconds)."""
 PHASES = 11
@@ -101,13 +110,37 @@ def estimate(r: ResolvedScenario) -> WorkEstimate:
     walks = steps * m.num_layers * sim_world * micro * passes
     flows = sim_world * min(par.ep, sim_world)
     phases = steps * len(m.moe_layers) * 2 * micro * passes
+    tokens = w.batch_size * (1 if w.mode == "decode" else w.seq_len)
+    assignments = (
+        steps * len(m.moe_layers) * tokens * m.moe.top_k * (par.dp if w.mode != "serve" else 1)
+    )
     seq_bins = 32 if w.mode != "decode" else 1
     cells = w.steps * m.num_layers * r.world
     memory = 8.0 * (cells * (PHASES + 1) + 4 * w.steps * len(m.moe_layers) * (r.world + seq_bins))
     memory += 8.0 * 6 * m.num_layers * sim_world * max(m.moe.num_experts, sim_world)  # a step
-    per_phase = min(PER_FLOW_S * flows**1.25, PER_LARGE_PHASE_S * flows**0.5)
-    seconds = PER_GPU_LAYER_S * walks + phases * per_phase
+    if lockstep_like(r):
+        seconds = PER_LOCKSTEP_WALK_S * walks + phases * (PHASE_S + PER_PHASE_FLOW_S * flows)
+    else:
+        per_phase = min(PER_FLOW_S * flows**1.25, PER_LARGE_PHASE_S * flows**0.5)
+        seconds = PER_GPU_LAYER_S * walks + phases * per_phase
+    seconds += PER_ASSIGNMENT_S * assignments
     return WorkEstimate(walks, flows, phases, memory, seconds)
+
+
+def lockstep_like(r: ResolvedScenario) -> bool:
+    """Whether the scenario's steps look like the lockstep walk's (its settings; the engine
+    also checks the network: :meth:`moesim.timing.lockstep.LockstepSteps.lockstep_applies`)."""
+    s = r.scenario
+    par = s.parallelism
+    return (
+        s.engine.lockstep
+        and s.workload.mode in ("decode", "prefill")
+        and s.policies.overlap.micro_batches == 1
+        and par.tp == 1
+        and par.pp == 1
+        and not s.policies.offload.enabled
+        and not s.policies.placement.rebalance_every_steps
+    )
 
 
 def machine_memory() -> float:

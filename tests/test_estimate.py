@@ -8,11 +8,15 @@ import moesim.estimate
 from moesim.config.loading import load_scenario
 from moesim.errors import CapacityError
 from moesim.estimate import (
+    PER_ASSIGNMENT_S,
     PER_FLOW_S,
     PER_GPU_LAYER_S,
-    PER_LARGE_PHASE_S,
+    PER_LOCKSTEP_WALK_S,
+    PER_PHASE_FLOW_S,
+    PHASE_S,
     check_machine,
     estimate,
+    lockstep_like,
 )
 from tests.conftest import SCENARIOS, small_scenario
 
@@ -23,7 +27,18 @@ def test_the_work_of_a_small_decode_by_hand(write_scenario) -> None:
     assert work.gpu_layer_steps == 2 * 32 * 8  # steps x layers x GPUs
     assert work.flows_per_phase == 8 * 8
     assert work.collective_phases == 2 * 32 * 2  # dispatch and combine per MoE layer
-    assert work.seconds == pytest.approx(PER_GPU_LAYER_S * 512 + PER_FLOW_S * 128 * 64**1.25)
+    assert lockstep_like(r)  # one compiled call a phase
+    assignments = 2 * 32 * r.scenario.workload.batch_size * 2  # steps x layers x tokens x k
+    assert work.seconds == pytest.approx(
+        PER_LOCKSTEP_WALK_S * 512 + 128 * (PHASE_S + PER_PHASE_FLOW_S * 64)
+        + PER_ASSIGNMENT_S * assignments
+    )  # fmt: skip
+    tbo = estimate(
+        load_scenario(write_scenario(small_scenario()), ["policies.overlap.micro_batches=2"])
+    )
+    assert tbo.seconds == pytest.approx(  # on SimPy
+        PER_GPU_LAYER_S * 1024 + PER_FLOW_S * 256 * 64**1.25 + PER_ASSIGNMENT_S * assignments
+    )
     train = estimate(
         load_scenario(
             write_scenario(small_scenario()), ["workload.mode=train", "workload.seq_len=8"]
@@ -32,15 +47,16 @@ def test_the_work_of_a_small_decode_by_hand(write_scenario) -> None:
     assert train.collective_phases == 2 * work.collective_phases  # backward repeats them
 
 
-def test_a_large_phase_costs_by_the_square_root_of_its_flows() -> None:
-    # DeepSeek-V3 decode on 32 nodes of 8, EP256: 65,536 flows a phase, past the point where
-    # small phases' power law would overstate it (B3 measures about 0.03 s a phase and layer:
-    # the phase's network work and, spread over the phases, its routing draw).
+def test_a_large_lockstep_phase_costs_by_its_flows() -> None:
+    # DeepSeek-V3 decode on 32 nodes of 8, EP256: 65,536 flows a phase in one compiled call
+    # (B3 measures about 2 ms a phase with its flows built and counted).
     work = estimate(load_scenario(SCENARIOS / "deepseek-v3-decode-256xh800.yaml"))
     assert work.flows_per_phase == 256 * 256
-    per_phase = (work.seconds - PER_GPU_LAYER_S * work.gpu_layer_steps) / work.collective_phases
-    assert per_phase == pytest.approx(PER_LARGE_PHASE_S * 256)
-    assert 0.01 < per_phase < 0.1
+    assignments = 2 * 58 * 32768 * 8  # steps x MoE layers x tokens x k
+    rest = work.seconds - PER_LOCKSTEP_WALK_S * work.gpu_layer_steps
+    per_phase = (rest - PER_ASSIGNMENT_S * assignments) / work.collective_phases
+    assert per_phase == pytest.approx(PHASE_S + PER_PHASE_FLOW_S * 65536)
+    assert 0.001 < per_phase < 0.01
 
 
 def test_a_run_too_big_for_memory_is_refused(write_scenario, monkeypatch) -> None:
