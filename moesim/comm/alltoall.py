@@ -51,6 +51,25 @@ class Flows:
         return Flows(src=self.dst, dst=self.src, nbytes=nbytes, via_nic=self.via_nic)
 
 
+@dataclass(frozen=True)
+class PairFlows:
+    """A pairwise all-to-all phase (:func:`pairwise`) as its count matrix: a flow of
+    ``counts[s, d] * token_bytes`` from ``gpus[s]`` to ``gpus[d]`` for each non-zero entry
+    off the diagonal, each in the opposite direction with ``reverse``."""
+
+    counts: np.ndarray
+    gpus: np.ndarray
+    token_bytes: float
+    reverse: bool
+    via_nic: bool
+
+    def flows(self) -> Flows:
+        """The same flows, built."""
+        f = _pairs(self.counts, self.gpus, self.gpus, self.token_bytes)
+        f = Flows(f.src, f.dst, f.nbytes, via_nic=self.via_nic)
+        return f.reversed() if self.reverse else f
+
+
 def moved_bytes(
     src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gpn: int, gpus: int
 ) -> tuple[np.ndarray, float, float]:
@@ -106,12 +125,19 @@ class AllToAll:
             low-latency kernels, CUDA-graph compatible).
         reads_copies: Its flows read the exchange's deduplicated counts (``copies``,
             ``node_copies``); the routing stage counts them only then.
+        pairs: For an algorithm whose flows are one per non-zero entry of a ``[rank, rank]``
+            count matrix (tokens times the token's bytes, between the ranks' GPUs, none to
+            itself: :func:`pairwise`), that matrix of an exchange; a network can then
+            schedule the phase from it without building the flows.
+        via_nic: Its flows go through the NICs even inside a node (pure RDMA).
     """
 
     flows: AllToAllFn
     holds_sms: bool = True
     fixed: str | None = "nccl_launch"
     reads_copies: bool = True
+    pairs: Callable[[Exchange], np.ndarray] | None = None
+    via_nic: bool = False
 
     def dispatch(self, ex: Exchange, token_bytes: float) -> Flows:
         """Tokens to their experts."""
@@ -152,6 +178,30 @@ def _jit() -> Any:
     return _pairs_jit
 
 
+def pairwise(
+    name: str,
+    holds_sms: bool = True,
+    fixed: str | None = "nccl_launch",
+    reads_copies: bool = True,
+    via_nic: bool = False,
+) -> Callable[[Callable[[Exchange], np.ndarray]], AllToAllFn]:
+    """Decorator: register the all-to-all ``name`` whose flows are one per non-zero entry
+    of the ``[rank, rank]`` token counts the decorated function picks from an exchange."""
+
+    def deco(counts: Callable[[Exchange], np.ndarray]) -> AllToAllFn:
+        def flows(ex: Exchange, token_bytes: float) -> Flows:
+            f = _pairs(counts(ex), ex.rank_gpu, ex.rank_gpu, token_bytes)
+            return Flows(f.src, f.dst, f.nbytes, via_nic=via_nic)
+
+        flows.__doc__ = counts.__doc__
+        ALL_TO_ALL.register(name)(
+            AllToAll(flows, holds_sms, fixed, reads_copies, pairs=counts, via_nic=via_nic)
+        )
+        return flows
+
+    return deco
+
+
 def _pairs(
     counts: np.ndarray, src_gpu: np.ndarray, dst_gpu: np.ndarray, tb: float, own: bool = False
 ) -> Flows:
@@ -189,17 +239,16 @@ def allgather(ex: Exchange, token_bytes: float) -> Flows:
     return _pairs(everyone, ex.rank_gpu, ex.rank_gpu, token_bytes)
 
 
-@algorithm("low_latency", holds_sms=False, fixed=None, reads_copies=False)
-def low_latency(ex: Exchange, token_bytes: float) -> Flows:
+@pairwise("low_latency", holds_sms=False, fixed=None, reads_copies=False, via_nic=True)
+def low_latency(ex: Exchange) -> np.ndarray:
     """Per-expert RDMA messages between every pair of ranks, over the NICs."""
-    f = _pairs(ex.assignments, ex.rank_gpu, ex.rank_gpu, token_bytes)
-    return Flows(f.src, f.dst, f.nbytes, via_nic=True)
+    return ex.assignments
 
 
-@algorithm("direct")
-def direct(ex: Exchange, token_bytes: float) -> Flows:
+@pairwise("direct")
+def direct(ex: Exchange) -> np.ndarray:
     """Pairwise exchange: rank ``s`` sends ``copies[s, d]`` tokens straight to rank ``d``."""
-    return _pairs(ex.copies, ex.rank_gpu, ex.rank_gpu, token_bytes)
+    return ex.copies
 
 
 def rdma_peer(rank_node: np.ndarray) -> np.ndarray:

@@ -419,3 +419,160 @@ def _arrive_chunks(
         lo, hi = c * size, min(n, (c + 1) * size)
         args = (table, a0, a1, nbytes, implied, unit, keys, through, latency, src, dst, now, gpn)
         _arrive_chunk(lo, hi, *args, done[c], ends[c], sent[c], moved[c])
+
+
+@njit(cache=True)
+def isolated_pairs(
+    table: np.ndarray,
+    latency: np.ndarray,
+    counts: np.ndarray,
+    src_gpu: np.ndarray,
+    dst_gpu: np.ndarray,
+    tb: float,
+    own: bool,
+    reverse: bool,
+    capacity: np.ndarray,
+    implied: np.ndarray,
+    now: float,
+    gpus: int,
+    gpn: int,
+) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`isolated_phase` of the flows of a count matrix, without building them: a flow
+    of ``counts[s, d] * tb`` bytes from ``src_gpu[s]`` to ``dst_gpu[d]`` for each non-zero
+    entry (a GPU's entry to itself only with ``own``: :func:`moesim.comm.alltoall._pairs`),
+    in the opposite direction with ``reverse``, read from the cluster's pair table a row at a
+    time. Only the histogram path (whole sizes, few of them); the first value says whether
+    it applied (else the caller builds the flows)."""
+    rows, cols = counts.shape
+    n_links = capacity.size
+    unit, largest = 0, 0.0
+    for s in range(rows):
+        for d in range(cols):
+            c = counts[s, d]
+            if c != 0 and (own or src_gpu[s] != dst_gpu[d]):
+                b = c * tb
+                if b < 0 or b >= _EXACT or b != np.floor(b):
+                    unit = -1
+                    break
+                largest = max(largest, b)
+                if unit == 0 or int(b) % unit:
+                    unit = _gcd(int(b), unit)
+        if unit < 0:
+            break
+    keys = _key(largest, unit) + 1 if unit >= 0 else 0
+    empty = np.zeros(0)
+    if unit < 0 or keys * n_links > 4 * rows * cols * table.shape[2] + 65536:
+        return False, empty, np.zeros(0, np.bool_), empty, empty, empty
+    chunks = _CHUNKS if rows * cols >= PARALLEL_MIN_FLOWS else 1
+    size = (rows + chunks - 1) // chunks
+    loads = np.zeros((chunks, n_links))
+    hists = np.zeros((chunks, n_links * keys), np.int32)
+    done = np.full((chunks, gpus), now)
+    ended = np.zeros((chunks, gpus), np.bool_)
+    sent = np.zeros((chunks, gpus))
+    moved = np.zeros((chunks, 2))
+    through = np.zeros(0)
+    load = np.zeros(n_links)
+    for step in range(2):  # count, then (with every link's times) arrive
+        if step == 1:
+            load = loads[0].copy()  # (whole numbers of bytes: the chunks' sums add up exactly)
+            hist = hists[0].astype(np.int64)
+            for c in range(1, chunks):
+                load += loads[c]
+                hist += hists[c]
+            through = _through(capacity, hist, unit, keys)
+        args = (table, latency, counts, src_gpu, dst_gpu, tb, own, reverse, implied, unit, keys)
+        out = (loads, hists, through, now, gpn, done, ended, sent, moved)
+        if chunks > 1:
+            _rows_chunks(step, size, *args, *out)
+        else:
+            _rows(step, 0, rows, *args, loads[0], hists[0], through, now, gpn, done[0],
+                  ended[0], sent[0], moved[0])  # fmt: skip
+    latest, ends = done[0].copy(), ended[0].copy()
+    for c in range(1, chunks):
+        for g in range(gpus):
+            latest[g] = max(latest[g], done[c, g])
+            ends[g] |= ended[c, g]
+        sent[0] += sent[c]
+        moved[0] += moved[c]
+    return True, latest, ends, load, sent[0], moved[0]
+
+
+@njit(cache=True)
+def _rows(
+    step: int,
+    lo: int,
+    hi: int,
+    table: np.ndarray,
+    latency: np.ndarray,
+    counts: np.ndarray,
+    src_gpu: np.ndarray,
+    dst_gpu: np.ndarray,
+    tb: float,
+    own: bool,
+    reverse: bool,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    load: np.ndarray,
+    hist: np.ndarray,
+    through: np.ndarray,
+    now: float,
+    gpn: int,
+    done: np.ndarray,
+    ends: np.ndarray,
+    sent: np.ndarray,
+    moved: np.ndarray,
+) -> None:
+    """Rows ``lo`` to ``hi`` of :func:`isolated_pairs`' matrix, a row's flows at a time in
+    small buffers through :func:`_count_chunk` (``step`` 0) or :func:`_arrive_chunk` (1)."""
+    cols = counts.shape[1]
+    a0 = np.empty(cols, np.int64)
+    a1 = np.empty(cols, np.int64)
+    nbytes = np.empty(cols)
+    for s in range(lo, hi):
+        m = 0
+        for d in range(cols):
+            c = counts[s, d]
+            if c != 0 and (own or src_gpu[s] != dst_gpu[d]):
+                a0[m], a1[m] = (dst_gpu[d], src_gpu[s]) if reverse else (src_gpu[s], dst_gpu[d])
+                nbytes[m] = c * tb
+                m += 1
+        if step == 0:
+            _count_chunk(0, m, table, a0, a1, nbytes, implied, unit, keys, load, hist)
+        else:
+            args = (table, a0, a1, nbytes, implied, unit, keys, through, latency, a0, a1, now)
+            _arrive_chunk(0, m, *args, gpn, done, ends, sent, moved)
+
+
+@njit(cache=True, parallel=True)
+def _rows_chunks(
+    step: int,
+    size: int,
+    table: np.ndarray,
+    latency: np.ndarray,
+    counts: np.ndarray,
+    src_gpu: np.ndarray,
+    dst_gpu: np.ndarray,
+    tb: float,
+    own: bool,
+    reverse: bool,
+    implied: np.ndarray,
+    unit: int,
+    keys: int,
+    loads: np.ndarray,
+    hists: np.ndarray,
+    through: np.ndarray,
+    now: float,
+    gpn: int,
+    done: np.ndarray,
+    ends: np.ndarray,
+    sent: np.ndarray,
+    moved: np.ndarray,
+) -> None:
+    rows = counts.shape[0]
+    for c in prange(loads.shape[0]):
+        lo, hi = c * size, min(rows, (c + 1) * size)
+        args = (table, latency, counts, src_gpu, dst_gpu, tb, own, reverse, implied, unit, keys)
+        _rows(step, lo, hi, *args, loads[c], hists[c], through, now, gpn, done[c], ends[c],
+              sent[c], moved[c])  # fmt: skip

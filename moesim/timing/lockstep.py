@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from moesim.timing.costs import OpCostModel
     from moesim.timing.gpu import GPU
     from moesim.timing.network import FlowNetwork
-    from moesim.timing.plan import Layout, StepPlan
+    from moesim.timing.plan import FlowBuilder, Layout, StepPlan
 
 ProgressFn = Callable[[int, int], None]
 
@@ -61,6 +61,8 @@ class LockstepSteps:
         _plans: list[StepPlan]
         _migration: np.ndarray | None
         _walk_layers: set[int] | None
+
+        flows: FlowBuilder
 
         def _flows_of(self, key: tuple[Any, ...]) -> Flows: ...
 
@@ -189,10 +191,13 @@ class LockstepSteps:
         arrive = clock.now.copy()
         fixed = self.spec.a2a_fixed_s
         for members, first in zip(groups, leaders, strict=True):
-            flows = self._flows_of((0, layer, phase, first))  # scheduled as it starts
             started = float(arrive[members].max())
             at = started + fixed if fixed > 0 else started
-            out = self.net.isolated(flows, members, at)
+            pf = self.flows.alltoall_pairs(self._plans[0], self.moe_index[layer], first, phase)
+            if pf is not None:  # scheduled from the count matrix
+                out = self.net.isolated_pairs(pf, members, at)
+            else:
+                out = self.net.isolated(self._flows_of((0, layer, phase, first)), members, at)
             self.col.on_moved(step, layer, out.sent, out.inter, out.within)
             done = out.done[members]
             resume = np.where(done > at, at + (done - at), at)

@@ -79,6 +79,13 @@ def compiled_phase() -> Any:
     return None if jit is None else jit.isolated_phase
 
 
+def compiled_pairs() -> Any:
+    """A whole isolated phase of a count matrix's flows, compiled
+    (:func:`moesim.timing._sharing_jit.isolated_pairs`), or None without numba."""
+    jit = _sharing_jit()
+    return None if jit is None else jit.isolated_pairs
+
+
 @functools.cache
 def _sharing_jit() -> Any:
     """:mod:`moesim.timing._sharing_jit`, imported on first use, or None without numba."""

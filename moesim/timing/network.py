@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.comm.alltoall import Flows, moved_bytes
+from moesim.comm.alltoall import Flows, PairFlows, moved_bytes
 from moesim.hardware.topology import DENSE_LIMIT, Topology
 from moesim.timing.fluid_batch import batched_fluid_schedule
 from moesim.timing.maxmin import (
     COMPILED_MIN_GPUS,
+    compiled_pairs,
     compiled_phase,
     compiled_schedule,
     compiled_sharing,
@@ -229,6 +230,30 @@ class FlowNetwork:
         used = np.nonzero(load)[0]
         end = float(out.done[taking_part].max())
         self.records.append(LinkRecord(float(now), end, used, load[used]))
+        return out
+
+    def isolated_pairs(self, pf: PairFlows, members: np.ndarray, now: float) -> Isolated:
+        """:meth:`isolated` of a pairwise phase, scheduled from its count matrix without
+        building its flows where the compiled phase can (:func:`moesim.timing._sharing_jit.
+        isolated_pairs`: the cluster's pair table, sizes of few whole units), else from them.
+        """
+        topo = self.topology
+        jit = compiled_pairs() if self.sharing and self.compiled else None
+        if jit is None or topo.gpus > DENSE_LIMIT:
+            return self.isolated(pf.flows(), members, now)
+        table, lat = self._pair_table(pf.via_nic)
+        gpus = np.asarray(pf.gpus, dtype=np.int64)
+        handled, done, ends, load, sent, moved = (
+            jit(table, lat, np.ascontiguousarray(pf.counts), gpus, gpus, float(pf.token_bytes),
+                False, pf.reverse, topo.capacity, topo.implied, float(now), topo.gpus, topo.gpn)
+        )  # fmt: skip
+        if not handled:
+            return self.isolated(pf.flows(), members, now)
+        out = Isolated(done, sent, float(moved[0]), float(moved[1]))
+        if ends.any():
+            ends[members] = True
+            used = np.nonzero(load)[0]
+            self.records.append(LinkRecord(float(now), float(done[ends].max()), used, load[used]))
         return out
 
     def _compiled_phase(self, phase: Any, flows: Flows, now: float) -> tuple[Any, ...]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows
+from moesim.comm.alltoall import ALL_TO_ALL, Exchange, Flows, PairFlows
 from moesim.config.loading import ResolvedScenario
 from moesim.dtypes import ELEMENT_BYTES, token_bytes
 from moesim.routing.stage import StepRouting
@@ -175,15 +175,7 @@ class FlowBuilder:
         Forward dispatch sends tokens to their experts and combine sends them back; backward
         reverses both directions and carries gradients in ``workload.gradient_dtype``.
         """
-        counts = plan.routing.replicas[self.layout.replica[gpu]]
-        ex = Exchange(
-            copies=counts.rank_copies[moe_idx],
-            node_copies=counts.node_copies[moe_idx],
-            rank_gpu=self.layout.ep_group(gpu),
-            rank_node=self.rank_node,
-            assignments=counts.assignments[moe_idx],
-            tokens_per_rank=plan.tokens_per_rank,
-        )
+        ex = self._exchange(plan, moe_idx, gpu)
         if phase == "dispatch":
             return self.algorithm.dispatch(ex, self.dispatch_bytes)
         if phase == "combine":
@@ -193,6 +185,30 @@ class FlowBuilder:
         if phase == "combine_bwd":
             return self.algorithm.dispatch(ex, self.gradient_bytes)
         return self.algorithm.combine(ex, self.gradient_bytes)
+
+    def _exchange(self, plan: StepPlan, moe_idx: int, gpu: int) -> Exchange:
+        """Who sends how many tokens to whom in ``gpu``'s EP group at MoE layer ``moe_idx``."""
+        counts = plan.routing.replicas[self.layout.replica[gpu]]
+        return Exchange(
+            copies=counts.rank_copies[moe_idx],
+            node_copies=counts.node_copies[moe_idx],
+            rank_gpu=self.layout.ep_group(gpu),
+            rank_node=self.rank_node,
+            assignments=counts.assignments[moe_idx],
+            tokens_per_rank=plan.tokens_per_rank,
+        )
+
+    def alltoall_pairs(
+        self, plan: StepPlan, moe_idx: int, gpu: int, phase: str
+    ) -> PairFlows | None:
+        """:meth:`alltoall`'s forward ``phase`` as its count matrix, for an algorithm whose
+        flows are one per entry (:attr:`moesim.comm.alltoall.AllToAll.pairs`); else None."""
+        if self.algorithm.pairs is None or phase not in ("dispatch", "combine"):
+            return None
+        ex = self._exchange(plan, moe_idx, gpu)
+        combine = phase == "combine"  # the dispatch's flows reversed
+        tb = self.combine_bytes if combine else self.dispatch_bytes
+        return PairFlows(self.algorithm.pairs(ex), ex.rank_gpu, tb, combine, self.algorithm.via_nic)
 
     def migration(self, moved: np.ndarray, gpu: int) -> Flows:
         """Expert weights moved between the ranks of ``gpu``'s EP group.

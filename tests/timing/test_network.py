@@ -346,3 +346,33 @@ def test_compiled_phase_is_the_step_by_step_one(nodes: int, via_nic: bool, scale
     assert rec_fast.end == pytest.approx(rec_slow.end, rel=1e-12)
     assert (rec_fast.links == rec_slow.links).all()
     np.testing.assert_allclose(rec_fast.nbytes, rec_slow.nbytes, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "reverse", "tb"), [(32, False, 7392.0), (8, True, 14336.0), (8, False, 7392.5)]
+)
+def test_a_pairwise_phase_from_its_counts_is_the_phase_of_its_flows(
+    nodes: int, reverse: bool, tb: float
+) -> None:
+    """A pairwise all-to-all scheduled from its count matrix (FlowNetwork.isolated_pairs:
+    no flows built) gives what the same flows built give, dispatch and combine (reversed);
+    sizes of no whole unit fall back to the flows."""
+    from moesim.comm.alltoall import PairFlows
+
+    topo = Topology(load_profile("h800"), nodes)
+    n = topo.gpus
+    counts = np.random.default_rng(4).poisson(3.0, size=(n, n))
+    gpus = np.arange(n)
+    pf = PairFlows(counts, gpus, tb, reverse, via_nic=True)
+    out = []
+    for pairs in (True, False):
+        net = FlowNetwork(simpy.Environment(), topo, 0.1, sharing=True)
+        net.compiled = True
+        res = net.isolated_pairs(pf, gpus, 0.25) if pairs else net.isolated(pf.flows(), gpus, 0.25)
+        out.append((res, net.records[0]))
+    (a, rec_a), (b, rec_b) = out
+    np.testing.assert_allclose(a.done, b.done, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(a.sent, b.sent, rtol=1e-12, atol=0)
+    assert (a.inter, a.within) == pytest.approx((b.inter, b.within), rel=1e-12)
+    assert rec_a.end == pytest.approx(rec_b.end, rel=1e-12) and (rec_a.links == rec_b.links).all()
+    np.testing.assert_allclose(rec_a.nbytes, rec_b.nbytes, rtol=1e-12)
