@@ -7,6 +7,13 @@ the groups (:mod:`moesim.routing._group_jit`). The pattern's law is tabulated fr
 first use (~1.5 s on two cores), or read from the table shipped for a preset's configuration
 (:data:`SHIPPED`: DeepSeek-V3's), which ``python -m moesim.routing.patterns`` writes and a
 test checks against a fresh tabulation.
+
+The factorisation is exact; the tabulated law is an estimate (DeepSeek-V3: 9,513 patterns
+from 4,194,304 draws). Measured against drawing every token exactly
+(:func:`moesim.routing._group_jit.exact_draw`) on benchmark B3 (256 GPUs, 20 steps,
+2026-12-03): mean step 59.075 ms by patterns, 59.062 ms exactly, step-to-step standard
+deviation 0.05 ms: a 0.02% difference, within the two runs' sampling noise. The same tests as
+the exact draw hold it to the scored reference's group profiles (``tests/routing``).
 """
 
 from __future__ import annotations
