@@ -88,10 +88,6 @@ class Isolated:
     within: float
 
 
-def _arrays(flows: Flows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return flows.src, flows.dst, flows.nbytes
-
-
 @dataclass
 class LinkRecord:
     """What one transfer put on the links: bytes per link (non-zero ones) between its start
@@ -210,10 +206,9 @@ class FlowNetwork:
                 phase, flows, float(now)
             )
             out = Isolated(done, sent, float(inter), float(within))
-            if not taking_part.any():
-                return out
         else:
-            out = Isolated(np.full(gpus, float(now)), *moved_bytes(*_arrays(flows), gpn, gpus))
+            moved = moved_bytes(flows.src, flows.dst, flows.nbytes, gpn, gpus)
+            out = Isolated(np.full(gpus, float(now)), *moved)
             flows, routed = self._route(flows)
             if routed is None:
                 return out
@@ -226,15 +221,24 @@ class FlowNetwork:
             np.maximum.at(out.done, flows.dst, arrive)
             taking_part = np.zeros(gpus, dtype=bool)
             taking_part[flows.src] = taking_part[flows.dst] = True
-        taking_part[members] = True
-        used = np.nonzero(load)[0]
-        end = float(out.done[taking_part].max())
-        self.records.append(LinkRecord(float(now), end, used, load[used]))
+        self._record(now, out.done, taking_part, members, load)
         return out
+
+    def _record(
+        self, now: float, done: np.ndarray, ends: np.ndarray, members: np.ndarray, load: np.ndarray
+    ) -> None:
+        """Book an isolated transfer's link use (``load``: bytes per link) from ``now`` to the
+        last arrival at a GPU a flow ends at (``ends``) or taking part; nothing when no flow
+        crossed a link."""
+        if not ends.any():
+            return
+        ends[members] = True
+        used = np.nonzero(load)[0]
+        self.records.append(LinkRecord(float(now), float(done[ends].max()), used, load[used]))
 
     def isolated_pairs(self, pf: PairFlows, members: np.ndarray, now: float) -> Isolated:
         """:meth:`isolated` of a pairwise phase, scheduled from its count matrix without
-        building its flows where the compiled phase can (:func:`moesim.timing._sharing_jit.
+        building its flows where the compiled phase can (:func:`moesim.timing._phase_jit.
         isolated_pairs`: the cluster's pair table, sizes of few whole units), else from them.
         """
         topo = self.topology
@@ -249,15 +253,11 @@ class FlowNetwork:
         )  # fmt: skip
         if not handled:
             return self.isolated(pf.flows(), members, now)
-        out = Isolated(done, sent, float(moved[0]), float(moved[1]))
-        if ends.any():
-            ends[members] = True
-            used = np.nonzero(load)[0]
-            self.records.append(LinkRecord(float(now), float(done[ends].max()), used, load[used]))
-        return out
+        self._record(now, done, ends, members, load)
+        return Isolated(done, sent, float(moved[0]), float(moved[1]))
 
     def _compiled_phase(self, phase: Any, flows: Flows, now: float) -> tuple[Any, ...]:
-        """:func:`moesim.timing._sharing_jit.isolated_phase` of ``flows``: paths from the
+        """:func:`moesim.timing._phase_jit.isolated_phase` of ``flows``: paths from the
         cluster's pair table where it has one, else routed here (one row of paths)."""
         topo = self.topology
         src = np.asarray(flows.src, dtype=np.int64)
