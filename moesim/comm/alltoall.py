@@ -19,13 +19,12 @@ same amounts back, so callers reverse each flow (:meth:`Flows.reversed`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from moesim.kernels import kernel
 from moesim.registry import Registry
 
 
@@ -168,16 +167,6 @@ COMPILED_MIN_ENTRIES = 64 * 64
 65,280 flows: ~0.2 ms instead of ~1 ms); smaller ones by numpy, which needs no numba."""
 
 
-@functools.cache
-def _jit() -> Any:
-    """:mod:`moesim.comm._pairs_jit`, imported on first use, or None without numba."""
-    try:
-        from moesim.comm import _pairs_jit
-    except ImportError:
-        return None
-    return _pairs_jit
-
-
 def pairwise(
     name: str,
     holds_sms: bool = True,
@@ -208,8 +197,11 @@ def _pairs(
     """Flows for the non-zero entries of a ``[src, dst]`` count matrix; a GPU's entry to
     itself only when ``own`` (a copy kernel that moves its own tokens like a peer's).
     Compiled from :data:`COMPILED_MIN_ENTRIES` entries on (the same flows)."""
-    if counts.size >= COMPILED_MIN_ENTRIES and (jit := _jit()) is not None:
-        src, dst, nbytes = jit.pairs(
+    pairs = (
+        kernel("moesim.comm._pairs_jit", "pairs") if counts.size >= COMPILED_MIN_ENTRIES else None
+    )
+    if pairs is not None:
+        src, dst, nbytes = pairs(
             np.ascontiguousarray(counts),
             np.asarray(src_gpu, dtype=np.int64),
             np.asarray(dst_gpu, dtype=np.int64),

@@ -7,13 +7,13 @@ counts and communication bytes. Chrome-trace events are kept for the first
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moesim.comm.alltoall import moved_bytes
+from moesim.kernels import kernel
 
 if TYPE_CHECKING:
     from moesim.routing.stage import StepRouting
@@ -222,8 +222,9 @@ class Collector:
         """Bytes put on the network by one phase (a GPU's copies to itself are not);
         ``data_parallel``: a gradient reduction or weight gather, also counted apart."""
         gpus = self.bytes_out.shape[2]
-        if src.size >= COMPILED_MIN_FLOWS and (jit := _flows_jit()) is not None:
-            sent, inter, within = jit.flow_totals(src, dst, nbytes.astype(np.float64), gpn, gpus)
+        totals = kernel("moesim.metrics._flows_jit", "flow_totals")
+        if src.size >= COMPILED_MIN_FLOWS and totals is not None:
+            sent, inter, within = totals(src, dst, nbytes.astype(np.float64), gpn, gpus)
         else:
             sent, inter, within = moved_bytes(src, dst, nbytes, gpn, gpus)
         self.on_moved(step, layer, sent, inter, within, data_parallel)
@@ -265,16 +266,6 @@ class Collector:
 COMPILED_MIN_FLOWS = 4096
 """Phases of this many flows have their bytes counted by a compiled pass (numba, loaded by
 then for the network)."""
-
-
-@functools.cache
-def _flows_jit() -> Any:
-    """:mod:`moesim.metrics._flows_jit`, imported on first use, or None without numba."""
-    try:
-        from moesim.metrics import _flows_jit
-    except ImportError:
-        return None
-    return _flows_jit
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ result is the same unique max-min allocation; rounds are the depth of the bottle
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
+
+from moesim.kernels import kernel
 
 SATURATED = 1e-9
 COMPILED_MIN_GPUS = 64
@@ -61,56 +62,30 @@ def max_min_rates(
 def compiled_schedule() -> Any:
     """The compiled fluid schedule of one isolated transfer
     (:func:`moesim.timing._maxmin_jit.fluid_schedule`), or None without numba."""
-    jit = _jit()
-    return None if jit is None else jit.fluid_schedule
+    return kernel("moesim.timing._maxmin_jit", "fluid_schedule")
 
 
 def compiled_sharing() -> Any:
     """The compiled per-link processor sharing of one isolated transfer
     (:func:`moesim.timing._sharing_jit.link_sharing`), or None without numba."""
-    jit = _sharing_jit()
-    return None if jit is None else jit.link_sharing
+    return kernel("moesim.timing._sharing_jit", "link_sharing")
 
 
 def compiled_phase() -> Any:
     """A whole isolated phase by per-link processor sharing, compiled
-    (:func:`moesim.timing._sharing_jit.isolated_phase`), or None without numba."""
-    jit = _sharing_jit()
-    return None if jit is None else jit.isolated_phase
+    (:func:`moesim.timing._phase_jit.isolated_phase`), or None without numba."""
+    return kernel("moesim.timing._phase_jit", "isolated_phase")
 
 
 def compiled_pairs() -> Any:
     """A whole isolated phase of a count matrix's flows, compiled
-    (:func:`moesim.timing._sharing_jit.isolated_pairs`), or None without numba."""
-    jit = _sharing_jit()
-    return None if jit is None else jit.isolated_pairs
-
-
-@functools.cache
-def _sharing_jit() -> Any:
-    """:mod:`moesim.timing._sharing_jit`, imported on first use, or None without numba."""
-    try:
-        from moesim.timing import _sharing_jit
-    except ImportError:
-        return None
-    return _sharing_jit
+    (:func:`moesim.timing._phase_jit.isolated_pairs`), or None without numba."""
+    return kernel("moesim.timing._phase_jit", "isolated_pairs")
 
 
 def _compiled() -> Any:
-    """The compiled progressive filling, or None without numba."""
-    jit = _jit()
-    return None if jit is None else jit.fill
-
-
-@functools.cache
-def _jit() -> Any:
-    """:mod:`moesim.timing._maxmin_jit`, imported on first use, or None where numba is
-    missing or unusable (the numpy solver then)."""
-    try:
-        from moesim.timing import _maxmin_jit
-    except ImportError:
-        return None
-    return _maxmin_jit
+    """The compiled progressive filling, or None without numba (the numpy solver then)."""
+    return kernel("moesim.timing._maxmin_jit", "fill")
 
 
 def max_min_rates_numpy(

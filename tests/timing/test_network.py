@@ -323,7 +323,7 @@ def test_link_sharing_by_hand_and_compiled_as_numpy() -> None:
     [(32, True, 1.0), (8, False, 1.0), (8, True, 1.37), (65, True, 1.0)],  # 65: no pair table
 )
 def test_compiled_phase_is_the_step_by_step_one(nodes: int, via_nic: bool, scale: float) -> None:
-    """The lockstep walk's one-call phase (moesim.timing._sharing_jit.isolated_phase: each
+    """The lockstep walk's one-call phase (moesim.timing._phase_jit.isolated_phase: each
     link's histogram of sizes, or sorting where sizes have no common unit) gives what routing,
     loading and sharing step by step give, with the same link record and bytes moved."""
     topo = Topology(load_profile("h800"), nodes)
