@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.kernels import kernel
+from moesim.jit import kernel
 from moesim.registry import Registry
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moesim.comm.alltoall import moved_bytes
-from moesim.kernels import kernel
+from moesim.jit import kernel
 
 if TYPE_CHECKING:
     from moesim.routing.stage import StepRouting

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.kernels import kernel
+from moesim.jit import kernel
 
 SATURATED = 1e-9
 COMPILED_MIN_GPUS = 64
